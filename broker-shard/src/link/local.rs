@@ -1,0 +1,20 @@
+//! In-process transport: the link as a pair of tokio channels (single-node mode).
+
+use tokio::sync::mpsc;
+
+use super::{Event, ProxyId, Request};
+
+/// What a shard's inbox carries.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// A proxy opened its link; `events` is where the shard sends replies and deliveries.
+    Connect { proxy: ProxyId, events: mpsc::Sender<Event> },
+    Request { proxy: ProxyId, request: Request },
+    /// The proxy's link is gone: its sessions are offline (persistent) or ended.
+    Disconnect { proxy: ProxyId },
+}
+
+/// Capacity of a proxy's event channel. Bounded so that a proxy that stops reading slows its
+/// shards instead of growing their memory; the proxy's reader only hands events to connection
+/// queues, so it does not stop reading in normal operation.
+pub const EVENT_CHANNEL_CAPACITY: usize = 4096;

@@ -1,0 +1,144 @@
+//! The proxy <-> shard link: what crosses it, independent of how.
+//!
+//! A proxy holds one link per shard, carrying the traffic of all its devices. Requests flow
+//! proxy → shard; replies and deliveries flow back as [`Event`]s. The shard emits events in the
+//! order it received the requests, and a reply or delivery that depends on durable work (a QoS 1/2
+//! message queued for a persistent session, a retained message) is emitted only after that work
+//! is committed: so a PUBACK released on [`Reply::Done`] means "durable".
+//!
+//! Transports: [`local`] (in-process channels, single-node mode). The TCP transport of the
+//! distributed mode carries the same enums as length-delimited frames.
+//!
+//! A message matching many subscribers on one proxy crosses the link once, as one [`Deliver`]
+//! with the list of local recipients.
+
+pub mod client;
+pub mod local;
+
+use std::fmt;
+use std::sync::Arc;
+
+use mqfleet_codec::{ByteString, QoS, SubscriptionOptions};
+
+use crate::message::Message;
+
+/// Identifies a proxy on the shard side of its link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProxyId(pub u32);
+
+/// A live connection, as numbered by its proxy. The shard hands it back in deliveries so the
+/// proxy reaches the connection without a look-up by client id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// Correlates a request with its reply; unique per link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "conn-{}", self.0)
+    }
+}
+
+/// A session as a shard needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub client_id: ByteString,
+    /// `None` for a persistent session without a connection (restored at start-up).
+    pub conn: Option<ConnId>,
+    /// Outlives its connection: QoS 1/2 messages are queued durably for it.
+    pub persistent: bool,
+}
+
+/// One filter of a SUBSCRIBE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeItem {
+    /// As the client wrote it, including any `$share/{group}/` prefix; already validated.
+    pub filter: ByteString,
+    pub options: SubscriptionOptions,
+    pub id: Option<u32>,
+}
+
+/// Proxy → shard.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Route a message. With an id, the shard replies once the message is durably accepted.
+    Publish { id: Option<RequestId>, message: Arc<Message> },
+    /// Add or replace subscriptions; the reply says which existed and carries the retained
+    /// messages to send (when `deliver_retained`).
+    Subscribe { id: RequestId, session: SessionInfo, items: Vec<SubscribeItem>, deliver_retained: bool },
+    Unsubscribe { id: RequestId, client_id: ByteString, filters: Vec<ByteString> },
+    /// The session now has a connection: deliver to it instead of queueing.
+    Attach { id: RequestId, session: SessionInfo },
+    /// The connection `conn` of a persistent session ended: queue for it from now on. Ignored
+    /// if the session has another connection by now (it was taken over).
+    Detach { client_id: ByteString, conn: ConnId },
+    /// The session ended: drop all its subscriptions. With `conn`, only if still on that
+    /// connection.
+    Forget { client_id: ByteString, conn: Option<ConnId> },
+    /// A member of a shared subscription left with this message unacknowledged: give it to
+    /// another member of `share_filter`, not to `exclude`.
+    Redispatch { message: Arc<Message>, share_filter: ByteString, exclude: ByteString },
+}
+
+/// Shard → proxy answer to a request with an id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Done,
+    Subscribed { existed: Vec<bool>, retained: Vec<(Arc<Message>, DeliveryOptions)> },
+    Unsubscribed { existed: Vec<bool> },
+}
+
+/// How one message is delivered to one session.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeliveryOptions {
+    /// The lower of the message's QoS and the subscription's [MQTT-3.8.4-8].
+    pub qos: QoS,
+    /// RETAIN flag to send: as published with Retain As Published, else 0 [MQTT-3.3.1-12].
+    pub retain: bool,
+    /// Identifiers of every matching subscription that has one [MQTT-3.3.4-4].
+    pub subscription_ids: Vec<u32>,
+}
+
+/// One recipient of a [`Deliver`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipient {
+    pub conn: ConnId,
+    pub delivery: DeliveryOptions,
+    /// Position in the session's durable queue; the proxy acknowledges it there when the
+    /// client acknowledges the message. `None` for deliveries nobody waits for on restart.
+    pub seq: Option<u64>,
+    /// Set when delivered through a shared subscription, for redispatch if not acknowledged.
+    pub share_filter: Option<ByteString>,
+}
+
+/// A message for some connections of one proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deliver {
+    pub message: Arc<Message>,
+    pub recipients: Vec<Recipient>,
+}
+
+/// Shard → proxy.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Reply { id: RequestId, result: Result<Reply, ShardError> },
+    Deliver(Deliver),
+}
+
+/// Why a shard refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardError {
+    #[error("shard {shard} could not make the message durable: {detail}")]
+    Store { shard: String, detail: String },
+}
+
+/// Why a request did not get a reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("link to shard {shard} is down")]
+    Down { shard: String },
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+}

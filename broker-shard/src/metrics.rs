@@ -1,0 +1,45 @@
+//! Shard metrics (Prometheus). Shared by every shard of a process: counters add up, gauges move
+//! by deltas.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ShardMetrics {
+    /// Messages routed by shards.
+    pub messages: Counter,
+    /// Copies handed to subscribers (live or queued).
+    pub deliveries: Counter,
+    /// Copies not delivered, by reason.
+    pub dropped: Family<ReasonLabel, Counter>,
+    pub subscriptions: Gauge,
+    pub retained_messages: Gauge,
+    /// Durable writes that failed (disk full, I/O error); the publishers were refused.
+    pub store_errors: Counter,
+}
+
+impl ShardMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("mqfleet_shard");
+        r.register("messages", "Messages routed by the shards", self.messages.clone());
+        r.register("deliveries", "Message copies handed to subscribers, live or queued", self.deliveries.clone());
+        r.register("dropped_messages", "Message copies not delivered, by reason", self.dropped.clone());
+        r.register("subscriptions", "Subscriptions held by the shards", self.subscriptions.clone());
+        r.register("retained_messages", "Retained messages held by the shards", self.retained_messages.clone());
+        r.register("store_errors", "Durable writes that failed; their publishers were refused", self.store_errors.clone());
+    }
+
+    pub fn drop_copies(&self, reason: &'static str, n: u64) {
+        if n > 0 {
+            self.dropped.get_or_create(&ReasonLabel { reason }).inc_by(n);
+        }
+    }
+}
