@@ -149,7 +149,7 @@ impl Router {
             }
             Inbound::Disconnect { proxy } => self.on_proxy_gone(proxy),
             Inbound::Request { proxy, request } => match request {
-                Request::Publish { id, message } => self.on_publish(proxy, id, message),
+                Request::Publish { id, message, qos2_marker } => self.on_publish(proxy, id, message, qos2_marker),
                 Request::Subscribe { id, session, items, deliver_retained } => {
                     let reply = self.on_subscribe(proxy, session, items, deliver_retained);
                     self.reply(proxy, id, reply);
@@ -273,10 +273,13 @@ impl Router {
 
     // === publish ===
 
-    fn on_publish(&mut self, proxy: ProxyId, id: Option<RequestId>, message: Arc<Message>) {
+    fn on_publish(&mut self, proxy: ProxyId, id: Option<RequestId>, message: Arc<Message>, qos2_marker: Option<(ByteString, u16)>) {
         self.metrics.messages.inc();
         let now = now_ms();
         let mut ops = Vec::new();
+        if let Some((client, pkid)) = qos2_marker {
+            ops.push(Op::MarkInbound { client_id: client.to_string(), pkid });
+        }
         if message.retain {
             let topic = message.topic.to_string();
             let before = self.retained.len() as i64;

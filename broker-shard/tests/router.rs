@@ -66,7 +66,7 @@ impl Harness {
     }
 
     async fn publish(&self, m: Arc<Message>) {
-        let r = self.client.call(|id| Request::Publish { id: Some(id), message: m }).await.unwrap();
+        let r = self.client.call(|id| Request::Publish { id: Some(id), message: m, qos2_marker: None }).await.unwrap();
         assert_eq!(r, Reply::Done);
     }
 
@@ -84,7 +84,6 @@ impl Harness {
             protocol_level: 5,
             expiry_interval: 3600,
             subscriptions: vec![],
-            inbound_qos2: vec![],
             will: None,
             epoch: 1,
             connected: false,
@@ -295,4 +294,13 @@ async fn expired_message_is_not_delivered() {
     m.expires_at_ms = Some(1);
     h.publish(Arc::new(m)).await;
     h.nothing_delivered();
+}
+
+#[tokio::test]
+async fn qos2_marker_is_committed_with_the_message() {
+    let h = harness(10).await;
+    h.persist("p").await;
+    let m = msg("t", QoS::ExactlyOnce, false, b"x", Some("p"));
+    h.client.call(|id| Request::Publish { id: Some(id), message: m, qos2_marker: Some(("p".into(), 42)) }).await.unwrap();
+    assert_eq!(h.store.load_inbound("p").await.unwrap(), [42]);
 }

@@ -1,10 +1,11 @@
 //! Durable state of mqfleet sessions.
 //!
 //! # What is stored
-//! - **Session records** ([`SessionRecord`]): protocol, expiry, subscriptions, inbound QoS 2
-//!   packet ids awaiting PUBREL, the will, the connection epoch, and whether the session was
-//!   connected when last written (so that wills of clients connected at a crash are published
-//!   after restart).
+//! - **Session records** ([`SessionRecord`]): protocol, expiry, subscriptions, the will, the
+//!   connection epoch, and whether the session was connected when last written (so that wills
+//!   of clients connected at a crash are published after restart).
+//! - **Inbound QoS 2 markers**: packet ids of accepted QoS 2 PUBLISHes awaiting PUBREL, written
+//!   atomically with the message, so a resent PUBLISH is never delivered twice.
 //! - **Session queues** ([`QueuedMessage`]): every QoS 1/2 message bound for a persistent
 //!   session, from the moment its shard accepts it until the client acknowledges it. The same
 //!   entry serves as offline inbox and as the outbound in-flight record, so a message is never
@@ -67,6 +68,13 @@ impl Store {
     pub async fn load_queue(&self, client_id: &str, now_ms: u64) -> Result<Vec<QueuedMessage>, Error> {
         match self {
             Store::Embedded(s) => s.load_queue(client_id, now_ms).await,
+        }
+    }
+
+    /// Packet ids of QoS 2 messages of this session accepted and awaiting PUBREL.
+    pub async fn load_inbound(&self, client_id: &str) -> Result<Vec<u16>, Error> {
+        match self {
+            Store::Embedded(s) => s.load_inbound(client_id).await,
         }
     }
 

@@ -20,9 +20,6 @@ pub struct SessionRecord {
     /// Seconds the session outlives its connection; [`NEVER_EXPIRES`] for ever.
     pub expiry_interval: u32,
     pub subscriptions: Vec<StoredSubscription>,
-    /// Packet ids of QoS 2 PUBLISHes received and accepted, awaiting PUBREL: a resent PUBLISH
-    /// with one of these ids is not delivered again.
-    pub inbound_qos2: Vec<u16>,
     pub will: Option<StoredWill>,
     /// Incremented at every connection; fences writes of a connection that was taken over.
     pub epoch: u64,
@@ -121,6 +118,12 @@ pub enum Op {
     /// Sets or replaces the retained message of a topic.
     PutRetained { topic: String, message: Bytes, expires_at_ms: Option<u64> },
     RemoveRetained { topic: String },
+    /// A QoS 2 PUBLISH with this packet id was accepted; until [`Op::ClearInbound`], a resent
+    /// PUBLISH with the id is a duplicate. Written by the shard in the same transaction as the
+    /// message, so a crash cannot separate them.
+    MarkInbound { client_id: String, pkid: u16 },
+    /// PUBREL received for this packet id.
+    ClearInbound { client_id: String, pkid: u16 },
 }
 
 /// Result of one [`Op`].

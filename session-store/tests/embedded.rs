@@ -16,7 +16,6 @@ fn record(id: &str) -> SessionRecord {
             retain_handling: 0,
             subscription_id: Some(7),
         }],
-        inbound_qos2: vec![3],
         will: None,
         epoch: 1,
         connected: true,
@@ -163,4 +162,16 @@ async fn store_files_are_private_bad_input_i75() {
     let _store = open(&data, 10);
     assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
     assert_eq!(std::fs::metadata(data.join("mqfleet.redb")).unwrap().permissions().mode() & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn inbound_qos2_markers_are_kept_until_cleared_and_removed_with_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 10);
+    store.write(vec![Op::PutSession(record("a")), Op::MarkInbound { client_id: "a".into(), pkid: 7 }, Op::MarkInbound { client_id: "a".into(), pkid: 9 }]).await.unwrap();
+    assert_eq!(store.load_inbound("a").await.unwrap(), [7, 9]);
+    store.write(vec![Op::ClearInbound { client_id: "a".into(), pkid: 7 }]).await.unwrap();
+    assert_eq!(store.load_inbound("a").await.unwrap(), [9]);
+    store.write(vec![Op::RemoveSession { client_id: "a".into() }]).await.unwrap();
+    assert!(store.load_inbound("a").await.unwrap().is_empty());
 }

@@ -73,18 +73,29 @@ impl Client {
     /// Dropping the future before the reply abandons the reply; the request may still be
     /// carried out by the shard.
     pub async fn call(&self, build: impl FnOnce(RequestId) -> Request) -> Result<Reply, LinkError> {
+        self.start(build).await?.await
+    }
+
+    /// Sends the request now and returns a future of its reply: requests keep the order in
+    /// which `start` was awaited, whenever their replies are awaited.
+    pub async fn start(
+        &self,
+        build: impl FnOnce(RequestId) -> Request,
+    ) -> Result<impl std::future::Future<Output = Result<Reply, LinkError>> + Send + 'static, LinkError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.inner.waiters.lock().insert(id, tx);
-        let sent = self.send(build(RequestId(id))).await;
-        if let Err(e) = sent {
+        if let Err(e) = self.send(build(RequestId(id))).await {
             self.inner.waiters.lock().remove(&id);
             return Err(e);
         }
-        match rx.await {
-            Ok(result) => result.map_err(LinkError::from),
-            Err(_) => Err(self.down()),
-        }
+        let down = self.down();
+        Ok(async move {
+            match rx.await {
+                Ok(result) => result.map_err(LinkError::from),
+                Err(_) => Err(down),
+            }
+        })
     }
 
     /// Tells the shard this proxy is going away (its sessions go offline there).

@@ -64,7 +64,9 @@ pub struct SubscribeItem {
 #[derive(Debug, Clone)]
 pub enum Request {
     /// Route a message. With an id, the shard replies once the message is durably accepted.
-    Publish { id: Option<RequestId>, message: Arc<Message> },
+    /// `qos2_marker` (client id, packet id) is stored in the same commit as the message, for a
+    /// QoS 2 PUBLISH of a persistent session: see `session_store::Op::MarkInbound`.
+    Publish { id: Option<RequestId>, message: Arc<Message>, qos2_marker: Option<(ByteString, u16)> },
     /// Add or replace subscriptions; the reply says which existed and carries the retained
     /// messages to send (when `deliver_retained`).
     Subscribe { id: RequestId, session: SessionInfo, items: Vec<SubscribeItem>, deliver_retained: bool },

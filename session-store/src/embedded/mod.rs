@@ -14,6 +14,7 @@
 //! | `queue`    | (client id, seq)    | entry: message id, delivery, state      |
 //! | `bodies`   | message id          | refcount and encoded message            |
 //! | `retained` | topic               | encoded message and expiry              |
+//! | `inbound`  | (client id, pkid)   | — (QoS 2 awaiting PUBREL)               |
 //! | `meta`     | name                | counters (`next_id`)                    |
 
 mod writer;
@@ -36,6 +37,7 @@ pub(crate) const QUEUE: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinitio
 pub(crate) const BODIES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("bodies");
 pub(crate) const RETAINED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retained");
 pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+pub(crate) const INBOUND: TableDefinition<'_, (&str, u16), ()> = TableDefinition::new("inbound");
 
 /// When commits reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +194,22 @@ impl EmbeddedStore {
                     expires_at_ms: entry.expires_at_ms,
                     state: entry.state,
                 });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn load_inbound(&self, client_id: &str) -> Result<Vec<u16>, Error> {
+        let id = client_id.to_owned();
+        self.read(move |db| {
+            let doing = "reading QoS 2 markers";
+            let txn = db.begin_read().map_err(|e| Error::storage(doing, e))?;
+            let table = txn.open_table(INBOUND).map_err(|e| Error::storage(doing, e))?;
+            let mut out = Vec::new();
+            for item in table.range((id.as_str(), 0)..=(id.as_str(), u16::MAX)).map_err(|e| Error::storage(doing, e))? {
+                let (k, _) = item.map_err(|e| Error::storage(doing, e))?;
+                out.push(k.value().1);
             }
             Ok(out)
         })

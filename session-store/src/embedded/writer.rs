@@ -19,7 +19,7 @@ use parking_lot::RwLock;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
-use super::{SyncPolicy, BODIES, META, QUEUE, RETAINED, SESSIONS};
+use super::{SyncPolicy, BODIES, INBOUND, META, QUEUE, RETAINED, SESSIONS};
 use crate::record::{decode, encode, StoredBody, StoredEntry, StoredRetained};
 use crate::{Error, Op, OpResult};
 
@@ -71,6 +71,7 @@ impl State {
             txn.open_table(BODIES).map_err(|e| Error::storage(doing, e))?;
             txn.open_table(RETAINED).map_err(|e| Error::storage(doing, e))?;
             txn.open_table(QUEUE).map_err(|e| Error::storage(doing, e))?;
+            txn.open_table(INBOUND).map_err(|e| Error::storage(doing, e))?;
             let meta = txn.open_table(META).map_err(|e| Error::storage(doing, e))?;
             let stored = meta.get("next_id").map_err(|e| Error::storage(doing, e))?.map(|v| v.value());
             if let Some(v) = stored {
@@ -293,6 +294,8 @@ fn apply(
             for seq in seqs {
                 remove_entry(txn, client_id, seq, queue_len)?;
             }
+            let mut inbound = txn.open_table(INBOUND).map_err(|e| err(e.into()))?;
+            inbound.retain_in((client_id.as_str(), 0)..=(client_id.as_str(), u16::MAX), |_, _| false).map_err(|e| err(e.into()))?;
             added.retain(|c| c != client_id);
             removed.push(client_id.clone());
         }
@@ -346,6 +349,14 @@ fn apply(
         Op::RemoveRetained { topic } => {
             let mut t = txn.open_table(RETAINED).map_err(|e| err(e.into()))?;
             t.remove(topic.as_str()).map_err(|e| err(e.into()))?;
+        }
+        Op::MarkInbound { client_id, pkid } => {
+            let mut t = txn.open_table(INBOUND).map_err(|e| err(e.into()))?;
+            t.insert((client_id.as_str(), *pkid), ()).map_err(|e| err(e.into()))?;
+        }
+        Op::ClearInbound { client_id, pkid } => {
+            let mut t = txn.open_table(INBOUND).map_err(|e| err(e.into()))?;
+            t.remove((client_id.as_str(), *pkid)).map_err(|e| err(e.into()))?;
         }
     }
     Ok(OpResult::Done)
