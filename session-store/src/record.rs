@@ -59,6 +59,8 @@ pub struct StoredWill {
     pub message: Vec<u8>,
     /// Seconds between the end of the connection and the publication.
     pub delay_interval: u32,
+    /// Message Expiry Interval of the will, counted from its publication.
+    pub message_expiry_interval: Option<u32>,
 }
 
 /// How one queued message is delivered to one session.

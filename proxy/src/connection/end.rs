@@ -1,0 +1,144 @@
+//! The end of a connection: tell the client, settle the will, save or end the session.
+
+use std::time::Duration;
+
+use broker_shard::link::Request;
+use broker_shard::now_ms;
+use mqfleet_codec::{QoS, ReasonCode};
+use session_store::{DeliveryState, Op};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Connection, End};
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::session::outbound::Stage;
+
+/// Time to write the last packets to a client that may not be reading.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+
+impl<R, W> Connection<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    pub(super) async fn finish(mut self, end: End) {
+        self.ctx.metrics.disconnects.get_or_create(&ReasonLabel { reason: end.label() }).inc();
+        let told = match &end {
+            End::Protocol { reason, detail } => {
+                self.ctx.metrics.protocol_errors.get_or_create(&Metrics::code(*reason)).inc();
+                tracing::debug!(reason = %reason, detail = %detail, "closing: client broke the protocol");
+                Some((*reason, detail.as_str()))
+            }
+            End::TakenOver => Some((ReasonCode::SessionTakenOver, "another connection took over this client id")),
+            End::Shutdown => Some((ReasonCode::ServerShuttingDown, "server shutting down")),
+            End::KeepAliveTimeout => {
+                tracing::debug!("closing: keep-alive timeout");
+                Some((ReasonCode::KeepAliveTimeout, "no packet within 1.5 times the keep-alive"))
+            }
+            End::Server { reason, detail } => {
+                tracing::debug!(reason = %reason, detail = %detail, "closing on the server's decision");
+                Some((*reason, detail.as_str()))
+            }
+            End::Network(e) => {
+                tracing::debug!(error = ?e, "connection lost");
+                None
+            }
+            End::Client { .. } => None,
+        };
+        if let Some((reason, detail)) = told {
+            if self.v5() {
+                let packet = self.disconnect_packet(reason, detail);
+                self.send(packet);
+            }
+        }
+        if !matches!(end, End::Network(_)) {
+            let _ = tokio::time::timeout(FINAL_FLUSH, self.io.output.flush_all()).await;
+        }
+        self.io.output.shutdown().await;
+        self.ctx.metrics.bytes_received.inc_by(self.io.input.bytes);
+        self.ctx.metrics.bytes_sent.inc_by(self.io.output.bytes);
+
+        // No more deliveries to this connection from here on; a persistent session has them
+        // queued in the store.
+        self.ctx.registry.release(&self.client_id, self.conn);
+        self.mailbox.close();
+
+        // [MQTT-3.1.2-8]: the will is published unless the client disconnected normally.
+        let will = match end {
+            End::Client { will: false } => None,
+            _ => self.session.will.take(),
+        };
+        if self.session.persistent() {
+            self.save_session(will).await;
+        } else {
+            self.end_session(will).await;
+        }
+    }
+
+    /// A persistent session outlives the connection: record where its deliveries stand, keep a
+    /// delayed will, and let the shards queue for it.
+    async fn save_session(&mut self, will: Option<crate::session::connect::WillSpec>) {
+        let expiry = self.session.expiry;
+        let mut will_pending = None;
+        if let Some(w) = will {
+            // Published when the delay elapses or the session ends, whichever is first.
+            let delay = w.delay_interval.min(expiry);
+            if delay == 0 {
+                self.ctx.publish_will(w).await;
+            } else {
+                will_pending = Some((w, delay));
+            }
+        }
+        self.session.will = will_pending.as_ref().map(|(w, _)| w.clone());
+
+        let mut ops = std::mem::take(&mut self.store_ops);
+        let (inflight, _pending) = self.outbound.drain();
+        for (pkid, entry) in inflight {
+            // QoS 2 ids were recorded before sending; record QoS 1 ids now so the resend
+            // carries DUP and the same id.
+            if let (Some(seq), Stage::AwaitPubAck) = (entry.msg.seq, entry.stage) {
+                ops.push(Op::SetState { client_id: self.client_id.to_string(), seq, state: DeliveryState::Sent { pkid } });
+            }
+        }
+        ops.push(Op::PutSession(self.record(false)));
+        if let Err(e) = self.ctx.store.write(ops).await {
+            tracing::error!(error = %e, "could not save the session at disconnect");
+        }
+        let set = self.shard_set();
+        let (client_id, conn) = (self.client_id.clone(), self.conn);
+        let _ = self.ctx.shards.send_to(set, || Request::Detach { client_id: client_id.clone(), conn }).await;
+        if let Some((w, delay)) = will_pending {
+            self.ctx.lifecycle.schedule_will(&self.client_id, w, Duration::from_secs(u64::from(delay)), true);
+        }
+        if expiry != crate::session::connect::NEVER {
+            self.ctx.lifecycle.schedule_expiry(&self.client_id, now_ms() + u64::from(expiry) * 1000);
+        }
+    }
+
+    /// A session without expiry ends with its connection.
+    async fn end_session(&mut self, will: Option<crate::session::connect::WillSpec>) {
+        if let Some(w) = will {
+            self.ctx.publish_will(w).await;
+        }
+        if self.ctx.store.may_have_session(&self.client_id) && !self.ctx.registry.is_connected(&self.client_id) {
+            // Its expiry was lowered to 0 at DISCONNECT (MQTT 5 §3.14.2.2.2).
+            if let Err(e) = self.ctx.end_stored_session(&self.client_id).await {
+                tracing::error!(error = %e, "could not remove the ended session");
+            }
+        }
+        let set = self.shard_set();
+        let (client_id, conn) = (self.client_id.clone(), self.conn);
+        let _ = self.ctx.shards.send_to(set, || Request::Forget { client_id: client_id.clone(), conn: Some(conn) }).await;
+
+        // Messages of shared subscriptions this client never acknowledged go to another
+        // member (MQTT 5 §4.8.2).
+        let (inflight, pending) = self.outbound.drain();
+        let unacked = inflight.into_iter().filter(|(_, e)| e.stage != Stage::AwaitPubComp).map(|(_, e)| e.msg).chain(pending);
+        for m in unacked {
+            if let (Some(share_filter), true) = (m.share_filter, m.delivery.qos != QoS::AtMostOnce) {
+                let link = self.ctx.shards.owner(&m.message.topic);
+                let request = Request::Redispatch { message: m.message, share_filter, exclude: self.client_id.clone() };
+                let _ = link.send(request).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! From accepted socket to CONNACK: the first packet, negotiation, takeover, session resume.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker_shard::link::{ConnId, Reply, Request, SessionInfo};
+use broker_shard::now_ms;
+use futures::stream::FuturesOrdered;
+use mqfleet_codec::{ConnAck, DecodeError, Packet, Protocol, ReasonCode};
+use session_store::{Op, QueuedMessage, SessionRecord};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Connection, Io, SessionState};
+use crate::metrics::Metrics;
+use crate::registry::{wait_exited, ConnMsg};
+use crate::session::alias::{InboundAliases, OutboundAliases};
+use crate::session::connect::{negotiate, Negotiated, Refusal};
+use crate::session::inbound::Inbound;
+use crate::session::outbound::Outbound;
+use crate::Context;
+
+/// How long a new connection waits for the one it takes over to save its session.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs the handshake; `None` when the connection ends before it is established (every such
+/// path has answered the client where the protocol allows, and counted the cause).
+pub(super) async fn run<R, W>(ctx: Arc<Context>, mut io: Io<R, W>, conn: ConnId, shutdown: CancellationToken) -> Option<Connection<R, W>>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let connect = first_packet(&ctx, &mut io, &shutdown).await?;
+    let protocol = connect.protocol;
+    let negotiated = match negotiate(&connect, &ctx.limits, || format!("mqfleet-{}", random_id())) {
+        Ok(n) => n,
+        Err(refusal) => {
+            refuse(&ctx, &mut io, protocol, refusal).await;
+            return None;
+        }
+    };
+    tracing::Span::current().record("client_id", tracing::field::display(&negotiated.client_id));
+
+    // Take over: the previous connection of this client id saves its session and exits first,
+    // so what follows sees its final state [MQTT-3.1.4-3].
+    let (mailbox_tx, mailbox) = mpsc::unbounded_channel();
+    let (exit, exited) = watch::channel(());
+    if let Some(prev) = ctx.registry.claim(&negotiated.client_id, conn, mailbox_tx, exited) {
+        tracing::debug!(previous = %prev.conn, "taking over the session from another connection");
+        let _ = prev.mailbox.send(ConnMsg::TakenOver);
+        if tokio::time::timeout(TAKEOVER_WAIT, wait_exited(prev.exited)).await.is_err() {
+            tracing::warn!(previous = %prev.conn, "previous connection did not finish within {TAKEOVER_WAIT:?}; continuing");
+        }
+    }
+    ctx.lifecycle.cancel(&negotiated.client_id);
+
+    let resumed = match resume(&ctx, &negotiated, conn).await {
+        Ok(r) => r,
+        Err(detail) => {
+            ctx.registry.release(&negotiated.client_id, conn);
+            tracing::error!(error = %detail, "session store unavailable; connection refused");
+            refuse(&ctx, &mut io, protocol, Refusal { reason: ReasonCode::ServerUnavailable, detail }).await;
+            return None;
+        }
+    };
+
+    let mut connack = ConnAck::new(ReasonCode::Success, resumed.session_present);
+    connack.properties = negotiated.connack.clone();
+    io.output.queue(&Packet::ConnAck(connack), protocol);
+    ctx.metrics.connects.get_or_create(&Metrics::code(ReasonCode::Success)).inc();
+    tracing::debug!(protocol = %protocol, session_present = resumed.session_present, persistent = resumed.state.persistent(), "connected");
+
+    let keep_alive = (negotiated.keep_alive > 0).then(|| Duration::from_millis(u64::from(negotiated.keep_alive) * 1500));
+    let window = negotiated.client_receive_maximum.min(ctx.limits.max_inflight);
+    let mut connection = Connection {
+        io,
+        conn,
+        protocol,
+        client_id: negotiated.client_id.clone(),
+        session: resumed.state,
+        keep_alive,
+        deadline: Instant::now() + keep_alive.unwrap_or(Duration::ZERO),
+        outbound: Outbound::new(window, ctx.limits.max_queued_messages as usize),
+        inbound: Inbound::with_awaiting(resumed.inbound),
+        aliases_in: InboundAliases::new(ctx.limits.topic_alias_maximum),
+        aliases_out: OutboundAliases::new(if protocol.is_v5() { negotiated.client_topic_alias_maximum } else { 0 }),
+        client_max_packet_size: negotiated.client_max_packet_size as usize,
+        ops: FuturesOrdered::new(),
+        mailbox,
+        resume_floor: 0,
+        held: VecDeque::new(),
+        store_ops: Vec::new(),
+        shutdown,
+        _exit: exit,
+        ctx,
+    };
+    connection.restore(resumed.queue);
+    Some(connection)
+}
+
+/// Reads until a complete first packet, which must be CONNECT [MQTT-3.1.0-1].
+async fn first_packet<R, W>(ctx: &Context, io: &mut Io<R, W>, shutdown: &CancellationToken) -> Option<Box<mqfleet_codec::Connect>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + ctx.settings.connect_timeout;
+    loop {
+        let level = io.input.peek_connect_level();
+        match io.input.next_packet(Protocol::V3_1_1) {
+            Ok(Some(Packet::Connect(c))) => return Some(c),
+            Ok(Some(other)) => {
+                count_error(ctx, ReasonCode::ProtocolError);
+                tracing::debug!(packet = %other.packet_type(), "first packet is not CONNECT (MQTT-3.1.0-1); closing");
+                return None;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                answer_bad_connect(ctx, io, &e, level).await;
+                return None;
+            }
+        }
+        tokio::select! {
+            r = io.input.read() => match r {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                ctx.metrics.disconnects.get_or_create(&crate::metrics::ReasonLabel { reason: "connect_timeout" }).inc();
+                tracing::debug!(timeout = ?ctx.settings.connect_timeout, "no complete CONNECT in time; closing");
+                return None;
+            }
+            () = shutdown.cancelled() => return None,
+        }
+    }
+}
+
+/// A first packet that cannot be decoded: answer with CONNACK where the version is known.
+async fn answer_bad_connect<R, W>(ctx: &Context, io: &mut Io<R, W>, e: &DecodeError, level: Option<u8>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    count_error(ctx, e.reason_code());
+    tracing::debug!(error = %e, "invalid CONNECT; closing");
+    let protocol = match (e, level) {
+        // [MQTT-3.1.2-2]: unsupported level → 0x84 (5.0 format above 5, 3.1.1's 0x01 below).
+        (DecodeError::UnsupportedProtocol { level, .. }, _) => if *level > 5 { Protocol::V5 } else { Protocol::V3_1_1 },
+        (_, Some(5)) => Protocol::V5,
+        // A malformed 3.1.1 CONNECT has no CONNACK code to describe it: close.
+        _ => return,
+    };
+    let mut ack = ConnAck::new(e.reason_code(), false);
+    if protocol.is_v5() {
+        ack.properties.reason_string = Some(e.to_string().into());
+    }
+    io.output.queue(&Packet::ConnAck(ack), protocol);
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.output.flush_all()).await;
+    io.output.shutdown().await;
+}
+
+async fn refuse<R, W>(ctx: &Context, io: &mut Io<R, W>, protocol: Protocol, refusal: Refusal)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    ctx.metrics.connects.get_or_create(&Metrics::code(refusal.reason)).inc();
+    tracing::debug!(reason = %refusal.reason, detail = %refusal.detail, "CONNECT refused");
+    let mut ack = ConnAck::new(refusal.reason, false);
+    if protocol.is_v5() {
+        ack.properties.reason_string = Some(refusal.detail.into());
+    }
+    io.output.queue(&Packet::ConnAck(ack), protocol);
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.output.flush_all()).await;
+    io.output.shutdown().await;
+}
+
+fn count_error(ctx: &Context, code: ReasonCode) {
+    ctx.metrics.protocol_errors.get_or_create(&Metrics::code(code)).inc();
+}
+
+fn random_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..16).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)])).collect()
+}
+
+struct Resumed {
+    session_present: bool,
+    state: SessionState,
+    queue: Vec<QueuedMessage>,
+    inbound: Vec<u16>,
+}
+
+/// Loads, creates or discards the stored session, and points the shards at this connection.
+async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId) -> Result<Resumed, String> {
+    let id = n.client_id.to_string();
+    let store = &ctx.store;
+    let existing = if store.may_have_session(&id) { store.load_session(&id).await.map_err(|e| e.to_string())? } else { None };
+    let mut existing = existing;
+    if n.clean_start {
+        if existing.take().is_some() {
+            ctx.end_stored_session(&n.client_id).await.map_err(|e| e.to_string())?;
+        }
+    }
+    let session_present = existing.is_some();
+    let (queue, inbound) = match &existing {
+        Some(_) => (
+            store.load_queue(&id, now_ms()).await.map_err(|e| e.to_string())?,
+            store.load_inbound(&id).await.map_err(|e| e.to_string())?,
+        ),
+        None => (Vec::new(), Vec::new()),
+    };
+    let subscriptions: BTreeMap<_, _> = existing
+        .as_ref()
+        .map(|r| r.subscriptions.iter().map(|s| (s.filter.as_str().into(), s.clone())).collect())
+        .unwrap_or_default();
+    let state = SessionState {
+        expiry: n.session_expiry,
+        expiry_zero_at_connect: n.session_expiry == 0,
+        subscriptions,
+        will: n.will.clone(),
+        epoch: existing.as_ref().map_or(1, |r| r.epoch + 1),
+    };
+    let persistent = state.persistent();
+    if persistent {
+        let record = SessionRecord {
+            client_id: id.clone(),
+            protocol_level: n.protocol.level(),
+            expiry_interval: state.expiry,
+            subscriptions: state.subscriptions.values().cloned().collect(),
+            will: state.will.as_ref().map(crate::lifecycle::stored_will),
+            epoch: state.epoch,
+            connected: true,
+            disconnected_at_ms: 0,
+        };
+        store.write(vec![Op::PutSession(record)]).await.map_err(|e| e.to_string())?;
+        if !session_present {
+            ctx.metrics.persistent_sessions.inc();
+        }
+    } else if session_present {
+        // Resumed with expiry 0: the session now lives only as long as this connection; what
+        // it had queued was loaded above.
+        ctx.end_stored_session(&n.client_id).await.map_err(|e| e.to_string())?;
+    }
+
+    if !state.subscriptions.is_empty() {
+        let session = SessionInfo { client_id: n.client_id.clone(), conn: Some(conn), persistent };
+        let set = ctx.shard_set(state.subscriptions.keys());
+        let replies = ctx.shards.call_each(set, |id| Request::Attach { id, session: session.clone() }).await.map_err(|e| e.to_string())?;
+        debug_assert!(replies.iter().all(|r| *r == Reply::Done));
+    }
+    Ok(Resumed { session_present, state, queue, inbound })
+}

@@ -1,0 +1,402 @@
+//! Client → server: PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PUBREL, PINGREQ, DISCONNECT, and the
+//! acknowledgements that follow once shards and store have done their part.
+
+use std::sync::Arc;
+
+use broker_shard::link::{Reply, Request, SessionInfo, SubscribeItem};
+use broker_shard::{now_ms, Message};
+use futures::future::{join_all, FutureExt};
+use mqfleet_codec::topic::{parse_shared, validate_topic_filter, validate_topic_name};
+use mqfleet_codec::{
+    Ack, Disconnect, Packet, PacketId, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
+use session_store::{Op, SessionRecord, StoredSubscription};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{link_down, protocol_error, Connection, End, OpDone};
+use crate::metrics::QosLabel;
+use crate::routing::ShardSet;
+use crate::session::inbound::Admit;
+
+impl<R, W> Connection<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    pub(super) async fn on_packet(&mut self, p: Packet) -> Result<(), End> {
+        match p {
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PubAck(a) => self.on_puback(a),
+            Packet::PubRec(a) => self.on_pubrec(a),
+            Packet::PubRel(a) => self.on_pubrel(a),
+            Packet::PubComp(a) => self.on_pubcomp(a),
+            Packet::Subscribe(s) => self.on_subscribe(s).await,
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
+            Packet::PingReq => {
+                self.send(Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => Err(self.on_disconnect(d)),
+            Packet::Connect(_) => Err(protocol_error(ReasonCode::ProtocolError, "second CONNECT on one connection (MQTT-3.1.0-2)")),
+            Packet::Auth(_) => Err(protocol_error(ReasonCode::ProtocolError, "AUTH without an authentication method in CONNECT (MQTT 5 §4.12)")),
+            other @ (Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp) => {
+                Err(protocol_error(ReasonCode::ProtocolError, format!("{} is sent by servers, not clients", other.packet_type())))
+            }
+        }
+    }
+
+    // === PUBLISH ===
+
+    async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+        let qos = p.qos;
+        self.ctx.metrics.messages_received.get_or_create(&QosLabel { qos: qos as u8 }).inc();
+        if self.v5() && !p.properties.subscription_identifiers.is_empty() {
+            return Err(protocol_error(ReasonCode::ProtocolError, "PUBLISH from a client carries a Subscription Identifier (MQTT-3.3.4-6)"));
+        }
+        let topic = self
+            .aliases_in
+            .resolve(std::mem::take(&mut p.topic), p.properties.topic_alias)
+            .map_err(|(reason, detail)| protocol_error(reason, detail))?;
+        validate_topic_name(&topic, &self.ctx.limits.topic).map_err(|e| protocol_error(ReasonCode::TopicNameInvalid, format!("topic name: {e}")))?;
+        p.topic = topic;
+
+        if let Some(pkid) = p.pkid {
+            match self.inbound.admit(pkid.get(), qos == QoS::ExactlyOnce, self.ctx.limits.receive_maximum) {
+                Admit::Route => {}
+                Admit::Duplicate => {
+                    self.send(Packet::PubRec(Ack::new(pkid)));
+                    return Ok(());
+                }
+                Admit::InProgress => return Ok(()),
+                Admit::OverLimit => {
+                    return Err(protocol_error(
+                        ReasonCode::ReceiveMaximumExceeded,
+                        format!("more than {} unacknowledged QoS 1/2 PUBLISHes", self.ctx.limits.receive_maximum),
+                    ))
+                }
+            }
+        }
+
+        if let Some(reason) = self.refusal(&p) {
+            return self.refuse_publish(p, reason);
+        }
+
+        let qos2_marker = match p.pkid {
+            Some(pkid) if qos == QoS::ExactlyOnce && self.session.persistent() => Some((self.client_id.clone(), pkid.get())),
+            _ => None,
+        };
+        let pkid = p.pkid;
+        let message = Arc::new(Message::from_publish(p, Some(self.client_id.clone()), now_ms()));
+        let link = self.ctx.shards.owner(&message.topic).clone();
+        match pkid {
+            None => link.send(Request::Publish { id: None, message, qos2_marker: None }).await.map_err(link_down)?,
+            Some(pkid) => {
+                let reply = link.start(|id| Request::Publish { id: Some(id), message, qos2_marker }).await.map_err(link_down)?;
+                self.ops.push_back(
+                    async move { OpDone::Published { pkid, qos, result: reply.await.map(|_| ()).map_err(|e| e.to_string()) } }.boxed(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Policy checks of a PUBLISH that refuse it without closing the connection.
+    fn refusal(&self, p: &Publish) -> Option<(ReasonCode, &'static str)> {
+        if p.topic.starts_with('$') {
+            return Some((ReasonCode::NotAuthorized, "topics starting with $ are reserved for the server"));
+        }
+        if p.properties.payload_format_indicator == Some(true) && std::str::from_utf8(&p.payload).is_err() {
+            return Some((ReasonCode::PayloadFormatInvalid, "payload is not UTF-8 but its Payload Format Indicator says it is"));
+        }
+        None
+    }
+
+    /// Drops a refused PUBLISH, telling a 5.0 client why. A 3.1.1 client has no refusal code:
+    /// it gets a normal acknowledgement so that it does not resend forever, and the drop is
+    /// counted.
+    fn refuse_publish(&mut self, p: Publish, (reason, detail): (ReasonCode, &'static str)) -> Result<(), End> {
+        self.ctx.metrics.drop(match reason {
+            ReasonCode::PayloadFormatInvalid => "payload_format_invalid",
+            _ => "not_authorized",
+        });
+        tracing::debug!(topic = %p.topic, reason = %reason, detail, "PUBLISH refused");
+        let Some(pkid) = p.pkid else {
+            if reason == ReasonCode::PayloadFormatInvalid && self.v5() {
+                return Err(protocol_error(reason, detail));
+            }
+            return Ok(());
+        };
+        let v5 = self.v5();
+        let ack = if v5 {
+            let mut a = Ack::with_reason(pkid, reason);
+            a.properties.reason_string = Some(detail.into());
+            a
+        } else {
+            Ack::new(pkid)
+        };
+        // A 5.0 PUBREC with an error ends the flow; a 3.1.1 client will still send PUBREL.
+        self.inbound.accepted(pkid.get(), p.qos == QoS::ExactlyOnce && !v5);
+        self.send(if p.qos == QoS::ExactlyOnce { Packet::PubRec(ack) } else { Packet::PubAck(ack) });
+        Ok(())
+    }
+
+    pub(super) fn on_op_done(&mut self, done: OpDone) -> Result<(), End> {
+        match done {
+            OpDone::Published { pkid, qos, result } => self.on_published(pkid, qos, result),
+            OpDone::Subscribed { pkid, reasons, retained, failed } => {
+                let reasons = failure_replaces(reasons, &failed);
+                let mut ack = SubAck::new(pkid, reasons);
+                if let Some(f) = failed {
+                    ack.properties.reason_string = Some(f.into());
+                }
+                self.send(Packet::SubAck(ack));
+                for (message, delivery) in retained {
+                    self.on_deliver(message, broker_shard::link::Recipient { conn: self.conn, delivery, seq: None, share_filter: None });
+                }
+                Ok(())
+            }
+            OpDone::Unsubscribed { pkid, reasons, failed } => {
+                let reasons = if self.v5() { failure_replaces(reasons, &failed) } else { Vec::new() };
+                self.send(Packet::UnsubAck(UnsubAck::new(pkid, reasons)));
+                Ok(())
+            }
+            OpDone::Marked { pkid } => {
+                self.on_marked(pkid);
+                Ok(())
+            }
+        }
+    }
+
+    /// The shard accepted (or could not accept) a QoS 1/2 message: PUBACK / PUBREC now
+    /// [MQTT-4.3.2-2, MQTT-4.3.3-2].
+    fn on_published(&mut self, pkid: PacketId, qos: QoS, result: Result<(), String>) -> Result<(), End> {
+        let qos2 = qos == QoS::ExactlyOnce;
+        let ack = match result {
+            Ok(()) => {
+                self.inbound.accepted(pkid.get(), qos2);
+                Ack::new(pkid)
+            }
+            Err(detail) => {
+                self.inbound.accepted(pkid.get(), false);
+                if !self.v5() {
+                    // 3.1.1 cannot refuse: close, and the client resends on reconnect.
+                    return Err(End::Server { reason: ReasonCode::UnspecifiedError, detail });
+                }
+                let mut a = Ack::with_reason(pkid, ReasonCode::UnspecifiedError);
+                a.properties.reason_string = Some(detail.into());
+                a
+            }
+        };
+        self.send(if qos2 { Packet::PubRec(ack) } else { Packet::PubAck(ack) });
+        Ok(())
+    }
+
+    pub(super) fn on_pubrel(&mut self, a: Ack) -> Result<(), End> {
+        let reason = if self.inbound.release(a.pkid.get()) {
+            if self.session.persistent() {
+                self.store_ops.push(Op::ClearInbound { client_id: self.client_id.to_string(), pkid: a.pkid.get() });
+            }
+            ReasonCode::Success
+        } else if self.v5() {
+            // BAD-INPUT F.48.
+            ReasonCode::PacketIdentifierNotFound
+        } else {
+            ReasonCode::Success
+        };
+        self.send(Packet::PubComp(Ack::with_reason(a.pkid, reason)));
+        Ok(())
+    }
+
+    // === SUBSCRIBE / UNSUBSCRIBE ===
+
+    async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
+        let sub_id = s.properties.id();
+        let shards = self.ctx.shards.len();
+        let mut per_shard: Vec<Vec<SubscribeItem>> = vec![Vec::new(); shards];
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        for (filter, options) in &s.filters {
+            let (group, inner) = match parse_shared(filter) {
+                Ok(Some(sf)) => (Some(sf.group), sf.filter),
+                Ok(None) => (None, &filter[..]),
+                Err(_) => {
+                    reasons.push(ReasonCode::TopicFilterInvalid);
+                    continue;
+                }
+            };
+            if validate_topic_filter(inner, &self.ctx.limits.topic).is_err() {
+                reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            if group.is_some() && options.no_local {
+                return Err(protocol_error(ReasonCode::ProtocolError, "No Local set on a shared subscription (MQTT-3.8.3-4)"));
+            }
+            let known = self.session.subscriptions.contains_key(filter);
+            if !known && self.session.subscriptions.len() >= self.ctx.limits.max_subscriptions {
+                reasons.push(ReasonCode::QuotaExceeded);
+                continue;
+            }
+            self.session.subscriptions.insert(
+                filter.clone(),
+                StoredSubscription {
+                    filter: filter.to_string(),
+                    qos: options.qos as u8,
+                    no_local: options.no_local,
+                    retain_as_published: options.retain_as_published,
+                    retain_handling: options.retain_handling as u8,
+                    subscription_id: sub_id,
+                },
+            );
+            reasons.push(match options.qos {
+                QoS::AtMostOnce => ReasonCode::Success,
+                QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+                QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+            });
+            let item = SubscribeItem { filter: filter.clone(), options: *options, id: sub_id };
+            for i in self.ctx.shards.indices(self.ctx.shards.ring().shards_for_filter(inner)) {
+                per_shard[i].push(item.clone());
+            }
+        }
+
+        let session = SessionInfo { client_id: self.client_id.clone(), conn: Some(self.conn), persistent: self.session.persistent() };
+        let mut replies = Vec::new();
+        for (i, items) in per_shard.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let session = session.clone();
+            let reply = self
+                .ctx
+                .shards
+                .link(i)
+                .start(|id| Request::Subscribe { id, session, items, deliver_retained: true })
+                .await
+                .map_err(link_down)?;
+            replies.push(reply);
+        }
+        let save = self.record_op();
+        let store = self.ctx.store.clone();
+        let pkid = s.pkid;
+        self.ops.push_back(
+            async move {
+                let mut retained = Vec::new();
+                let mut failed = None;
+                for r in join_all(replies).await {
+                    match r {
+                        Ok(Reply::Subscribed { retained: rt, .. }) => retained.extend(rt),
+                        Ok(other) => failed = Some(format!("unexpected reply {other:?}")),
+                        Err(e) => failed = Some(e.to_string()),
+                    }
+                }
+                if let Some(op) = save {
+                    if let Err(e) = store.write(vec![op]).await {
+                        failed = Some(format!("subscription not saved: {e}"));
+                    }
+                }
+                OpDone::Subscribed { pkid, reasons, retained, failed }
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+
+    async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), End> {
+        let mut per_shard: Vec<Vec<mqfleet_codec::ByteString>> = vec![Vec::new(); self.ctx.shards.len()];
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for filter in &u.filters {
+            let inner = match parse_shared(filter) {
+                Ok(Some(sf)) => sf.filter,
+                Ok(None) => &filter[..],
+                Err(_) => {
+                    reasons.push(ReasonCode::TopicFilterInvalid);
+                    continue;
+                }
+            };
+            if validate_topic_filter(inner, &self.ctx.limits.topic).is_err() {
+                reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            let existed = self.session.subscriptions.remove(filter).is_some();
+            reasons.push(if existed { ReasonCode::Success } else { ReasonCode::NoSubscriptionExisted });
+            if existed {
+                for i in self.ctx.shards.indices(self.ctx.shards.ring().shards_for_filter(inner)) {
+                    per_shard[i].push(filter.clone());
+                }
+            }
+        }
+        let client_id = self.client_id.clone();
+        let mut replies = Vec::new();
+        for (i, filters) in per_shard.into_iter().enumerate() {
+            if filters.is_empty() {
+                continue;
+            }
+            let client_id = client_id.clone();
+            let reply = self.ctx.shards.link(i).start(|id| Request::Unsubscribe { id, client_id, filters }).await.map_err(link_down)?;
+            replies.push(reply);
+        }
+        let save = self.record_op();
+        let store = self.ctx.store.clone();
+        let pkid = u.pkid;
+        self.ops.push_back(
+            async move {
+                let mut failed = join_all(replies).await.into_iter().find_map(|r| r.err().map(|e| e.to_string()));
+                if let Some(op) = save {
+                    if let Err(e) = store.write(vec![op]).await {
+                        failed = Some(format!("subscription change not saved: {e}"));
+                    }
+                }
+                OpDone::Unsubscribed { pkid, reasons, failed }
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+
+    /// The session record as it is now, for persistent sessions.
+    pub(super) fn record_op(&self) -> Option<Op> {
+        self.session.persistent().then(|| Op::PutSession(self.record(true)))
+    }
+
+    pub(super) fn record(&self, connected: bool) -> SessionRecord {
+        SessionRecord {
+            client_id: self.client_id.to_string(),
+            protocol_level: self.protocol.level(),
+            expiry_interval: self.session.expiry,
+            subscriptions: self.session.subscriptions.values().cloned().collect(),
+            will: self.session.will.as_ref().map(crate::lifecycle::stored_will),
+            epoch: self.session.epoch,
+            connected,
+            disconnected_at_ms: if connected { 0 } else { now_ms() },
+        }
+    }
+
+    /// The shards holding this session's subscriptions.
+    pub(super) fn shard_set(&self) -> ShardSet {
+        self.ctx.shard_set(self.session.subscriptions.keys())
+    }
+
+    // === DISCONNECT ===
+
+    fn on_disconnect(&mut self, d: Disconnect) -> End {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if self.session.expiry_zero_at_connect && expiry != 0 {
+                // MQTT 5 §3.14.2.2.2.
+                return protocol_error(ReasonCode::ProtocolError, "DISCONNECT sets a Session Expiry Interval after CONNECT set 0");
+            }
+            let cap = self.ctx.limits.max_session_expiry_secs;
+            self.session.expiry = if cap > 0 { expiry.min(cap) } else { expiry };
+        }
+        tracing::debug!(reason = %d.reason, "client disconnected");
+        End::Client { will: d.reason == ReasonCode::DisconnectWithWill }
+    }
+}
+
+/// With a failure, every granted code becomes 0x80 Unspecified error.
+fn failure_replaces(reasons: Vec<ReasonCode>, failed: &Option<String>) -> Vec<ReasonCode> {
+    match failed {
+        None => reasons,
+        Some(f) => {
+            tracing::warn!(error = %f, "subscription change failed");
+            reasons.into_iter().map(|r| if r.is_error() { r } else { ReasonCode::UnspecifiedError }).collect()
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Framed MQTT I/O of one connection, in two halves so that reading and writing can be raced
+//! in one `select!`.
+//!
+//! # Cancel safety
+//! [`Input::read`] and [`Output::write_some`] keep all state in the struct, so either may be
+//! dropped unfinished without losing bytes.
+
+use bytes::{Buf, BytesMut};
+use mqfleet_codec::{decode_packet, DecodeError, Packet, Protocol};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Read-buffer growth step: big enough for many small packets per read, small enough to keep
+/// idle connections cheap.
+const READ_CHUNK: usize = 4096;
+
+/// The reading half: bytes from the socket, split into packets.
+pub struct Input<R> {
+    reader: R,
+    buf: BytesMut,
+    /// Largest packet accepted, header included.
+    max_packet_size: usize,
+    pub bytes: u64,
+}
+
+/// The writing half: packets encoded into one buffer, written in as few writes as possible.
+pub struct Output<W> {
+    writer: W,
+    buf: BytesMut,
+    pub bytes: u64,
+}
+
+/// Both halves of a connection.
+pub struct Io<R, W> {
+    pub input: Input<R>,
+    pub output: Output<W>,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
+    pub fn new(reader: R, writer: W, max_packet_size: usize) -> Io<R, W> {
+        Io {
+            input: Input { reader, buf: BytesMut::new(), max_packet_size, bytes: 0 },
+            output: Output { writer, buf: BytesMut::new(), bytes: 0 },
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> Input<R> {
+    /// Reads what the socket has. `Ok(0)` is end of stream.
+    pub async fn read(&mut self) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let n = self.reader.read_buf(&mut self.buf).await?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    /// The next complete packet in the read buffer, if any.
+    pub fn next_packet(&mut self, protocol: Protocol) -> Result<Option<Packet>, DecodeError> {
+        let p = decode_packet(&mut self.buf, protocol, self.max_packet_size)?;
+        if self.buf.is_empty() && self.buf.capacity() > 4 * READ_CHUNK {
+            // A large packet went through: give its memory back.
+            self.buf = BytesMut::new();
+        }
+        Ok(p)
+    }
+
+    /// The protocol level byte of a CONNECT at the start of the read buffer, if it got that
+    /// far (used to answer a malformed CONNECT in the client's own version).
+    pub fn peek_connect_level(&self) -> Option<u8> {
+        let buf = &self.buf[..];
+        let mut i = 1;
+        while i < buf.len() && i < 5 && buf[i] & 0x80 != 0 {
+            i += 1;
+        }
+        let name_len_at = i + 1;
+        let name_len = usize::from(u16::from_be_bytes([*buf.get(name_len_at)?, *buf.get(name_len_at + 1)?]));
+        buf.get(name_len_at + 2 + name_len).copied()
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Output<W> {
+    /// Encodes `packet` into the write buffer.
+    pub fn queue(&mut self, packet: &Packet, protocol: Protocol) {
+        if let Err(e) = packet.encode(protocol, &mut self.buf) {
+            // Fields come from validated input; an unencodable packet is our bug, not the peer's.
+            tracing::error!(error = %e, packet = %packet.packet_type(), "cannot encode packet; not sent");
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// One write of the buffered bytes.
+    pub async fn write_some(&mut self) -> std::io::Result<()> {
+        let n = self.writer.write(&self.buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        self.buf.advance(n);
+        self.bytes += n as u64;
+        if self.buf.is_empty() && self.buf.capacity() > 16 * READ_CHUNK {
+            self.buf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// Writes everything buffered and flushes.
+    pub async fn flush_all(&mut self) -> std::io::Result<()> {
+        while !self.buf.is_empty() {
+            self.write_some().await?;
+        }
+        self.writer.flush().await
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.writer.shutdown().await;
+    }
+}

@@ -1,0 +1,263 @@
+//! One task per connection: framed I/O, the session state machines of `crate::session`, and
+//! the links to the shards.
+//!
+//! # Order of work
+//! 1. [`handshake`]: the first packet must be a CONNECT within the connect timeout; the
+//!    session is negotiated, a previous connection of the client id is taken over, the session
+//!    is resumed or created, CONNACK is sent.
+//! 2. [`Connection::run`]: one `select!` over shutdown, completed shard operations, the
+//!    mailbox (deliveries, takeover), socket input, socket output and the keep-alive deadline.
+//! 3. [`Connection::finish`]: tell the client why (5.0), publish or schedule the will, save or
+//!    end the session, release the client id.
+//!
+//! Acknowledgements leave in the order their packets arrived: every operation that waits on a
+//! shard or the store is a future in one ordered queue (`ops`).
+
+mod deliver;
+mod end;
+mod handshake;
+mod inbound;
+mod io;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker_shard::link::{ConnId, DeliveryOptions, LinkError};
+use broker_shard::Message;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use mqfleet_codec::{ByteString, Disconnect, Packet, PacketId, Protocol, Publish, QoS, ReasonCode};
+use session_store::{Op, StoredSubscription};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::registry::ConnMsg;
+use crate::session::alias::{InboundAliases, OutboundAliases};
+use crate::session::connect::WillSpec;
+use crate::session::inbound::Inbound;
+use crate::session::outbound::Outbound;
+use crate::Context;
+
+pub use io::Io;
+
+/// Serves one accepted connection until it ends.
+pub async fn serve<R, W>(ctx: Arc<Context>, reader: R, writer: W, peer: std::net::SocketAddr, shutdown: CancellationToken)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = ctx.registry.next_conn_id();
+    let span = tracing::debug_span!("conn", conn = conn.0, %peer, client_id = tracing::field::Empty);
+    async move {
+        ctx.metrics.connections.inc();
+        let io = Io::new(reader, writer, ctx.limits.max_packet_size as usize);
+        if let Some(connection) = handshake::run(ctx.clone(), io, conn, shutdown).await {
+            let mut connection = connection;
+            let end = connection.run().await;
+            connection.finish(end).await;
+        }
+        ctx.metrics.connections.dec();
+    }
+    .instrument(span)
+    .await
+}
+
+/// Why a connection ends.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// The client sent DISCONNECT; `will` is true for reason 0x04.
+    Client { will: bool },
+    /// The client broke the protocol.
+    Protocol { reason: ReasonCode, detail: String },
+    KeepAliveTimeout,
+    /// The socket closed or failed.
+    Network(Option<std::io::Error>),
+    TakenOver,
+    Shutdown,
+    /// The server ends the connection for a reason of its own.
+    Server { reason: ReasonCode, detail: String },
+}
+
+impl End {
+    fn label(&self) -> &'static str {
+        match self {
+            End::Client { .. } => "client_disconnect",
+            End::Protocol { .. } => "protocol_error",
+            End::KeepAliveTimeout => "keepalive_timeout",
+            End::Network(_) => "network",
+            End::TakenOver => "taken_over",
+            End::Shutdown => "shutdown",
+            End::Server { .. } => "server",
+        }
+    }
+}
+
+fn protocol_error(reason: ReasonCode, detail: impl Into<String>) -> End {
+    End::Protocol { reason, detail: detail.into() }
+}
+
+fn link_down(e: LinkError) -> End {
+    End::Server { reason: ReasonCode::ServerUnavailable, detail: e.to_string() }
+}
+
+/// A shard or store operation finished; its acknowledgement can go out.
+pub(crate) enum OpDone {
+    Published { pkid: PacketId, qos: QoS, result: Result<(), String> },
+    Subscribed { pkid: PacketId, reasons: Vec<ReasonCode>, retained: Vec<(Arc<Message>, DeliveryOptions)>, failed: Option<String> },
+    Unsubscribed { pkid: PacketId, reasons: Vec<ReasonCode>, failed: Option<String> },
+    /// A QoS 2 delivery's packet id is durable: its PUBLISH may leave.
+    Marked { pkid: u16 },
+}
+
+/// Session state of this connection.
+pub(crate) struct SessionState {
+    /// Seconds the session outlives the connection; 0 ends it with the connection.
+    pub expiry: u32,
+    /// Expiry requested at CONNECT was 0 (then DISCONNECT may not raise it, MQTT 5 §3.14.2.2.2).
+    pub expiry_zero_at_connect: bool,
+    /// By filter as written by the client (with any `$share/…` prefix).
+    pub subscriptions: BTreeMap<ByteString, StoredSubscription>,
+    pub will: Option<WillSpec>,
+    pub epoch: u64,
+}
+
+impl SessionState {
+    pub fn persistent(&self) -> bool {
+        self.expiry > 0
+    }
+}
+
+/// The state of an accepted connection.
+pub(crate) struct Connection<R, W> {
+    ctx: Arc<Context>,
+    io: Io<R, W>,
+    conn: ConnId,
+    protocol: Protocol,
+    client_id: ByteString,
+    session: SessionState,
+    keep_alive: Option<Duration>,
+    deadline: Instant,
+    outbound: Outbound,
+    inbound: Inbound,
+    aliases_in: InboundAliases,
+    aliases_out: OutboundAliases,
+    client_max_packet_size: usize,
+    /// Shard and store operations in the order their packets arrived.
+    ops: FuturesOrdered<BoxFuture<'static, OpDone>>,
+    /// Deliveries and control messages. Its senders live in the registry until `finish`
+    /// releases this connection.
+    mailbox: mpsc::UnboundedReceiver<ConnMsg>,
+    /// Queue positions up to this one were loaded from the store at resume; live copies of
+    /// them are duplicates.
+    resume_floor: u64,
+    /// PUBLISHes held back behind a QoS 2 delivery whose packet id is being made durable, so
+    /// that order is kept; `Some(pkid)` marks the ones still waiting for their own mark.
+    held: VecDeque<(Publish, Option<u16>)>,
+    /// Store writes nobody waits for (delivery acknowledgements), flushed once per loop turn.
+    store_ops: Vec<Op>,
+    shutdown: CancellationToken,
+    /// Dropped when this connection is completely finished; a connection taking over the
+    /// client id waits for that.
+    _exit: watch::Sender<()>,
+}
+
+impl<R, W> Connection<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    fn v5(&self) -> bool {
+        self.protocol.is_v5()
+    }
+
+    fn send(&mut self, packet: Packet) {
+        self.io.output.queue(&packet, self.protocol);
+    }
+
+    fn touch(&mut self) {
+        if let Some(k) = self.keep_alive {
+            self.deadline = Instant::now() + k;
+        }
+    }
+
+    /// The main loop; returns why the connection ends.
+    ///
+    /// Input is read only while the write buffer is below the slow-consumer bound and fewer
+    /// operations than our Receive Maximum are pending: a client that does not read, or floods
+    /// us, is slowed down by TCP instead of growing our memory.
+    async fn run(&mut self) -> End {
+        loop {
+            self.flush_store_ops();
+            let input_open = self.io.output.pending() < self.ctx.limits.max_write_buffer
+                && self.ops.len() < usize::from(self.ctx.limits.receive_maximum);
+            let keepalive = self.keep_alive.is_some();
+            let result = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => Err(End::Shutdown),
+                Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op_done(done),
+                Some(msg) = self.mailbox.recv() => self.on_mailbox(msg),
+                r = self.io.input.read(), if input_open => match r {
+                    Ok(0) => Err(End::Network(None)),
+                    Ok(_) => self.on_input().await,
+                    Err(e) => Err(End::Network(Some(e))),
+                },
+                r = self.io.output.write_some(), if self.io.output.pending() > 0 => r.map_err(|e| End::Network(Some(e))),
+                () = tokio::time::sleep_until(self.deadline), if keepalive => Err(End::KeepAliveTimeout),
+            };
+            if let Err(end) = result {
+                return end;
+            }
+        }
+    }
+
+    /// Handles every complete packet in the read buffer.
+    async fn on_input(&mut self) -> Result<(), End> {
+        loop {
+            match self.io.input.next_packet(self.protocol) {
+                Ok(Some(p)) => {
+                    self.touch();
+                    self.on_packet(p).await?;
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(protocol_error(e.reason_code(), e.to_string())),
+            }
+        }
+    }
+
+    fn on_mailbox(&mut self, msg: ConnMsg) -> Result<(), End> {
+        match msg {
+            ConnMsg::Deliver(message, recipient) => {
+                self.on_deliver(message, recipient);
+                Ok(())
+            }
+            ConnMsg::TakenOver => Err(End::TakenOver),
+            ConnMsg::Close(reason) => Err(End::Server { reason, detail: "closed by the server".into() }),
+        }
+    }
+
+    fn flush_store_ops(&mut self) {
+        if self.store_ops.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.store_ops);
+        let store = self.ctx.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.write(ops).await {
+                // Lost acknowledgements only cause redelivery (QoS 1) or a resent PUBREL.
+                tracing::warn!(error = %e, "could not record delivery acknowledgements");
+            }
+        });
+    }
+
+    fn disconnect_packet(&self, reason: ReasonCode, detail: &str) -> Packet {
+        let mut d = Disconnect::new(reason);
+        if !detail.is_empty() {
+            d.properties.reason_string = Some(detail.into());
+        }
+        Packet::Disconnect(d)
+    }
+}

@@ -1,0 +1,113 @@
+//! Live connections of this proxy: who owns which client id, and where each connection's
+//! mailbox is.
+//!
+//! Two maps under two locks, each held only for a map operation (never across an await):
+//! `clients` decides ownership on CONNECT; `conns` is read on every delivery, so it is a
+//! read-write lock that connects and disconnects take briefly for writing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use broker_shard::link::{ConnId, Recipient};
+use broker_shard::Message;
+use mqfleet_codec::{ByteString, ReasonCode};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, watch};
+
+/// What a connection task receives besides socket input.
+#[derive(Debug)]
+pub enum ConnMsg {
+    /// A message routed to this connection by a shard.
+    Deliver(Arc<Message>, Recipient),
+    /// Another connection claimed this client id: send DISCONNECT 0x8E and end.
+    TakenOver,
+    /// The server ends this connection (administrative action, shutdown of a session).
+    Close(ReasonCode),
+}
+
+/// A connection's mailbox. Unbounded so that routing never waits for a device; the
+/// connection drains it at once into its own bounded queues, dropping (and counting) what
+/// exceeds them.
+pub type Mailbox = mpsc::UnboundedSender<ConnMsg>;
+
+/// Resolves when the connection's task has finished its clean-up (its sender is dropped).
+pub type Exited = watch::Receiver<()>;
+
+struct Owner {
+    conn: ConnId,
+    mailbox: Mailbox,
+    exited: Exited,
+}
+
+/// The previous owner of a client id, returned by [`Registry::claim`].
+pub struct Previous {
+    pub conn: ConnId,
+    pub mailbox: Mailbox,
+    pub exited: Exited,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    clients: Mutex<HashMap<ByteString, Owner>>,
+    conns: RwLock<HashMap<ConnId, Mailbox>>,
+    next_conn: AtomicU64,
+}
+
+impl Registry {
+    pub fn next_conn_id(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Registers `conn` as the owner of `client_id` and as a delivery target. Returns the
+    /// previous owner, which the caller must take over [MQTT-3.1.4-3].
+    pub fn claim(&self, client_id: &ByteString, conn: ConnId, mailbox: Mailbox, exited: Exited) -> Option<Previous> {
+        self.conns.write().insert(conn, mailbox.clone());
+        let prev = self.clients.lock().insert(client_id.clone(), Owner { conn, mailbox, exited });
+        prev.map(|o| Previous { conn: o.conn, mailbox: o.mailbox, exited: o.exited })
+    }
+
+    /// Removes `conn`; the client id is released only if `conn` still owns it.
+    pub fn release(&self, client_id: &ByteString, conn: ConnId) {
+        self.conns.write().remove(&conn);
+        let mut clients = self.clients.lock();
+        if clients.get(client_id).is_some_and(|o| o.conn == conn) {
+            clients.remove(client_id);
+        }
+    }
+
+    pub fn is_connected(&self, client_id: &str) -> bool {
+        self.clients.lock().contains_key(client_id)
+    }
+
+    /// Sends to one connection; false if it is gone.
+    pub fn send(&self, conn: ConnId, msg: ConnMsg) -> bool {
+        match self.conns.read().get(&conn) {
+            Some(m) => m.send(msg).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Runs `f` with the connection map held for reading: one lock for a whole fan-out.
+    pub fn with_conns<R>(&self, f: impl FnOnce(&HashMap<ConnId, Mailbox>) -> R) -> R {
+        f(&self.conns.read())
+    }
+
+    /// Every connection's mailbox (shutdown).
+    pub fn all(&self) -> Vec<Mailbox> {
+        self.conns.read().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Waits until a connection has exited.
+pub async fn wait_exited(mut exited: Exited) {
+    while exited.changed().await.is_ok() {}
+}
