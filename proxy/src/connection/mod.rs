@@ -190,6 +190,10 @@ where
     /// operations than our Receive Maximum are pending: a client that does not read, or floods
     /// us, is slowed down by TCP instead of growing our memory.
     async fn run(&mut self) -> End {
+        // Packets pipelined behind CONNECT may already be buffered: handle them before waiting.
+        if let Err(end) = self.on_input().await {
+            return end;
+        }
         loop {
             self.flush_store_ops();
             let input_open = self.io.output.pending() < self.ctx.limits.max_write_buffer

@@ -1,6 +1,6 @@
 //! Shared test support: brokers started in-process or as real processes, a raw MQTT client
 //! speaking through our codec, and helpers for rumqttc, paho-mqtt and the mosquitto tools.
-#![allow(dead_code)] // each test binary uses a different part
+#![allow(dead_code, unused_imports)] // each test binary uses a different part
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
