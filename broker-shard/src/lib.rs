@@ -29,8 +29,5 @@ pub use router::{spawn, ShardConfig, ShardHandle};
 /// Unix time in milliseconds (message expiry and session expiry are wall-clock based because
 /// they survive restarts).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -178,8 +178,7 @@ mod tests {
         }
         let all = ["a", "a/b", "a/b/c", "a/c", "/a", "$SYS/x", "b"];
         for f in ["#", "a/#", "a/+", "+", "+/a", "$SYS/#", "+/+", "a/b/c", "nothing"] {
-            let mut expected: Vec<String> =
-                all.iter().filter(|t| mqfleet_codec::topic::matches(f, t)).map(|t| t.to_string()).collect();
+            let mut expected: Vec<String> = all.iter().filter(|t| mqfleet_codec::topic::matches(f, t)).map(|t| t.to_string()).collect();
             expected.sort();
             assert_eq!(topics(r.matching(f)), expected, "filter {f}");
         }

@@ -23,8 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::link::local::Inbound;
 use crate::link::{
-    ConnId, Deliver, DeliveryOptions, Event, ProxyId, Recipient, Reply, Request, RequestId, SessionInfo, ShardError,
-    SubscribeItem,
+    ConnId, Deliver, DeliveryOptions, Event, ProxyId, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, SubscribeItem,
 };
 use crate::message::Message;
 use crate::metrics::ShardMetrics;
@@ -292,11 +291,7 @@ impl Router {
             }
             self.metrics.retained_messages.inc_by(self.retained.len() as i64 - before);
         }
-        let targets = if message.is_expired(now) {
-            Vec::new()
-        } else {
-            self.match_targets(&message)
-        };
+        let targets = if message.is_expired(now) { Vec::new() } else { self.match_targets(&message) };
         let plan = self.plan(targets);
         self.dispatch(Some((proxy, id)), message, ops, plan);
     }

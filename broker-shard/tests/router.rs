@@ -269,7 +269,11 @@ async fn shared_subscription_round_robins_and_redispatches_to_another_member() {
     }
     assert_eq!(*seen.lock(), [1, 2, 1, 2]);
     h.client
-        .send(Request::Redispatch { message: msg("t", QoS::AtLeastOnce, false, b"again", None), share_filter: "$share/g/t".into(), exclude: "m1".into() })
+        .send(Request::Redispatch {
+            message: msg("t", QoS::AtLeastOnce, false, b"again", None),
+            share_filter: "$share/g/t".into(),
+            exclude: "m1".into(),
+        })
         .await
         .unwrap();
     let d = h.next().await;

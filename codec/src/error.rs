@@ -61,9 +61,7 @@ impl DecodeError {
         use DecodeError::*;
         match self {
             PacketTooLarge { .. } => ReasonCode::PacketTooLarge,
-            Protocol { .. } | DuplicateProperty { .. } | InvalidPropertyValue { .. } => {
-                ReasonCode::ProtocolError
-            }
+            Protocol { .. } | DuplicateProperty { .. } | InvalidPropertyValue { .. } => ReasonCode::ProtocolError,
             UnsupportedProtocol { .. } => ReasonCode::UnsupportedProtocolVersion,
             InvalidTopicName { .. } => ReasonCode::TopicNameInvalid,
             PacketTypeNotInVersion { .. } => ReasonCode::ProtocolError,

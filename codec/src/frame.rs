@@ -61,11 +61,7 @@ impl FixedHeader {
 ///
 /// `max_size` is the largest packet accepted, header included (the MQTT 5 Maximum Packet Size
 /// the server announces).
-pub fn decode_packet(
-    buf: &mut BytesMut,
-    protocol: Protocol,
-    max_size: usize,
-) -> Result<Option<Packet>, DecodeError> {
+pub fn decode_packet(buf: &mut BytesMut, protocol: Protocol, max_size: usize) -> Result<Option<Packet>, DecodeError> {
     let Some(header) = FixedHeader::parse(buf, max_size)? else { return Ok(None) };
     if buf.len() < header.frame_len() {
         // Reserve what the packet needs, but never more than it declared: it passed the size
@@ -73,9 +69,8 @@ pub fn decode_packet(
         buf.reserve(header.frame_len() - buf.len());
         return Ok(None);
     }
-    let mut frame = buf.split_to(header.frame_len());
-    let body = frame.split_off(header.header_len).freeze();
-    Packet::decode(header, body, protocol).map(Some)
+    let frame = buf.split_to(header.frame_len()).freeze();
+    Packet::decode(header, frame.slice(header.header_len..), protocol).map(Some)
 }
 
 #[cfg(test)]

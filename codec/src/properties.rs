@@ -113,11 +113,7 @@ impl PropValue for bool {
         match r.u8(property_name(pid))? {
             0 => Ok(false),
             1 => Ok(true),
-            v => Err(DecodeError::InvalidPropertyValue {
-                packet: r.packet(),
-                property: property_name(pid),
-                value: v.into(),
-            }),
+            v => Err(DecodeError::InvalidPropertyValue { packet: r.packet(), property: property_name(pid), value: v.into() }),
         }
     }
     fn write(&self, buf: &mut BytesMut) {
@@ -204,11 +200,7 @@ impl PropValue for VarintProp {
         let v = r.varint(property_name(pid))?;
         if v == 0 {
             // MQTT 5 §3.8.2.1.2: "It is a Protocol Error if the Subscription Identifier has a value of 0."
-            return Err(DecodeError::InvalidPropertyValue {
-                packet: r.packet(),
-                property: property_name(pid),
-                value: 0,
-            });
+            return Err(DecodeError::InvalidPropertyValue { packet: r.packet(), property: property_name(pid), value: 0 });
         }
         Ok(VarintProp(v))
     }
@@ -242,10 +234,7 @@ pub(crate) fn decode_properties(
             return Err(DecodeError::UnknownProperty { packet: r.packet(), id: pid8 });
         }
         if !accept(&mut props, pid8)? {
-            return Err(DecodeError::PropertyNotAllowed {
-                packet: r.packet(),
-                property: property_name(pid8),
-            });
+            return Err(DecodeError::PropertyNotAllowed { packet: r.packet(), property: property_name(pid8) });
         }
     }
     Ok(())

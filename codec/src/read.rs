@@ -104,19 +104,15 @@ impl Reader {
     }
 }
 
-/// Validates `raw` and wraps it without copying.
+/// Validates `raw` and wraps it without copying: one UTF-8 validation (inside
+/// `ByteString::try_from`), then one pass for the MQTT character rules.
 pub(crate) fn to_string(
     raw: Bytes,
     packet: PacketType,
     field: &'static str,
     strictness: Strictness,
 ) -> Result<ByteString, DecodeError> {
-    utf8::validate(&raw, strictness)
-        .map_err(|reason| DecodeError::InvalidString { packet, field, reason })?;
-    // `validate` succeeded, so `raw` is UTF-8 and the conversion cannot fail.
-    ByteString::try_from(raw).map_err(|_| DecodeError::InvalidString {
-        packet,
-        field,
-        reason: utf8::Utf8Violation::NotUtf8,
-    })
+    let s = ByteString::try_from(raw).map_err(|_| DecodeError::InvalidString { packet, field, reason: utf8::Utf8Violation::NotUtf8 })?;
+    utf8::check_chars(&s, strictness).map_err(|reason| DecodeError::InvalidString { packet, field, reason })?;
+    Ok(s)
 }

@@ -89,8 +89,13 @@ impl ReasonCode {
             Success => 0x00,
             UnsupportedProtocolVersion => 0x01,
             ClientIdentifierNotValid => 0x02,
-            ServerUnavailable | ServerBusy | ServerShuttingDown | UseAnotherServer
-            | ServerMoved | ConnectionRateExceeded | QuotaExceeded => 0x03,
+            ServerUnavailable
+            | ServerBusy
+            | ServerShuttingDown
+            | UseAnotherServer
+            | ServerMoved
+            | ConnectionRateExceeded
+            | QuotaExceeded => 0x03,
             BadUserNameOrPassword => 0x04,
             _ => 0x05,
         }

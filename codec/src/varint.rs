@@ -62,16 +62,7 @@ mod tests {
     #[test]
     fn spec_boundaries_round_trip() {
         // Table 1-1 of MQTT 5 §1.5.5.
-        for (value, len) in [
-            (0, 1),
-            (127, 1),
-            (128, 2),
-            (16_383, 2),
-            (16_384, 3),
-            (2_097_151, 3),
-            (2_097_152, 4),
-            (268_435_455, 4),
-        ] {
+        for (value, len) in [(0, 1), (127, 1), (128, 2), (16_383, 2), (16_384, 3), (2_097_151, 3), (2_097_152, 4), (268_435_455, 4)] {
             let mut buf = bytes::BytesMut::new();
             write_varint(&mut buf, value);
             assert_eq!(buf.len(), len, "length of {value}");

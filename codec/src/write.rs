@@ -4,7 +4,6 @@ use bytes::{BufMut, BytesMut};
 
 use crate::EncodeError;
 
-
 /// Length of a UTF-8 string or binary field on the wire.
 pub(crate) fn field_len(s: &[u8]) -> usize {
     2 + s.len()

@@ -99,10 +99,7 @@ fn connect(protocol: Protocol) -> impl Strategy<Value = Connect> {
                 payload,
                 qos,
                 retain,
-                properties: WillProperties {
-                    will_delay_interval: if v5 { delay } else { None },
-                    ..Default::default()
-                },
+                properties: WillProperties { will_delay_interval: if v5 { delay } else { None }, ..Default::default() },
             });
             // 3.1.1 forbids a password without a user name [MQTT-3.1.2-22].
             c.password = if v5 || user.is_some() { pass } else { None };
@@ -127,15 +124,19 @@ fn reason_v5() -> impl Strategy<Value = ReasonCode> {
 
 fn packet(protocol: Protocol) -> impl Strategy<Value = Packet> {
     let v5 = protocol.is_v5();
-    let ack = || (pkid(), reason_v5(), option::of(text())).prop_map(move |(id, reason, rs)| {
-        if v5 {
-            let mut a = Ack::with_reason(id, reason);
-            a.properties.reason_string = rs;
-            a
-        } else {
-            Ack::new(id)
-        }
-    }).boxed();
+    let ack = || {
+        (pkid(), reason_v5(), option::of(text()))
+            .prop_map(move |(id, reason, rs)| {
+                if v5 {
+                    let mut a = Ack::with_reason(id, reason);
+                    a.properties.reason_string = rs;
+                    a
+                } else {
+                    Ack::new(id)
+                }
+            })
+            .boxed()
+    };
     let pubrel = || pkid().prop_map(Ack::new);
     let sub_opts = (qos(), any::<bool>(), any::<bool>(), 0u8..3).prop_map(move |(qos, nl, rap, rh)| {
         if v5 {
@@ -143,22 +144,19 @@ fn packet(protocol: Protocol) -> impl Strategy<Value = Packet> {
                 qos,
                 no_local: nl,
                 retain_as_published: rap,
-                retain_handling: [RetainHandling::OnSubscribe, RetainHandling::OnNewSubscription, RetainHandling::Never]
-                    [rh as usize],
+                retain_handling: [RetainHandling::OnSubscribe, RetainHandling::OnNewSubscription, RetainHandling::Never][rh as usize],
             }
         } else {
             SubscriptionOptions::qos(qos)
         }
     });
-    let subscribe = (pkid(), vec((topic_filter(), sub_opts), 1..4), option::of(1u32..=268_435_455)).prop_map(
-        move |(id, filters, sid)| {
-            let mut s = Subscribe::new(id, filters);
-            if v5 {
-                s.properties = SubscribeProperties::with_id(sid);
-            }
-            s
-        },
-    );
+    let subscribe = (pkid(), vec((topic_filter(), sub_opts), 1..4), option::of(1u32..=268_435_455)).prop_map(move |(id, filters, sid)| {
+        let mut s = Subscribe::new(id, filters);
+        if v5 {
+            s.properties = SubscribeProperties::with_id(sid);
+        }
+        s
+    });
     let suback_reason = prop_oneof![
         Just(ReasonCode::Success),
         Just(ReasonCode::GrantedQoS1),
@@ -202,7 +200,12 @@ fn packet(protocol: Protocol) -> impl Strategy<Value = Packet> {
                 .prop_map(|(m, d)| {
                     Packet::Auth(Auth {
                         reason: ReasonCode::ContinueAuthentication,
-                        properties: AuthProperties { authentication_method: m, authentication_data: d, reason_string: None, user_properties: vec![] },
+                        properties: AuthProperties {
+                            authentication_method: m,
+                            authentication_data: d,
+                            reason_string: None,
+                            user_properties: vec![],
+                        },
                     })
                 })
                 .boxed(),

@@ -43,7 +43,7 @@ macro_rules! settings {
             /// documentation tables.
             pub fn reference() -> Vec<(&'static str, &'static str, String, String)> {
                 let d = Config::default();
-                vec![ $( (stringify!($key), $env, format!("{:?}", d.$key), [$($doc),*].join(" ").trim().to_string()), )* ]
+                vec![ $( (stringify!($key), $env, format!("{:?}", d.$key), [$($doc.trim()),*].join(" ")), )* ]
             }
         }
     };

@@ -145,14 +145,16 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     }
 
     let (lifecycle, lifecycle_task) = Lifecycle::new();
-    let ctx = Arc::new(Context { settings: settings.clone(), limits, store, shards: Shards::new(links, ring), registry, metrics, lifecycle });
+    let ctx =
+        Arc::new(Context { settings: settings.clone(), limits, store, shards: Shards::new(links, ring), registry, metrics, lifecycle });
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(lifecycle_task.run(Arc::downgrade(&ctx), shutdown.clone()));
 
     restore_sessions(&ctx).await?;
 
-    let listener = TcpListener::bind(settings.mqtt).await.map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
+    let listener =
+        TcpListener::bind(settings.mqtt).await.map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
     let mqtt_addr = listener.local_addr().map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
     tracing::info!(address = %mqtt_addr, "MQTT listener bound");
     tracker.spawn(server::accept_loop(listener, ctx.clone(), shutdown.clone(), tracker.clone()));
@@ -178,11 +180,16 @@ impl Broker {
         &self.ctx
     }
 
+    /// `/readyz` answers 503 from now on, so load balancers stop sending new clients here.
+    pub fn mark_unready(&self) {
+        self.ready.store(false, Ordering::SeqCst);
+    }
+
     /// Graceful drain: stop accepting, tell every client (5.0: DISCONNECT 0x8B), save every
     /// session, then make the store durable. Returns false if connections were still open when
     /// the grace period ran out.
     pub async fn shutdown(self) -> bool {
-        self.ready.store(false, Ordering::SeqCst);
+        self.mark_unready();
         self.shutdown.cancel();
         self.tracker.close();
         let grace = self.ctx.settings.shutdown_grace;

@@ -23,7 +23,7 @@ use crate::session::connect::WillSpec;
 use crate::Context;
 
 enum Cmd {
-    Will { client_id: ByteString, will: WillSpec, after: Duration, persistent: bool },
+    Will { client_id: ByteString, will: Box<WillSpec>, after: Duration, persistent: bool },
     Expire { client_id: ByteString, at_ms: u64 },
     Cancel { client_id: ByteString },
 }
@@ -52,7 +52,7 @@ impl Lifecycle {
     }
 
     pub fn schedule_will(&self, client_id: &ByteString, will: WillSpec, after: Duration, persistent: bool) {
-        let _ = self.tx.send(Cmd::Will { client_id: client_id.clone(), will, after, persistent });
+        let _ = self.tx.send(Cmd::Will { client_id: client_id.clone(), will: Box::new(will), after, persistent });
     }
 
     pub fn schedule_expiry(&self, client_id: &ByteString, at_ms: u64) {
@@ -81,7 +81,7 @@ impl LifecycleTask {
                             let t = Timer::Will(client_id.clone());
                             if let Some(k) = keys.remove(&t) { queue.remove(&k); }
                             keys.insert(t.clone(), queue.insert(t, after));
-                            wills.insert(client_id, (will, persistent));
+                            wills.insert(client_id, (*will, persistent));
                         }
                         Cmd::Expire { client_id, at_ms } => {
                             let t = Timer::Expire(client_id);
@@ -175,7 +175,11 @@ async fn expire(ctx: &Arc<Context>, client_id: &ByteString, will: Option<WillSpe
 
 /// The stored form of a will.
 pub fn stored_will(w: &WillSpec) -> StoredWill {
-    StoredWill { message: w.message.encode().to_vec(), delay_interval: w.delay_interval, message_expiry_interval: w.message_expiry_interval }
+    StoredWill {
+        message: w.message.encode().to_vec(),
+        delay_interval: w.delay_interval,
+        message_expiry_interval: w.message_expiry_interval,
+    }
 }
 
 /// A will back from its stored form.

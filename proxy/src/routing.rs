@@ -46,7 +46,7 @@ impl Ring {
     /// A ring over shards named `names`; `owner` answers with indices into `names`.
     pub fn new(names: &[String]) -> Ring {
         let nodes: Vec<Node> = names.iter().enumerate().map(|(index, name)| Node { name: name.clone(), index }).collect();
-        Ring { ring: RingBuilder::default().vnodes(VNODES).nodes_iter(nodes.into_iter()).build(), len: names.len() }
+        Ring { ring: RingBuilder::default().vnodes(VNODES).nodes_iter(nodes).build(), len: names.len() }
     }
 
     pub fn len(&self) -> usize {

@@ -203,7 +203,9 @@ async fn b11_second_connect_is_0x82_mqtt_3_1_0_2() {
 #[tokio::test]
 async fn b12_server_packets_from_a_client_are_0x82() {
     let b = TestBroker::start().await;
-    for bytes in [&[0x20u8, 0x03, 0x00, 0x00, 0x00][..], &[0x90, 0x04, 0x00, 0x01, 0x00, 0x00], &[0xB0, 0x04, 0x00, 0x01, 0x00, 0x00], &[0xD0, 0x00]] {
+    for bytes in
+        [&[0x20u8, 0x03, 0x00, 0x00, 0x00][..], &[0x90, 0x04, 0x00, 0x01, 0x00, 0x00], &[0xB0, 0x04, 0x00, 0x01, 0x00, 0x00], &[0xD0, 0x00]]
+    {
         let mut c = Raw::v5(b.addr, "b12").await;
         c.send_bytes(bytes).await;
         expect_disconnect(&mut c, ReasonCode::ProtocolError).await;
@@ -256,13 +258,13 @@ async fn c16_unsupported_protocol_level_gets_connack_0x84_mqtt_3_1_2_2() {
 async fn c17_c18_c20_malformed_connect_flags_close_the_connection() {
     let b = TestBroker::start().await;
     for (flags, payload) in [
-        (0x03u8, &[0u8, 1, b'a'][..]),                      // reserved bit [MQTT-3.1.2-3]
-        (0x0A, &[0, 1, b'a']),                             // will QoS without will flag
-        (0x22, &[0, 1, b'a']),                             // will retain without will flag
-        (0x1E, &[0, 1, b'a', 0, 1, b't', 0, 0]),           // will QoS 3
-        (0x06, &[0, 1, b'a']),                             // will flag without topic/payload
-        (0x42, &[0, 1, b'a', 0, 1, b'p']),                 // password without user name (3.1.1)
-        (0x82, &[0, 1, b'a']),                             // user name flag, no user name
+        (0x03u8, &[0u8, 1, b'a'][..]),           // reserved bit [MQTT-3.1.2-3]
+        (0x0A, &[0, 1, b'a']),                   // will QoS without will flag
+        (0x22, &[0, 1, b'a']),                   // will retain without will flag
+        (0x1E, &[0, 1, b'a', 0, 1, b't', 0, 0]), // will QoS 3
+        (0x06, &[0, 1, b'a']),                   // will flag without topic/payload
+        (0x42, &[0, 1, b'a', 0, 1, b'p']),       // password without user name (3.1.1)
+        (0x82, &[0, 1, b'a']),                   // user name flag, no user name
     ] {
         let mut c = Raw::connect(b.addr).await;
         c.send_bytes(&connect_bytes(b"MQTT", 4, flags, payload)).await;
@@ -375,8 +377,8 @@ async fn d28_d29_d30_property_errors() {
     let b = TestBroker::start().await;
     for (props, reason) in [
         (&[0x02u8, 0, 0, 0, 1, 0x02, 0, 0, 0, 2][..], ReasonCode::ProtocolError), // duplicate
-        (&[0x7F, 0], ReasonCode::MalformedPacket),                                 // unknown
-        (&[0x11, 0, 0, 0, 1], ReasonCode::MalformedPacket),                        // not a PUBLISH property
+        (&[0x7F, 0], ReasonCode::MalformedPacket),                                // unknown
+        (&[0x11, 0, 0, 0, 1], ReasonCode::MalformedPacket),                       // not a PUBLISH property
     ] {
         let mut c = Raw::v5(b.addr, "d28").await;
         c.send_bytes(&v5_publish_with_props(props)).await;
@@ -451,10 +453,10 @@ async fn e36_e37_e39_e40_invalid_publish_headers() {
     let b = TestBroker::start().await;
     for (bytes, reason) in [
         (&[0x30u8, 0x05, 0x00, 0x03, b'a', b'/', b'+', 0x00][..], ReasonCode::TopicNameInvalid), // wildcard [MQTT-3.3.2-2]
-        (&[0x30, 0x03, 0x00, 0x00, 0x00], ReasonCode::TopicNameInvalid),                      // empty, no alias
-        (&[0x36, 0x06, 0x00, 0x01, b't', 0x00, 0x01, 0x00], ReasonCode::MalformedPacket),       // QoS 3 [MQTT-3.3.1-4]
-        (&[0x38, 0x04, 0x00, 0x01, b't', 0x00], ReasonCode::MalformedPacket),                   // DUP on QoS 0 [MQTT-3.3.1-2]
-        (&[0x32, 0x06, 0x00, 0x01, b't', 0x00, 0x00, 0x00], ReasonCode::ProtocolError),         // packet id 0
+        (&[0x30, 0x03, 0x00, 0x00, 0x00], ReasonCode::TopicNameInvalid),                         // empty, no alias
+        (&[0x36, 0x06, 0x00, 0x01, b't', 0x00, 0x01, 0x00], ReasonCode::MalformedPacket),        // QoS 3 [MQTT-3.3.1-4]
+        (&[0x38, 0x04, 0x00, 0x01, b't', 0x00], ReasonCode::MalformedPacket),                    // DUP on QoS 0 [MQTT-3.3.1-2]
+        (&[0x32, 0x06, 0x00, 0x01, b't', 0x00, 0x00, 0x00], ReasonCode::ProtocolError),          // packet id 0
     ] {
         let mut c = Raw::v5(b.addr, "e36").await;
         c.send_bytes(bytes).await;

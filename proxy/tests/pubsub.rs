@@ -106,7 +106,7 @@ async fn retained_message_delivered_on_subscribe_and_deleted_by_empty_payload() 
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut s = v4::connect(v4::options(b.addr, "s")).await;
     s.subscribe("r/#", v4::QoS::AtLeastOnce).await;
-    let mut got = vec![s.next_publish().await, s.next_publish().await];
+    let mut got = [s.next_publish().await, s.next_publish().await];
     got.sort_by(|a, b| a.topic.cmp(&b.topic));
     // [MQTT-3.3.1-8] (3.1.1): RETAIN is 1 on messages sent for a new subscription.
     assert!(got.iter().all(|m| m.retain));
@@ -242,7 +242,7 @@ async fn v5_message_expiry_is_decremented_when_forwarded_mqtt_3_3_2_6() {
     s.subscribe("exp", v5::QoS::AtLeastOnce).await;
     let m = s.next_publish().await;
     let left = m.properties.unwrap().message_expiry_interval.unwrap();
-    assert!(left < 60 && left >= 55, "expiry left {left}");
+    assert!((55..60).contains(&left), "expiry left {left}");
 }
 
 #[tokio::test]

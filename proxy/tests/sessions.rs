@@ -7,9 +7,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mqfleet_codec::{
-    Ack, Connect, Packet, PacketId, Protocol, Publish, QoS, ReasonCode, Subscribe, SubscriptionOptions,
-};
+use mqfleet_codec::{Ack, Connect, Packet, PacketId, Protocol, Publish, QoS, ReasonCode, Subscribe, SubscriptionOptions};
 use support::*;
 
 fn id(v: u16) -> PacketId {

@@ -10,7 +10,13 @@ use support::*;
 
 fn with_will(protocol: Protocol, client_id: &str, delay: Option<u32>, expiry: Option<u32>) -> Connect {
     let mut c = Connect::new(protocol, client_id);
-    let mut w = Will { topic: "wills/x".into(), payload: Bytes::from(format!("{client_id} is gone")), qos: QoS::AtLeastOnce, retain: false, properties: Default::default() };
+    let mut w = Will {
+        topic: "wills/x".into(),
+        payload: Bytes::from(format!("{client_id} is gone")),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    };
     w.properties.will_delay_interval = delay;
     c.will = Some(w);
     if let Some(e) = expiry {

@@ -110,22 +110,47 @@ pub enum Op {
     /// Creates or replaces a session record.
     PutSession(SessionRecord),
     /// Deletes a session with its queue.
-    RemoveSession { client_id: String },
+    RemoveSession {
+        client_id: String,
+    },
     /// Queues one message for several sessions; the message body is stored once.
-    Enqueue { message: Bytes, expires_at_ms: Option<u64>, to: Vec<(String, Delivery)> },
+    Enqueue {
+        message: Bytes,
+        expires_at_ms: Option<u64>,
+        to: Vec<(String, Delivery)>,
+    },
     /// Records progress of a delivery.
-    SetState { client_id: String, seq: u64, state: DeliveryState },
+    SetState {
+        client_id: String,
+        seq: u64,
+        state: DeliveryState,
+    },
     /// Removes a delivered (or expired) entry.
-    Ack { client_id: String, seq: u64 },
+    Ack {
+        client_id: String,
+        seq: u64,
+    },
     /// Sets or replaces the retained message of a topic.
-    PutRetained { topic: String, message: Bytes, expires_at_ms: Option<u64> },
-    RemoveRetained { topic: String },
+    PutRetained {
+        topic: String,
+        message: Bytes,
+        expires_at_ms: Option<u64>,
+    },
+    RemoveRetained {
+        topic: String,
+    },
     /// A QoS 2 PUBLISH with this packet id was accepted; until [`Op::ClearInbound`], a resent
     /// PUBLISH with the id is a duplicate. Written by the shard in the same transaction as the
     /// message, so a crash cannot separate them.
-    MarkInbound { client_id: String, pkid: u16 },
+    MarkInbound {
+        client_id: String,
+        pkid: u16,
+    },
     /// PUBREL received for this packet id.
-    ClearInbound { client_id: String, pkid: u16 },
+    ClearInbound {
+        client_id: String,
+        pkid: u16,
+    },
 }
 
 /// Result of one [`Op`].
@@ -150,9 +175,7 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub(crate) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Error> {
     match bytes.split_first() {
-        Some((&VERSION, rest)) => {
-            postcard::from_bytes(rest).map_err(|e| Error::Corrupt { what, detail: e.to_string() })
-        }
+        Some((&VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| Error::Corrupt { what, detail: e.to_string() }),
         Some((v, _)) => Err(Error::Corrupt { what, detail: format!("unknown format version {v}") }),
         None => Err(Error::Corrupt { what, detail: "empty value".into() }),
     }

@@ -64,7 +64,16 @@ async fn queue_is_bounded_per_session_and_drops_are_reported() {
     store.write(vec![Op::PutSession(record("a")), Op::PutSession(record("b"))]).await.unwrap();
     store.write(vec![enqueue(b"1", &["a"]), enqueue(b"2", &["a"])]).await.unwrap();
     let r = store.write(vec![enqueue(b"3", &["a", "b"])]).await.unwrap();
-    assert_eq!(r, vec![OpResult::Enqueued(vec![None, Some(match &r[0] { OpResult::Enqueued(s) => s[1].unwrap(), _ => 0 })])]);
+    assert_eq!(
+        r,
+        vec![OpResult::Enqueued(vec![
+            None,
+            Some(match &r[0] {
+                OpResult::Enqueued(s) => s[1].unwrap(),
+                _ => 0,
+            })
+        ])]
+    );
     assert_eq!(store.load_queue("a", 0).await.unwrap().len(), 2);
     // Acknowledging frees a slot.
     let seq = store.load_queue("a", 0).await.unwrap()[0].seq;
@@ -127,7 +136,11 @@ async fn expired_messages_are_not_loaded() {
     let store = open(dir.path(), 10);
     store.write(vec![Op::PutSession(record("a"))]).await.unwrap();
     store
-        .write(vec![Op::Enqueue { message: Bytes::from_static(b"old"), expires_at_ms: Some(1_000), to: vec![("a".into(), Delivery::default())] }])
+        .write(vec![Op::Enqueue {
+            message: Bytes::from_static(b"old"),
+            expires_at_ms: Some(1_000),
+            to: vec![("a".into(), Delivery::default())],
+        }])
         .await
         .unwrap();
     assert_eq!(store.load_queue("a", 999).await.unwrap().len(), 1);
@@ -168,7 +181,14 @@ async fn store_files_are_private_bad_input_i75() {
 async fn inbound_qos2_markers_are_kept_until_cleared_and_removed_with_the_session() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 10);
-    store.write(vec![Op::PutSession(record("a")), Op::MarkInbound { client_id: "a".into(), pkid: 7 }, Op::MarkInbound { client_id: "a".into(), pkid: 9 }]).await.unwrap();
+    store
+        .write(vec![
+            Op::PutSession(record("a")),
+            Op::MarkInbound { client_id: "a".into(), pkid: 7 },
+            Op::MarkInbound { client_id: "a".into(), pkid: 9 },
+        ])
+        .await
+        .unwrap();
     assert_eq!(store.load_inbound("a").await.unwrap(), [7, 9]);
     store.write(vec![Op::ClearInbound { client_id: "a".into(), pkid: 7 }]).await.unwrap();
     assert_eq!(store.load_inbound("a").await.unwrap(), [9]);

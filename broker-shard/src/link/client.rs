@@ -60,11 +60,7 @@ impl Client {
 
     /// Sends a request that needs no reply.
     pub async fn send(&self, request: Request) -> Result<(), LinkError> {
-        self.inner
-            .tx
-            .send(Inbound::Request { proxy: self.inner.proxy, request })
-            .await
-            .map_err(|_| self.down())
+        self.inner.tx.send(Inbound::Request { proxy: self.inner.proxy, request }).await.map_err(|_| self.down())
     }
 
     /// Sends the request `build` makes with a fresh id, and waits for its reply.

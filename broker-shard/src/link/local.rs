@@ -8,10 +8,18 @@ use super::{Event, ProxyId, Request};
 #[derive(Debug)]
 pub(crate) enum Inbound {
     /// A proxy opened its link; `events` is where the shard sends replies and deliveries.
-    Connect { proxy: ProxyId, events: mpsc::Sender<Event> },
-    Request { proxy: ProxyId, request: Request },
+    Connect {
+        proxy: ProxyId,
+        events: mpsc::Sender<Event>,
+    },
+    Request {
+        proxy: ProxyId,
+        request: Request,
+    },
     /// The proxy's link is gone: its sessions are offline (persistent) or ended.
-    Disconnect { proxy: ProxyId },
+    Disconnect {
+        proxy: ProxyId,
+    },
 }
 
 /// Capacity of a proxy's event channel. Bounded so that a proxy that stops reading slows its

@@ -66,22 +66,48 @@ pub enum Request {
     /// Route a message. With an id, the shard replies once the message is durably accepted.
     /// `qos2_marker` (client id, packet id) is stored in the same commit as the message, for a
     /// QoS 2 PUBLISH of a persistent session: see `session_store::Op::MarkInbound`.
-    Publish { id: Option<RequestId>, message: Arc<Message>, qos2_marker: Option<(ByteString, u16)> },
+    Publish {
+        id: Option<RequestId>,
+        message: Arc<Message>,
+        qos2_marker: Option<(ByteString, u16)>,
+    },
     /// Add or replace subscriptions; the reply says which existed and carries the retained
     /// messages to send (when `deliver_retained`).
-    Subscribe { id: RequestId, session: SessionInfo, items: Vec<SubscribeItem>, deliver_retained: bool },
-    Unsubscribe { id: RequestId, client_id: ByteString, filters: Vec<ByteString> },
+    Subscribe {
+        id: RequestId,
+        session: SessionInfo,
+        items: Vec<SubscribeItem>,
+        deliver_retained: bool,
+    },
+    Unsubscribe {
+        id: RequestId,
+        client_id: ByteString,
+        filters: Vec<ByteString>,
+    },
     /// The session now has a connection: deliver to it instead of queueing.
-    Attach { id: RequestId, session: SessionInfo },
+    Attach {
+        id: RequestId,
+        session: SessionInfo,
+    },
     /// The connection `conn` of a persistent session ended: queue for it from now on. Ignored
     /// if the session has another connection by now (it was taken over).
-    Detach { client_id: ByteString, conn: ConnId },
+    Detach {
+        client_id: ByteString,
+        conn: ConnId,
+    },
     /// The session ended: drop all its subscriptions. With `conn`, only if still on that
     /// connection.
-    Forget { client_id: ByteString, conn: Option<ConnId> },
+    Forget {
+        client_id: ByteString,
+        conn: Option<ConnId>,
+    },
     /// A member of a shared subscription left with this message unacknowledged: give it to
     /// another member of `share_filter`, not to `exclude`.
-    Redispatch { message: Arc<Message>, share_filter: ByteString, exclude: ByteString },
+    Redispatch {
+        message: Arc<Message>,
+        share_filter: ByteString,
+        exclude: ByteString,
+    },
 }
 
 /// Shard → proxy answer to a request with an id.

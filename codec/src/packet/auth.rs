@@ -17,8 +17,7 @@ impl Auth {
         if r.is_empty() {
             return Ok(Auth { reason: ReasonCode::Success, properties: AuthProperties::default() });
         }
-        let reason =
-            super::read_reason(r, &[ReasonCode::Success, ReasonCode::ContinueAuthentication, ReasonCode::ReAuthenticate])?;
+        let reason = super::read_reason(r, &[ReasonCode::Success, ReasonCode::ContinueAuthentication, ReasonCode::ReAuthenticate])?;
         let properties = if r.is_empty() { AuthProperties::default() } else { AuthProperties::decode(r)? };
         Ok(Auth { reason, properties })
     }

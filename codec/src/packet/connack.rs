@@ -26,12 +26,10 @@ impl ConnAck {
         }
         let code = r.u8("reason code")?;
         let (reason, properties) = if protocol.is_v5() {
-            let reason = ReasonCode::from_u8(code)
-                .ok_or(DecodeError::InvalidReasonCode { packet: r.packet(), code })?;
+            let reason = ReasonCode::from_u8(code).ok_or(DecodeError::InvalidReasonCode { packet: r.packet(), code })?;
             (reason, ConnAckProperties::decode(r)?)
         } else {
-            let reason = ReasonCode::from_v3_connack(code)
-                .ok_or(DecodeError::InvalidReasonCode { packet: r.packet(), code })?;
+            let reason = ReasonCode::from_v3_connack(code).ok_or(DecodeError::InvalidReasonCode { packet: r.packet(), code })?;
             (reason, ConnAckProperties::default())
         };
         Ok(ConnAck { session_present: flags & 1 != 0, reason, properties })

@@ -70,10 +70,7 @@ impl Connect {
             (b"MQIsdp", 3) => Protocol::V3_1,
             (b"MQTT", _) | (b"MQIsdp", _) => {
                 // [MQTT-3.1.2-2]: answer 0x84 / 0x01, then close.
-                return Err(DecodeError::UnsupportedProtocol {
-                    name: String::from_utf8_lossy(&name).into_owned(),
-                    level,
-                });
+                return Err(DecodeError::UnsupportedProtocol { name: String::from_utf8_lossy(&name).into_owned(), level });
             }
             // [MQTT-3.1.2-1]: an unknown protocol name may be closed without CONNACK.
             _ => return Err(r.malformed("protocol name is neither \"MQTT\" nor \"MQIsdp\" (MQTT-3.1.2-1)")),
@@ -92,8 +89,7 @@ impl Connect {
         if !will_flag && will_retain {
             return Err(r.malformed("Will Retain is set while the Will Flag is 0 (MQTT-3.1.2-15)"));
         }
-        let will_qos =
-            QoS::from_u8(will_qos_bits).ok_or_else(|| r.malformed("Will QoS is 3 (MQTT-3.1.2-14)"))?;
+        let will_qos = QoS::from_u8(will_qos_bits).ok_or_else(|| r.malformed("Will QoS is 3 (MQTT-3.1.2-14)"))?;
         let has_username = flags & flag::USERNAME != 0;
         let has_password = flags & flag::PASSWORD != 0;
         if has_password && !has_username && !protocol.is_v5() {

@@ -69,6 +69,7 @@ impl Packet {
 
     /// Decodes a packet body. CONNECT carries its own protocol version; every other packet is
     /// decoded in the connection's `protocol`.
+    #[inline]
     pub fn decode(header: FixedHeader, body: Bytes, protocol: Protocol) -> Result<Packet, DecodeError> {
         let t = header.packet_type;
         let mut r = Reader::new(body, t);
@@ -175,10 +176,7 @@ impl Packet {
 }
 
 /// Reads a 5.0 reason code and checks it is one this packet may carry.
-pub(crate) fn read_reason(
-    r: &mut Reader,
-    allowed: &[crate::ReasonCode],
-) -> Result<crate::ReasonCode, DecodeError> {
+pub(crate) fn read_reason(r: &mut Reader, allowed: &[crate::ReasonCode]) -> Result<crate::ReasonCode, DecodeError> {
     let code = r.u8("reason code")?;
     match crate::ReasonCode::from_u8(code) {
         Some(reason) if allowed.contains(&reason) => Ok(reason),

@@ -45,6 +45,7 @@ impl Publish {
         u8::from(self.dup) << 3 | (self.qos as u8) << 1 | u8::from(self.retain)
     }
 
+    #[inline]
     pub(crate) fn decode(r: &mut Reader, flags: u8, protocol: Protocol) -> Result<Publish, DecodeError> {
         let dup = flags & 0b1000 != 0;
         let retain = flags & 0b0001 != 0;
@@ -53,8 +54,7 @@ impl Publish {
             return Err(r.malformed("DUP is set on a QoS 0 message (MQTT-3.3.1-2)"));
         }
         let topic = r.string("topic name", Strictness::Identifier)?;
-        topic::check_wildcards_in_name(&topic)
-            .map_err(|reason| DecodeError::InvalidTopicName { packet: PacketType::Publish, reason })?;
+        topic::check_wildcards_in_name(&topic).map_err(|reason| DecodeError::InvalidTopicName { packet: PacketType::Publish, reason })?;
         if topic.is_empty() && !protocol.is_v5() {
             return Err(DecodeError::InvalidTopicName { packet: PacketType::Publish, reason: topic::TopicError::Empty });
         }

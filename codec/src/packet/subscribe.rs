@@ -39,10 +39,7 @@ impl SubscriptionOptions {
     }
 
     fn to_byte(self) -> u8 {
-        (self.retain_handling as u8) << 4
-            | u8::from(self.retain_as_published) << 3
-            | u8::from(self.no_local) << 2
-            | self.qos as u8
+        (self.retain_handling as u8) << 4 | u8::from(self.retain_as_published) << 3 | u8::from(self.no_local) << 2 | self.qos as u8
     }
 }
 
@@ -79,12 +76,8 @@ impl Subscribe {
                 2 => RetainHandling::Never,
                 _ => return Err(r.protocol("Retain Handling is 3")),
             };
-            let options = SubscriptionOptions {
-                qos,
-                no_local: byte & 0b0100 != 0,
-                retain_as_published: byte & 0b1000 != 0,
-                retain_handling,
-            };
+            let options =
+                SubscriptionOptions { qos, no_local: byte & 0b0100 != 0, retain_as_published: byte & 0b1000 != 0, retain_handling };
             filters.push((filter, options));
         }
         if filters.is_empty() {

@@ -23,8 +23,7 @@ impl Unsubscribe {
 
     pub(crate) fn decode(r: &mut Reader, protocol: Protocol) -> Result<Unsubscribe, DecodeError> {
         let pkid = r.packet_id()?;
-        let properties =
-            if protocol.is_v5() { UnsubscribeProperties::decode(r)? } else { UnsubscribeProperties::default() };
+        let properties = if protocol.is_v5() { UnsubscribeProperties::decode(r)? } else { UnsubscribeProperties::default() };
         let mut filters = Vec::new();
         while !r.is_empty() {
             filters.push(r.string("topic filter", Strictness::Identifier)?);

@@ -148,7 +148,13 @@ where
     tracing::debug!(error = %e, "invalid CONNECT; closing");
     let protocol = match (e, level) {
         // [MQTT-3.1.2-2]: unsupported level → 0x84 (5.0 format above 5, 3.1.1's 0x01 below).
-        (DecodeError::UnsupportedProtocol { level, .. }, _) => if *level > 5 { Protocol::V5 } else { Protocol::V3_1_1 },
+        (DecodeError::UnsupportedProtocol { level, .. }, _) => {
+            if *level > 5 {
+                Protocol::V5
+            } else {
+                Protocol::V3_1_1
+            }
+        }
         (_, Some(5)) => Protocol::V5,
         // A malformed 3.1.1 CONNECT has no CONNACK code to describe it: close.
         _ => return,
@@ -201,23 +207,18 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId) -> Result<Resu
     let store = &ctx.store;
     let existing = if store.may_have_session(&id) { store.load_session(&id).await.map_err(|e| e.to_string())? } else { None };
     let mut existing = existing;
-    if n.clean_start {
-        if existing.take().is_some() {
-            ctx.end_stored_session(&n.client_id).await.map_err(|e| e.to_string())?;
-        }
+    if n.clean_start && existing.take().is_some() {
+        ctx.end_stored_session(&n.client_id).await.map_err(|e| e.to_string())?;
     }
     let session_present = existing.is_some();
     let (queue, inbound) = match &existing {
-        Some(_) => (
-            store.load_queue(&id, now_ms()).await.map_err(|e| e.to_string())?,
-            store.load_inbound(&id).await.map_err(|e| e.to_string())?,
-        ),
+        Some(_) => {
+            (store.load_queue(&id, now_ms()).await.map_err(|e| e.to_string())?, store.load_inbound(&id).await.map_err(|e| e.to_string())?)
+        }
         None => (Vec::new(), Vec::new()),
     };
-    let subscriptions: BTreeMap<_, _> = existing
-        .as_ref()
-        .map(|r| r.subscriptions.iter().map(|s| (s.filter.as_str().into(), s.clone())).collect())
-        .unwrap_or_default();
+    let subscriptions: BTreeMap<_, _> =
+        existing.as_ref().map(|r| r.subscriptions.iter().map(|s| (s.filter.as_str().into(), s.clone())).collect()).unwrap_or_default();
     let state = SessionState {
         expiry: n.session_expiry,
         expiry_zero_at_connect: n.session_expiry == 0,

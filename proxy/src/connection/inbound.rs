@@ -7,9 +7,7 @@ use broker_shard::link::{Reply, Request, SessionInfo, SubscribeItem};
 use broker_shard::{now_ms, Message};
 use futures::future::{join_all, FutureExt};
 use mqfleet_codec::topic::{parse_shared, validate_topic_filter, validate_topic_name};
-use mqfleet_codec::{
-    Ack, Disconnect, Packet, PacketId, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
-};
+use mqfleet_codec::{Ack, Disconnect, Packet, PacketId, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe};
 use session_store::{Op, SessionRecord, StoredSubscription};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -38,7 +36,9 @@ where
             }
             Packet::Disconnect(d) => Err(self.on_disconnect(d)),
             Packet::Connect(_) => Err(protocol_error(ReasonCode::ProtocolError, "second CONNECT on one connection (MQTT-3.1.0-2)")),
-            Packet::Auth(_) => Err(protocol_error(ReasonCode::ProtocolError, "AUTH without an authentication method in CONNECT (MQTT 5 §4.12)")),
+            Packet::Auth(_) => {
+                Err(protocol_error(ReasonCode::ProtocolError, "AUTH without an authentication method in CONNECT (MQTT 5 §4.12)"))
+            }
             other @ (Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp) => {
                 Err(protocol_error(ReasonCode::ProtocolError, format!("{} is sent by servers, not clients", other.packet_type())))
             }
@@ -51,13 +51,17 @@ where
         let qos = p.qos;
         self.ctx.metrics.messages_received.get_or_create(&QosLabel { qos: qos as u8 }).inc();
         if self.v5() && !p.properties.subscription_identifiers.is_empty() {
-            return Err(protocol_error(ReasonCode::ProtocolError, "PUBLISH from a client carries a Subscription Identifier (MQTT-3.3.4-6)"));
+            return Err(protocol_error(
+                ReasonCode::ProtocolError,
+                "PUBLISH from a client carries a Subscription Identifier (MQTT-3.3.4-6)",
+            ));
         }
         let topic = self
             .aliases_in
             .resolve(std::mem::take(&mut p.topic), p.properties.topic_alias)
             .map_err(|(reason, detail)| protocol_error(reason, detail))?;
-        validate_topic_name(&topic, &self.ctx.limits.topic).map_err(|e| protocol_error(ReasonCode::TopicNameInvalid, format!("topic name: {e}")))?;
+        validate_topic_name(&topic, &self.ctx.limits.topic)
+            .map_err(|e| protocol_error(ReasonCode::TopicNameInvalid, format!("topic name: {e}")))?;
         p.topic = topic;
 
         if let Some(pkid) = p.pkid {

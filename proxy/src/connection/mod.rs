@@ -70,16 +70,24 @@ where
 #[derive(Debug)]
 pub(crate) enum End {
     /// The client sent DISCONNECT; `will` is true for reason 0x04.
-    Client { will: bool },
+    Client {
+        will: bool,
+    },
     /// The client broke the protocol.
-    Protocol { reason: ReasonCode, detail: String },
+    Protocol {
+        reason: ReasonCode,
+        detail: String,
+    },
     KeepAliveTimeout,
     /// The socket closed or failed.
     Network(Option<std::io::Error>),
     TakenOver,
     Shutdown,
     /// The server ends the connection for a reason of its own.
-    Server { reason: ReasonCode, detail: String },
+    Server {
+        reason: ReasonCode,
+        detail: String,
+    },
 }
 
 impl End {
@@ -106,11 +114,26 @@ fn link_down(e: LinkError) -> End {
 
 /// A shard or store operation finished; its acknowledgement can go out.
 pub(crate) enum OpDone {
-    Published { pkid: PacketId, qos: QoS, result: Result<(), String> },
-    Subscribed { pkid: PacketId, reasons: Vec<ReasonCode>, retained: Vec<(Arc<Message>, DeliveryOptions)>, failed: Option<String> },
-    Unsubscribed { pkid: PacketId, reasons: Vec<ReasonCode>, failed: Option<String> },
+    Published {
+        pkid: PacketId,
+        qos: QoS,
+        result: Result<(), String>,
+    },
+    Subscribed {
+        pkid: PacketId,
+        reasons: Vec<ReasonCode>,
+        retained: Vec<(Arc<Message>, DeliveryOptions)>,
+        failed: Option<String>,
+    },
+    Unsubscribed {
+        pkid: PacketId,
+        reasons: Vec<ReasonCode>,
+        failed: Option<String>,
+    },
     /// A QoS 2 delivery's packet id is durable: its PUBLISH may leave.
-    Marked { pkid: u16 },
+    Marked {
+        pkid: u16,
+    },
 }
 
 /// Session state of this connection.

@@ -117,7 +117,10 @@ pub fn negotiate(c: &Connect, limits: &Limits, new_id: impl FnOnce() -> String) 
                 return Err(refuse(ReasonCode::NotAuthorized, "will topics starting with $ are reserved for the server"));
             }
             if w.properties.payload_format_indicator == Some(true) && std::str::from_utf8(&w.payload).is_err() {
-                return Err(refuse(ReasonCode::PayloadFormatInvalid, "will payload is not UTF-8 but its Payload Format Indicator says it is"));
+                return Err(refuse(
+                    ReasonCode::PayloadFormatInvalid,
+                    "will payload is not UTF-8 but its Payload Format Indicator says it is",
+                ));
             }
             let p = &w.properties;
             let mut message = Message {
@@ -134,7 +137,11 @@ pub fn negotiate(c: &Connect, limits: &Limits, new_id: impl FnOnce() -> String) 
             message.properties.response_topic = p.response_topic.clone();
             message.properties.correlation_data = p.correlation_data.clone();
             message.properties.user_properties = p.user_properties.clone();
-            Some(WillSpec { message, delay_interval: p.will_delay_interval.unwrap_or(0), message_expiry_interval: p.message_expiry_interval })
+            Some(WillSpec {
+                message,
+                delay_interval: p.will_delay_interval.unwrap_or(0),
+                message_expiry_interval: p.message_expiry_interval,
+            })
         }
     };
 

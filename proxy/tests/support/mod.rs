@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use mqfleet_codec::{decode_packet, Connect, ConnAck, Packet, Protocol};
+use mqfleet_codec::{decode_packet, ConnAck, Connect, Packet, Protocol};
 use proxy::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -50,6 +50,10 @@ impl TestBroker {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    pub fn mark_unready(&self) {
+        self.broker.as_ref().unwrap().mark_unready();
     }
 
     pub fn context(&self) -> &std::sync::Arc<proxy::Context> {
@@ -112,9 +116,9 @@ impl ProxyProcess {
             }
         });
         let (mut mqtt, mut http) = (None, None);
-        let deadline = std::time::Instant::now() + PATIENCE;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
         while mqtt.is_none() || http.is_none() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let Ok(line) = rx.recv_timeout(left) else {
                 let _ = child.kill();
                 panic!("mqfleet-proxy did not report its listeners; log:\n{}", log.lock().unwrap().join("\n"));
@@ -405,11 +409,7 @@ fn which(name: &str) -> Option<PathBuf> {
 
 /// Runs `mosquitto_pub` to completion.
 pub fn mosquitto_pub(addr: SocketAddr, args: &[&str]) -> std::process::Output {
-    Command::new(tool("mosquitto_pub"))
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(tool("mosquitto_pub")).args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()]).args(args).output().unwrap()
 }
 
 /// Starts `mosquitto_sub`; the caller reads its output.

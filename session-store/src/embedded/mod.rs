@@ -145,10 +145,7 @@ impl EmbeddedStore {
         rx.await.map_err(|_| Error::Closed)?
     }
 
-    async fn read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Database) -> Result<T, Error> + Send + 'static,
-    ) -> Result<T, Error> {
+    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&Database) -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || f(&db)).await.map_err(|_| Error::Closed)?
     }

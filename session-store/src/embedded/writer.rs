@@ -198,13 +198,7 @@ fn commit_durable(db: &Database) -> Result<(), Error> {
     txn.commit().map_err(|e| Error::storage("syncing", e))
 }
 
-fn apply_batch(
-    db: &Database,
-    state: &mut State,
-    known: &RwLock<HashSet<String>>,
-    batch: &[Request],
-    durable: bool,
-) -> BatchOutcome {
+fn apply_batch(db: &Database, state: &mut State, known: &RwLock<HashSet<String>>, batch: &[Request], durable: bool) -> BatchOutcome {
     let mut txn = db.begin_write().map_err(|e| Error::storage("starting a write", e))?;
     if !durable {
         txn.set_durability(Durability::None).map_err(|e| Error::storage("setting durability", e))?;
@@ -314,7 +308,8 @@ fn apply(
                     }
                     let seq = *next_id;
                     *next_id += 1;
-                    let entry = StoredEntry { message_id, delivery: delivery.clone(), expires_at_ms: *expires_at_ms, state: Default::default() };
+                    let entry =
+                        StoredEntry { message_id, delivery: delivery.clone(), expires_at_ms: *expires_at_ms, state: Default::default() };
                     q.insert((client.as_str(), seq), encode(&entry).as_slice()).map_err(|e| err(e.into()))?;
                     queue_len.add(client, 1);
                     refs += 1;
