@@ -137,7 +137,10 @@ fn encode_publish(c: &mut Criterion) {
 fn decode_subscribe(c: &mut Criterion) {
     let sub = Packet::Subscribe(Subscribe::new(
         PacketId::new(1).unwrap(),
-        vec![("devices/+/telemetry".into(), SubscriptionOptions::qos(QoS::AtLeastOnce)), ("alerts/#".into(), SubscriptionOptions::qos(QoS::AtMostOnce))],
+        vec![
+            ("devices/+/telemetry".into(), SubscriptionOptions::qos(QoS::AtLeastOnce)),
+            ("alerts/#".into(), SubscriptionOptions::qos(QoS::AtMostOnce)),
+        ],
     ));
     let wire = stream(Protocol::V5, &sub);
     let mut g = c.benchmark_group("decode SUBSCRIBE (2 filters), MQTT 5.0");

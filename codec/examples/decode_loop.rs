@@ -19,9 +19,4 @@ fn main() {
         }
     }
     println!("{n}");
-    sizes();
-}
-#[allow(dead_code)]
-fn sizes() {
-    println!("Packet {} Publish {} PublishProperties {} DecodeError {}", std::mem::size_of::<Packet>(), std::mem::size_of::<Publish>(), std::mem::size_of::<mqfleet_codec::PublishProperties>(), std::mem::size_of::<mqfleet_codec::DecodeError>());
 }

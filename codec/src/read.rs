@@ -106,12 +106,7 @@ impl Reader {
 
 /// Validates `raw` and wraps it without copying: one UTF-8 validation (inside
 /// `ByteString::try_from`), then one pass for the MQTT character rules.
-pub(crate) fn to_string(
-    raw: Bytes,
-    packet: PacketType,
-    field: &'static str,
-    strictness: Strictness,
-) -> Result<ByteString, DecodeError> {
+pub(crate) fn to_string(raw: Bytes, packet: PacketType, field: &'static str, strictness: Strictness) -> Result<ByteString, DecodeError> {
     let s = ByteString::try_from(raw).map_err(|_| DecodeError::InvalidString { packet, field, reason: utf8::Utf8Violation::NotUtf8 })?;
     utf8::check_chars(&s, strictness).map_err(|reason| DecodeError::InvalidString { packet, field, reason })?;
     Ok(s)

@@ -18,12 +18,36 @@ const VECTORS: &[Vector] = &[
     Vector { name: "B13 PUBREL flags 0000", v5: false, bytes: &[0x60, 0x02, 0x00, 0x01] },
     Vector { name: "B13 PINGREQ flags 0001", v5: false, bytes: &[0xC1, 0x00] },
     Vector { name: "C17 CONNECT reserved flag", v5: false, bytes: &[0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x03, 0, 60, 0, 1, b'a'] },
-    Vector { name: "C18 will QoS without will flag", v5: false, bytes: &[0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x0A, 0, 60, 0, 1, b'a'] },
-    Vector { name: "C20 password without user name (3.1.1)", v5: false, bytes: &[0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x42, 0, 60, 0, 1, b'a', 0, 1, b'p'] },
-    Vector { name: "C22 client id with U+0000", v5: false, bytes: &[0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'a', 0] },
-    Vector { name: "C22 client id with U+0001", v5: false, bytes: &[0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'a', 1] },
-    Vector { name: "C22 client id with encoded surrogate", v5: false, bytes: &[0x10, 0x0f, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 3, 0xED, 0xA0, 0x80] },
-    Vector { name: "D28 duplicate Message Expiry Interval", v5: true, bytes: &[0x30, 0x0e, 0, 1, b't', 0x0a, 0x02, 0, 0, 0, 1, 0x02, 0, 0, 0, 2] },
+    Vector {
+        name: "C18 will QoS without will flag",
+        v5: false,
+        bytes: &[0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x0A, 0, 60, 0, 1, b'a'],
+    },
+    Vector {
+        name: "C20 password without user name (3.1.1)",
+        v5: false,
+        bytes: &[0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x42, 0, 60, 0, 1, b'a', 0, 1, b'p'],
+    },
+    Vector {
+        name: "C22 client id with U+0000",
+        v5: false,
+        bytes: &[0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'a', 0],
+    },
+    Vector {
+        name: "C22 client id with U+0001",
+        v5: false,
+        bytes: &[0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'a', 1],
+    },
+    Vector {
+        name: "C22 client id with encoded surrogate",
+        v5: false,
+        bytes: &[0x10, 0x0f, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 3, 0xED, 0xA0, 0x80],
+    },
+    Vector {
+        name: "D28 duplicate Message Expiry Interval",
+        v5: true,
+        bytes: &[0x30, 0x0e, 0, 1, b't', 0x0a, 0x02, 0, 0, 0, 1, 0x02, 0, 0, 0, 2],
+    },
     Vector { name: "D29 Session Expiry Interval in PUBLISH", v5: true, bytes: &[0x30, 0x09, 0, 1, b't', 0x05, 0x11, 0, 0, 0, 1] },
     Vector { name: "D29 unknown property 0x7F", v5: true, bytes: &[0x30, 0x06, 0, 1, b't', 0x02, 0x7F, 0] },
     Vector { name: "E36 PUBLISH topic with +", v5: false, bytes: &[0x30, 0x05, 0, 3, b'a', b'/', b'+'] },
@@ -49,7 +73,13 @@ fn ours(v: &Vector) -> bool {
 
 fn mqttbytes_06(v: &Vector) -> bool {
     let mut b = BytesMut::from(v.bytes);
-    let r = std::panic::catch_unwind(move || if v.v5 { mqttbytes::v5::read(&mut b, 1 << 20).is_err() } else { mqttbytes::v4::read(&mut b, 1 << 20).is_err() });
+    let r = std::panic::catch_unwind(move || {
+        if v.v5 {
+            mqttbytes::v5::read(&mut b, 1 << 20).is_err()
+        } else {
+            mqttbytes::v4::read(&mut b, 1 << 20).is_err()
+        }
+    });
     r.unwrap_or(true)
 }
 
