@@ -474,3 +474,23 @@ async fn no_local_on_a_shared_subscription_is_a_protocol_error_bad_input_g55() {
         other => panic!("expected DISCONNECT 0x82, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn message_expiring_while_queued_behind_the_window_is_not_sent() {
+    let b = TestBroker::start().await;
+    let mut connect = Connect::new(Protocol::V5, "window1");
+    connect.properties.receive_maximum = Some(1);
+    let (mut c, _) = Raw::session(b.addr, connect).await;
+    subscribe(&mut c, "ex", QoS::AtLeastOnce).await;
+    let mut p = Raw::v5(b.addr, "expirer").await;
+    p.send(Packet::Publish(Publish::new("ex", QoS::AtLeastOnce, Bytes::from_static(b"first"), Some(id(1))))).await;
+    let mut short = Publish::new("ex", QoS::AtLeastOnce, Bytes::from_static(b"short-lived"), Some(id(2)));
+    short.properties.message_expiry_interval = Some(1);
+    p.send(Packet::Publish(short)).await;
+    p.send(Packet::Publish(Publish::new("ex", QoS::AtLeastOnce, Bytes::from_static(b"last"), Some(id(3))))).await;
+    let first = next_publish(&mut c).await;
+    assert_eq!(&first.payload[..], b"first");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    c.send(Packet::PubAck(Ack::new(first.pkid.unwrap()))).await;
+    assert_eq!(&next_publish(&mut c).await.payload[..], b"last", "the expired message is skipped");
+}

@@ -139,9 +139,16 @@ where
         }
     }
 
-    /// Sends what the window admits from the queue.
+    /// Sends what the window admits from the queue. A message that expired while it waited is
+    /// dropped instead: its onward delivery never started (MQTT 5 §3.3.2.3.3).
     fn pump(&mut self) {
         while let Some((pkid, m)) = self.outbound.next_ready() {
+            if m.message.is_expired(now_ms()) {
+                self.outbound.abandon(pkid);
+                self.ctx.metrics.drop("expired");
+                self.ack_in_store(m.seq);
+                continue;
+            }
             self.send_new(pkid, &m);
         }
     }

@@ -136,6 +136,11 @@ impl Outbound {
         Some((id, msg))
     }
 
+    /// Removes a message that got its packet id but will not be sent (it expired while queued).
+    pub fn abandon(&mut self, pkid: PacketId) {
+        self.inflight.remove(&pkid.get());
+    }
+
     /// PUBACK: completes a QoS 1 flow.
     pub fn puback(&mut self, pkid: PacketId) -> Result<OutMessage, UnexpectedAck> {
         self.complete(pkid, Stage::AwaitPubAck)
