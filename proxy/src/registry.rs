@@ -76,6 +76,11 @@ impl Registry {
         }
     }
 
+    /// The connection that owns `client_id`, if any.
+    pub fn owner(&self, client_id: &str) -> Option<ConnId> {
+        self.clients.lock().get(client_id).map(|o| o.conn)
+    }
+
     pub fn is_connected(&self, client_id: &str) -> bool {
         self.clients.lock().contains_key(client_id)
     }

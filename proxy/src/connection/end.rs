@@ -57,9 +57,9 @@ where
         self.ctx.metrics.bytes_received.inc_by(self.io.input.bytes);
         self.ctx.metrics.bytes_sent.inc_by(self.io.output.bytes);
 
-        // No more deliveries to this connection from here on; a persistent session has them
-        // queued in the store.
-        self.ctx.registry.release(&self.client_id, self.conn);
+        // No more deliveries are taken from here on; a persistent session has them queued in
+        // the store. The client id stays claimed until the session is saved, so a reconnect
+        // waits for it (as a takeover does) instead of reading a half-saved session.
         self.mailbox.close();
 
         // [MQTT-3.1.2-8]: the will is published unless the client disconnected normally.
@@ -72,6 +72,7 @@ where
         } else {
             self.end_session(will).await;
         }
+        self.ctx.registry.release(&self.client_id, self.conn);
     }
 
     /// A persistent session outlives the connection: record where its deliveries stand, keep a
@@ -119,7 +120,8 @@ where
         if let Some(w) = will {
             self.ctx.publish_will(w).await;
         }
-        if self.ctx.store.may_have_session(&self.client_id) && !self.ctx.registry.is_connected(&self.client_id) {
+        let taken_over = self.ctx.registry.owner(&self.client_id).is_some_and(|c| c != self.conn);
+        if self.ctx.store.may_have_session(&self.client_id) && !taken_over {
             // Its expiry was lowered to 0 at DISCONNECT (MQTT 5 §3.14.2.2.2).
             if let Err(e) = self.ctx.end_stored_session(&self.client_id).await {
                 tracing::error!(error = %e, "could not remove the ended session");

@@ -211,14 +211,10 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId) -> Result<Resu
         ctx.end_stored_session(&n.client_id).await.map_err(|e| e.to_string())?;
     }
     let session_present = existing.is_some();
-    let (queue, inbound) = match &existing {
-        Some(_) => {
-            (store.load_queue(&id, now_ms()).await.map_err(|e| e.to_string())?, store.load_inbound(&id).await.map_err(|e| e.to_string())?)
-        }
-        None => (Vec::new(), Vec::new()),
-    };
-    let subscriptions: BTreeMap<_, _> =
-        existing.as_ref().map(|r| r.subscriptions.iter().map(|s| (s.filter.as_str().into(), s.clone())).collect()).unwrap_or_default();
+    let subscriptions: BTreeMap<_, _> = existing
+        .as_ref()
+        .map(|r| r.subscriptions.iter().map(|s| (s.filter.as_str().into(), s.clone())).collect())
+        .unwrap_or_default();
     let state = SessionState {
         expiry: n.session_expiry,
         expiry_zero_at_connect: n.session_expiry == 0,
@@ -242,17 +238,30 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId) -> Result<Resu
         if !session_present {
             ctx.metrics.persistent_sessions.inc();
         }
-    } else if session_present {
-        // Resumed with expiry 0: the session now lives only as long as this connection; what
-        // it had queued was loaded above.
-        ctx.end_stored_session(&n.client_id).await.map_err(|e| e.to_string())?;
     }
 
+    // Point the shards at this connection first, then read the queue. A shard replies to
+    // Attach only after every earlier message for this session is committed, so the queue read
+    // afterwards holds all of them; later ones come live (and, being also in the queue, are
+    // recognised by their position: `resume_floor`). The other order loses a message routed
+    // between the read and the attach until the next reconnect.
     if !state.subscriptions.is_empty() {
         let session = SessionInfo { client_id: n.client_id.clone(), conn: Some(conn), persistent };
         let set = ctx.shard_set(state.subscriptions.keys());
         let replies = ctx.shards.call_each(set, |id| Request::Attach { id, session: session.clone() }).await.map_err(|e| e.to_string())?;
         debug_assert!(replies.iter().all(|r| *r == Reply::Done));
+    }
+    let (queue, inbound) = match &existing {
+        Some(_) => (
+            store.load_queue(&id, now_ms()).await.map_err(|e| e.to_string())?,
+            store.load_inbound(&id).await.map_err(|e| e.to_string())?,
+        ),
+        None => (Vec::new(), Vec::new()),
+    };
+    if !persistent && session_present {
+        // Resumed with expiry 0: the session now lives only as long as this connection; what
+        // it had queued was loaded above.
+        ctx.end_stored_session(&n.client_id).await.map_err(|e| e.to_string())?;
     }
     Ok(Resumed { session_present, state, queue, inbound })
 }

@@ -1,0 +1,382 @@
+//! Proof of delivery: what publishers sent and had acknowledged, what each sink received, and
+//! the verdict per message — delivered, lost, duplicated, reordered.
+//!
+//! # Model
+//! - A **stream** is one publisher's sequence of messages on one topic, numbered from 0.
+//! - A **sink** is where a stream's messages must all arrive: one subscriber, or one shared
+//!   subscription group (a message must reach exactly one member).
+//! - A message is **expected** at a sink when it was sent with QoS 0, or acknowledged by the
+//!   broker (PUBACK/PUBCOMP) with QoS 1/2. An expected message that never arrives is **lost**;
+//!   for QoS 1/2 that is a broken promise and fails the run. A QoS 1/2 message the broker never
+//!   acknowledged is **unconfirmed** unless it arrived.
+//! - An arrival of a sequence number already received is a **duplicate** (allowed for QoS 1);
+//!   an arrival below the highest already received in its stream is **reordered**.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::payload::Header;
+
+/// A growable bitset indexed by sequence number.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Bits(Vec<u64>);
+
+impl Bits {
+    /// Sets bit `i`; returns whether it was already set.
+    pub fn set(&mut self, i: u64) -> bool {
+        let (w, b) = ((i / 64) as usize, i % 64);
+        if w >= self.0.len() {
+            self.0.resize(w + 1, 0);
+        }
+        let was = self.0[w] & (1 << b) != 0;
+        self.0[w] |= 1 << b;
+        was
+    }
+
+    pub fn get(&self, i: u64) -> bool {
+        self.0.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Bits set in both.
+    pub fn overlap(&self, other: &Bits) -> u64 {
+        self.0.iter().zip(&other.0).map(|(a, b)| u64::from((a & b).count_ones())).sum()
+    }
+
+    pub fn union(&mut self, other: &Bits) {
+        if other.0.len() > self.0.len() {
+            self.0.resize(other.0.len(), 0);
+        }
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a |= b;
+        }
+    }
+}
+
+/// Which QoS each message is published with: a weighted mix, decided by a hash of
+/// (seed, stream, seq) so that every party computes the same answer without sharing state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QosMix {
+    /// Relative weights of QoS 0, 1, 2.
+    pub weights: [u32; 3],
+    pub seed: u64,
+}
+
+impl QosMix {
+    pub fn single(qos: u8) -> QosMix {
+        let mut weights = [0; 3];
+        weights[usize::from(qos.min(2))] = 1;
+        QosMix { weights, seed: 0 }
+    }
+
+    /// Parses `1` or a mix like `0:50,1:40,2:10`.
+    pub fn parse(s: &str, seed: u64) -> Result<QosMix, String> {
+        if let Ok(q) = s.parse::<u8>() {
+            return if q <= 2 { Ok(QosMix::single(q)) } else { Err(format!("QoS {q} does not exist")) };
+        }
+        let mut weights = [0u32; 3];
+        for part in s.split(',') {
+            let (q, w) = part.split_once(':').ok_or_else(|| format!("{part:?}: expected QOS:WEIGHT"))?;
+            let q: usize = q.trim().parse().ok().filter(|q| *q <= 2).ok_or_else(|| format!("{q:?} is not a QoS"))?;
+            weights[q] = w.trim().parse().map_err(|_| format!("{w:?} is not a weight"))?;
+        }
+        if weights.iter().all(|w| *w == 0) {
+            return Err("every weight is 0".into());
+        }
+        Ok(QosMix { weights, seed })
+    }
+
+    pub fn qos_for(&self, stream: u32, seq: u64) -> u8 {
+        let total: u32 = self.weights.iter().sum();
+        let nonzero = self.weights.iter().filter(|w| **w > 0).count();
+        if nonzero == 1 {
+            return self.weights.iter().position(|w| *w > 0).unwrap_or(0) as u8;
+        }
+        // splitmix64 of the triple.
+        let mut x = self.seed ^ (u64::from(stream) << 40) ^ seq;
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        let mut pick = (x % u64::from(total)) as u32;
+        for (q, w) in self.weights.iter().enumerate() {
+            if pick < *w {
+                return q as u8;
+            }
+            pick -= w;
+        }
+        2
+    }
+}
+
+/// What one publisher did on one stream.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StreamLedger {
+    /// Messages sent: sequence numbers `0..sent`.
+    pub sent: u64,
+    /// Sequence numbers the broker acknowledged (QoS 1/2).
+    pub acked: Bits,
+}
+
+/// Everything published, by stream.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Ledger {
+    pub streams: BTreeMap<u32, StreamLedger>,
+}
+
+impl Ledger {
+    pub fn merge(&mut self, other: Ledger) {
+        for (id, s) in other.streams {
+            let e = self.streams.entry(id).or_default();
+            e.sent = e.sent.max(s.sent);
+            e.acked.union(&s.acked);
+        }
+    }
+}
+
+/// How an arrival counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    New,
+    Duplicate,
+    /// New, but below the highest sequence number already received in its stream.
+    Reordered,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Received {
+    pub bits: Bits,
+    pub max: Option<u64>,
+    /// By publish QoS.
+    pub duplicated: [u64; 3],
+    pub reordered: [u64; 3],
+}
+
+/// Arrivals at one subscriber (or one member of a shared group).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tracker {
+    pub streams: HashMap<u32, Received>,
+    /// Payloads this tool did not make.
+    pub foreign: u64,
+}
+
+impl Tracker {
+    pub fn record(&mut self, h: &Header) -> Arrival {
+        let r = self.streams.entry(h.stream).or_default();
+        let q = usize::from(h.qos.min(2));
+        if r.bits.set(h.seq) {
+            r.duplicated[q] += 1;
+            return Arrival::Duplicate;
+        }
+        let reordered = r.max.is_some_and(|m| h.seq < m);
+        r.max = Some(r.max.map_or(h.seq, |m| m.max(h.seq)));
+        if reordered {
+            r.reordered[q] += 1;
+            Arrival::Reordered
+        } else {
+            Arrival::New
+        }
+    }
+
+    /// Merges the trackers of a shared group's members into the group's: a sequence number
+    /// received by two members is a duplicate; order is not promised across members.
+    pub fn merge_group(members: Vec<Tracker>) -> Tracker {
+        let mut group = Tracker::default();
+        for m in members {
+            group.foreign += m.foreign;
+            for (id, r) in m.streams {
+                let g = group.streams.entry(id).or_default();
+                let both = g.bits.overlap(&r.bits);
+                g.duplicated[1] += both; // attributed to QoS 1, the only level allowed to duplicate
+                g.bits.union(&r.bits);
+                for q in 0..3 {
+                    g.duplicated[q] += r.duplicated[q];
+                }
+                g.max = g.max.max(r.max);
+            }
+        }
+        group
+    }
+}
+
+/// A sink and the streams it must receive.
+pub struct Sink {
+    pub name: String,
+    pub tracker: Tracker,
+    pub expects: Vec<u32>,
+}
+
+/// Counts for one QoS level, as they appear in the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QosCounts {
+    pub published: u64,
+    pub acknowledged: u64,
+    /// Copies that had to arrive (per sink).
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+    /// QoS 1/2 copies neither acknowledged to the publisher nor delivered.
+    pub unconfirmed: u64,
+}
+
+/// One lost copy, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostCopy {
+    pub sink: String,
+    pub stream: u32,
+    pub seq: u64,
+    pub qos: u8,
+}
+
+/// The verdict over everything.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tally {
+    pub by_qos: [QosCounts; 3],
+    /// Up to 20 lost copies, QoS 1/2 first.
+    pub lost_examples: Vec<LostCopy>,
+    pub foreign: u64,
+}
+
+impl Tally {
+    pub fn lost_qos12(&self) -> u64 {
+        self.by_qos[1].lost + self.by_qos[2].lost
+    }
+}
+
+pub fn tally(ledger: &Ledger, sinks: &[Sink], mix: &QosMix) -> Tally {
+    let mut t = Tally::default();
+    for (id, s) in &ledger.streams {
+        for seq in 0..s.sent {
+            let q = usize::from(mix.qos_for(*id, seq));
+            t.by_qos[q].published += 1;
+            if q > 0 && s.acked.get(seq) {
+                t.by_qos[q].acknowledged += 1;
+            }
+        }
+    }
+    let empty = StreamLedger::default();
+    let mut lost = Vec::new();
+    for sink in sinks {
+        t.foreign += sink.tracker.foreign;
+        for id in &sink.expects {
+            let s = ledger.streams.get(id).unwrap_or(&empty);
+            let r = sink.tracker.streams.get(id);
+            for seq in 0..s.sent {
+                let q = mix.qos_for(*id, seq);
+                let c = &mut t.by_qos[usize::from(q)];
+                let arrived = r.is_some_and(|r| r.bits.get(seq));
+                let promised = q == 0 || s.acked.get(seq);
+                match (promised, arrived) {
+                    (true, true) | (false, true) => {
+                        c.delivered += 1;
+                        c.expected += u64::from(promised);
+                    }
+                    (true, false) => {
+                        c.expected += 1;
+                        c.lost += 1;
+                        lost.push(LostCopy { sink: sink.name.clone(), stream: *id, seq, qos: q });
+                    }
+                    (false, false) => c.unconfirmed += 1,
+                }
+            }
+            if let Some(r) = r {
+                for q in 0..3 {
+                    t.by_qos[q].duplicated += r.duplicated[q];
+                    t.by_qos[q].reordered += r.reordered[q];
+                }
+            }
+        }
+    }
+    lost.sort_by_key(|l| (l.qos == 0, l.stream, l.seq));
+    lost.truncate(20);
+    t.lost_examples = lost;
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(stream: u32, seq: u64, qos: u8) -> Header {
+        Header { qos, stream, seq, sent_at_ns: 0 }
+    }
+
+    fn ledger(stream: u32, sent: u64, acked: &[u64]) -> Ledger {
+        let mut s = StreamLedger { sent, acked: Bits::default() };
+        for a in acked {
+            s.acked.set(*a);
+        }
+        let mut l = Ledger::default();
+        l.streams.insert(stream, s);
+        l
+    }
+
+    #[test]
+    fn exact_counts_for_a_clean_run() {
+        let mut tr = Tracker::default();
+        for seq in 0..5 {
+            assert_eq!(tr.record(&header(1, seq, 1)), Arrival::New);
+        }
+        let sinks = [Sink { name: "s".into(), tracker: tr, expects: vec![1] }];
+        let t = tally(&ledger(1, 5, &[0, 1, 2, 3, 4]), &sinks, &QosMix::single(1));
+        assert_eq!(t.by_qos[1], QosCounts { published: 5, acknowledged: 5, expected: 5, delivered: 5, ..Default::default() });
+        assert_eq!(t.lost_qos12(), 0);
+    }
+
+    #[test]
+    fn loss_duplicates_and_reordering_are_each_counted() {
+        let mut tr = Tracker::default();
+        for seq in [0, 2, 1, 2, 4] {
+            tr.record(&header(1, seq, 1));
+        }
+        let sinks = [Sink { name: "s".into(), tracker: tr, expects: vec![1] }];
+        let t = tally(&ledger(1, 5, &[0, 1, 2, 3, 4]), &sinks, &QosMix::single(1));
+        let c = t.by_qos[1];
+        assert_eq!((c.delivered, c.lost, c.duplicated, c.reordered), (4, 1, 1, 1));
+        assert_eq!(t.lost_examples, vec![LostCopy { sink: "s".into(), stream: 1, seq: 3, qos: 1 }]);
+    }
+
+    #[test]
+    fn unacknowledged_qos1_that_never_arrived_is_unconfirmed_not_lost() {
+        let sinks = [Sink { name: "s".into(), tracker: Tracker::default(), expects: vec![1] }];
+        let t = tally(&ledger(1, 2, &[]), &sinks, &QosMix::single(1));
+        assert_eq!((t.by_qos[1].lost, t.by_qos[1].unconfirmed), (0, 2));
+    }
+
+    #[test]
+    fn qos0_loss_is_reported_but_not_a_broken_promise() {
+        let sinks = [Sink { name: "s".into(), tracker: Tracker::default(), expects: vec![1] }];
+        let t = tally(&ledger(1, 3, &[]), &sinks, &QosMix::single(0));
+        assert_eq!(t.by_qos[0].lost, 3);
+        assert_eq!(t.lost_qos12(), 0);
+    }
+
+    #[test]
+    fn shared_group_counts_a_copy_at_two_members_as_duplicate() {
+        let mut a = Tracker::default();
+        let mut b = Tracker::default();
+        a.record(&header(1, 0, 1));
+        b.record(&header(1, 1, 1));
+        b.record(&header(1, 0, 1));
+        let group = Tracker::merge_group(vec![a, b]);
+        let sinks = [Sink { name: "g".into(), tracker: group, expects: vec![1] }];
+        let t = tally(&ledger(1, 2, &[0, 1]), &sinks, &QosMix::single(1));
+        assert_eq!((t.by_qos[1].delivered, t.by_qos[1].duplicated), (2, 1));
+    }
+
+    #[test]
+    fn qos_mix_is_deterministic_and_follows_the_weights() {
+        let mix = QosMix::parse("0:50,1:40,2:10", 7).unwrap();
+        let mut n = [0u32; 3];
+        for seq in 0..10_000 {
+            let q = mix.qos_for(3, seq);
+            assert_eq!(q, mix.qos_for(3, seq));
+            n[q as usize] += 1;
+        }
+        assert!((4500..5500).contains(&n[0]) && (3500..4500).contains(&n[1]) && (700..1300).contains(&n[2]), "{n:?}");
+        assert!(QosMix::parse("3", 0).is_err());
+        assert!(QosMix::parse("0:0", 0).is_err());
+    }
+}
