@@ -182,9 +182,36 @@ impl Options {
             ($($f:ident),*) => { Options { $( $f: self.$f.or_else(|| base.$f.clone()), )* targets: if self.targets.is_empty() { base.targets.clone() } else { self.targets }, source: if self.source.is_empty() { base.source.clone() } else { self.source }, insecure: self.insecure || base.insecure, quiet: self.quiet || base.quiet } };
         }
         pick!(
-            protocol, devices, rate, window, qos, duration, payload_size, payload_shape, connect_rate, connect_inflight, connect_timeout, keepalive,
-            client_id, username, password, topic, subscribers, publishers, shared, filter, drop_percent, drop_every, offline, drain, seed, ca,
-            cert, key, broker_pid, report
+            protocol,
+            devices,
+            rate,
+            window,
+            qos,
+            duration,
+            payload_size,
+            payload_shape,
+            connect_rate,
+            connect_inflight,
+            connect_timeout,
+            keepalive,
+            client_id,
+            username,
+            password,
+            topic,
+            subscribers,
+            publishers,
+            shared,
+            filter,
+            drop_percent,
+            drop_every,
+            offline,
+            drain,
+            seed,
+            ca,
+            cert,
+            key,
+            broker_pid,
+            report
         )
     }
 }
@@ -211,8 +238,10 @@ pub fn parse_sources(items: &[String]) -> Result<Vec<IpAddr>, String> {
         match item.split_once('-') {
             None => out.push(item.parse().map_err(|_| format!("--source {item:?} is not an IP address"))?),
             Some((a, b)) => {
-                let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
-                    (a.parse().map_err(|_| format!("--source {a:?} is not an IPv4 address"))?, b.parse().map_err(|_| format!("--source {b:?} is not an IPv4 address"))?);
+                let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (
+                    a.parse().map_err(|_| format!("--source {a:?} is not an IPv4 address"))?,
+                    b.parse().map_err(|_| format!("--source {b:?} is not an IPv4 address"))?,
+                );
                 let (oa, ob) = (a.octets(), b.octets());
                 if oa[..3] != ob[..3] || oa[3] > ob[3] {
                     return Err(format!("--source {item:?}: a range varies only the last octet, low to high"));
@@ -282,7 +311,8 @@ pub fn prepare(scenario: &str, o: &Options) -> Result<Prepared, String> {
         let mut r = rand::rng();
         (0..6).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[r.random_range(0..36)])).collect()
     };
-    let names = Names { client_id: o.client_id.clone().unwrap_or_else(|| "lt-%r-%s-%i".into()), username: o.username.clone(), run_id, sub_qos };
+    let names =
+        Names { client_id: o.client_id.clone().unwrap_or_else(|| "lt-%r-%s-%i".into()), username: o.username.clone(), run_id, sub_qos };
     let topic = |default: &str| o.topic.clone().unwrap_or_else(|| default.into());
     let hold = duration;
     let plan = match scenario {

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use mqfleet_codec::{
-    decode_packet, Ack, ByteString, ConnAck, Connect, Disconnect, Packet, PacketId, Protocol, Publish, PublishProperties, QoS,
-    ReasonCode, SubAck, Subscribe, SubscriptionOptions, Will,
+    decode_packet, Ack, ByteString, ConnAck, Connect, Disconnect, Packet, PacketId, Protocol, Publish, PublishProperties, QoS, ReasonCode,
+    SubAck, Subscribe, SubscriptionOptions, Will,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -90,7 +90,10 @@ pub struct Pending {
 pub enum Event {
     Publish(Publish),
     /// Our QoS 1/2 PUBLISH completed (PUBACK / PUBCOMP); `refused` carries a 5.0 error reason.
-    Acked { pending: Pending, refused: Option<ReasonCode> },
+    Acked {
+        pending: Pending,
+        refused: Option<ReasonCode>,
+    },
     SubAck(SubAck),
     UnsubAck,
     Pong,
@@ -107,6 +110,8 @@ pub struct WriteSide {
     writer: Writer,
     buf: BytesMut,
     last_write: Instant,
+    /// Written but not flushed: TLS and WebSocket streams buffer until flushed.
+    unflushed: bool,
 }
 
 impl ReadSide {
@@ -124,16 +129,22 @@ impl ReadSide {
 
 impl WriteSide {
     pub fn has_output(&self) -> bool {
-        !self.buf.is_empty()
+        !self.buf.is_empty() || self.unflushed
     }
 
-    /// One write of what is queued.
+    /// One write of what is queued, or the flush that follows the last write.
     pub async fn write_some(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            self.writer.flush().await?;
+            self.unflushed = false;
+            return Ok(());
+        }
         let n = self.writer.write(&self.buf).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         self.buf.advance(n);
+        self.unflushed = true;
         self.last_write = Instant::now();
         if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
             self.buf = BytesMut::new();
@@ -166,7 +177,7 @@ impl Client {
             let (reader, writer) = transport::connect(target, tls, source).await.map_err(ClientError::Connect)?;
             let mut c = Client {
                 rx: ReadSide { reader, buf: BytesMut::new() },
-                tx: WriteSide { writer, buf: BytesMut::new(), last_write: Instant::now() },
+                tx: WriteSide { writer, buf: BytesMut::new(), last_write: Instant::now(), unflushed: false },
                 protocol: o.protocol,
                 next_id: 1,
                 inflight: HashMap::new(),
@@ -186,12 +197,10 @@ impl Client {
             }
             c.queue(&Packet::Connect(Box::new(connect)));
             c.flush().await?;
-            loop {
-                match c.read_packet().await? {
-                    Packet::ConnAck(a) if a.reason == ReasonCode::Success => return Ok((c, a)),
-                    Packet::ConnAck(a) => return Err(ClientError::Refused(a.reason)),
-                    other => return Err(ClientError::Protocol(format!("{} before CONNACK", other.packet_type()))),
-                }
+            match c.read_packet().await? {
+                Packet::ConnAck(a) if a.reason == ReasonCode::Success => Ok((c, a)),
+                Packet::ConnAck(a) => Err(ClientError::Refused(a.reason)),
+                other => Err(ClientError::Protocol(format!("{} before CONNACK", other.packet_type()))),
             }
         };
         tokio::time::timeout(o.timeout, fut).await.map_err(|_| ClientError::Timeout(o.timeout))?
@@ -250,7 +259,7 @@ impl Client {
         while self.tx.has_output() {
             self.tx.write_some().await?;
         }
-        self.tx.writer.flush().await
+        Ok(())
     }
 
     /// When a PINGREQ is due (keep-alive without other traffic), if ever.
@@ -305,7 +314,11 @@ impl Client {
             Packet::Publish(mut p) => {
                 if let Some(alias) = p.properties.topic_alias {
                     if p.topic.is_empty() {
-                        p.topic = self.aliases.get(&alias).cloned().ok_or_else(|| ClientError::Protocol(format!("unknown topic alias {alias}")))?;
+                        p.topic = self
+                            .aliases
+                            .get(&alias)
+                            .cloned()
+                            .ok_or_else(|| ClientError::Protocol(format!("unknown topic alias {alias}")))?;
                     } else {
                         self.aliases.insert(alias, p.topic.clone());
                     }
@@ -323,7 +336,10 @@ impl Client {
                 }
                 Ok(Some(Event::Publish(p)))
             }
-            Packet::PubAck(a) => Ok(self.inflight.remove(&a.pkid.get()).map(|pending| Event::Acked { pending, refused: a.reason.is_error().then_some(a.reason) })),
+            Packet::PubAck(a) => Ok(self
+                .inflight
+                .remove(&a.pkid.get())
+                .map(|pending| Event::Acked { pending, refused: a.reason.is_error().then_some(a.reason) })),
             Packet::PubRec(a) => {
                 if a.reason.is_error() {
                     return Ok(self.inflight.remove(&a.pkid.get()).map(|pending| Event::Acked { pending, refused: Some(a.reason) }));

@@ -74,7 +74,11 @@ fn main() -> ExitCode {
         print!("{}", report.table());
         ok &= report.verdict.ok;
         if let Some(path) = report_path {
-            let path = if multi { path.with_file_name(format!("{}.stage{}.json", path.file_stem().unwrap_or_default().to_string_lossy(), i + 1)) } else { path };
+            let path = if multi {
+                path.with_file_name(format!("{}.stage{}.json", path.file_stem().unwrap_or_default().to_string_lossy(), i + 1))
+            } else {
+                path
+            };
             match loadtest::write_report(&report, &path) {
                 Ok(chart) => eprintln!("report: {} (chart: {})", path.display(), chart.display()),
                 Err(e) => {

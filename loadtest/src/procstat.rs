@@ -1,6 +1,5 @@
 //! CPU and memory of the broker process under test, read from `/proc/<pid>` (Linux).
 
-
 /// CPU time and resident memory of one process at one moment.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProcSample {
@@ -59,4 +58,3 @@ impl ProcSampler {
         Some((self.last_cpu_ticks? - self.first_cpu_ticks?) as f64 / self.ticks_per_s)
     }
 }
-

@@ -119,13 +119,22 @@ impl Report {
         for q in 0..3 {
             let l = &self.latency_ms[&format!("qos{q}")];
             if l.count > 0 {
-                let _ = writeln!(s, "  QoS {q} ({:>9} samples)        {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", l.count, l.p50, l.p90, l.p99, l.p999, l.max);
+                let _ = writeln!(
+                    s,
+                    "  QoS {q} ({:>9} samples)        {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                    l.count, l.p50, l.p90, l.p99, l.p999, l.max
+                );
             }
         }
-        let _ = writeln!(s, "\nthroughput: {:.0} published/s, {:.0} delivered/s", self.throughput.published_per_s, self.throughput.delivered_per_s);
+        let _ = writeln!(
+            s,
+            "\nthroughput: {:.0} published/s, {:.0} delivered/s",
+            self.throughput.published_per_s, self.throughput.delivered_per_s
+        );
         if let Some(b) = &self.broker {
             let per = b.cpu_us_per_delivery.map(|u| format!(", {u:.2} µs CPU per delivery")).unwrap_or_default();
-            let _ = writeln!(s, "broker pid {}: {:.2} CPU s{per}, max RSS {:.1} MiB", b.pid, b.cpu_seconds, b.rss_max_bytes as f64 / 1048576.0);
+            let _ =
+                writeln!(s, "broker pid {}: {:.2} CPU s{per}, max RSS {:.1} MiB", b.pid, b.cpu_seconds, b.rss_max_bytes as f64 / 1048576.0);
         }
         if !self.errors.is_empty() {
             let e: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
@@ -134,7 +143,11 @@ impl Report {
         for l in self.lost_examples.iter().take(5) {
             let _ = writeln!(s, "lost: stream {} seq {} (QoS {}) at {}", l.stream, l.seq, l.qos, l.sink);
         }
-        let _ = writeln!(s, "\nverdict: {}", if self.verdict.ok { "OK".to_string() } else { format!("FAILED — {}", self.verdict.reasons.join("; ")) });
+        let _ = writeln!(
+            s,
+            "\nverdict: {}",
+            if self.verdict.ok { "OK".to_string() } else { format!("FAILED — {}", self.verdict.reasons.join("; ")) }
+        );
         s
     }
 }

@@ -159,7 +159,11 @@ pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
 pub type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 
 /// Opens a stream to `target`, from `source` if given.
-pub async fn connect(target: &Target, tls: Option<&Arc<rustls::ClientConfig>>, source: Option<IpAddr>) -> std::io::Result<(Reader, Writer)> {
+pub async fn connect(
+    target: &Target,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    source: Option<IpAddr>,
+) -> std::io::Result<(Reader, Writer)> {
     let addr: SocketAddr = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await?
         .next()
@@ -198,7 +202,11 @@ pub async fn connect(target: &Target, tls: Option<&Arc<rustls::ClientConfig>>, s
     }
 }
 
-async fn tls_handshake(tcp: TcpStream, host: &str, config: Arc<rustls::ClientConfig>) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+async fn tls_handshake(
+    tcp: TcpStream,
+    host: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let name = ServerName::try_from(host.to_string()).map_err(|e| std::io::Error::other(format!("{host}: {e}")))?;
     tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
 }

@@ -39,15 +39,22 @@ impl Names {
 /// Connect storm: `n` devices connect (paced by the ramp) and hold for `hold`.
 pub fn conn(names: &Names, n: usize, hold: Duration, name: &str) -> Plan {
     let devices = (0..n).map(|i| DeviceSpec { first_phase: true, ramped: true, ..names.device(i, "dev") }).collect();
-    Plan { name: name.into(), devices, sinks: vec![], streams: 0, copies_per_message: 1, storm: None, hold: hold.max(Duration::from_millis(1)) }
+    Plan {
+        name: name.into(),
+        devices,
+        sinks: vec![],
+        streams: 0,
+        copies_per_message: 1,
+        storm: None,
+        hold: hold.max(Duration::from_millis(1)),
+    }
 }
 
 /// `n` devices publish to `topic(i)`; `backends` subscribers on `filter` (all of them a
 /// shared group when `shared` is set).
 pub fn telemetry(names: &Names, n: usize, topic: &str, backends: usize, filter: &str, shared: Option<&str>) -> Plan {
-    let mut devices: Vec<DeviceSpec> = (0..n)
-        .map(|i| DeviceSpec { ramped: true, publish: vec![(i as u32, names.fill(topic, i))], ..names.device(i, "dev") })
-        .collect();
+    let mut devices: Vec<DeviceSpec> =
+        (0..n).map(|i| DeviceSpec { ramped: true, publish: vec![(i as u32, names.fill(topic, i))], ..names.device(i, "dev") }).collect();
     let full_filter = match shared {
         Some(g) => format!("$share/{g}/{filter}"),
         None => filter.to_string(),
@@ -59,7 +66,9 @@ pub fn telemetry(names: &Names, n: usize, topic: &str, backends: usize, filter: 
     let all: Vec<u32> = (0..n as u32).collect();
     let sinks = match shared {
         Some(g) => vec![SinkSpec { name: format!("$share/{g}"), members: (n..n + backends.max(1)).collect(), expects: all }],
-        None => (n..n + backends.max(1)).map(|i| SinkSpec { name: format!("backend-{}", i - n), members: vec![i], expects: all.clone() }).collect(),
+        None => (n..n + backends.max(1))
+            .map(|i| SinkSpec { name: format!("backend-{}", i - n), members: vec![i], expects: all.clone() })
+            .collect(),
     };
     let copies = if shared.is_some() { 1 } else { backends.max(1) as u64 };
     Plan { name: "telemetry".into(), devices, sinks, streams: n, copies_per_message: copies, storm: None, hold: Duration::ZERO }
@@ -69,7 +78,13 @@ pub fn telemetry(names: &Names, n: usize, topic: &str, backends: usize, filter: 
 /// command stream to each.
 pub fn command(names: &Names, n: usize, topic: &str, publishers: usize, persistent: bool, name: &str) -> Plan {
     let mut devices: Vec<DeviceSpec> = (0..n)
-        .map(|i| DeviceSpec { first_phase: true, ramped: true, persistent, subscribe: names.sub(names.fill(topic, i)), ..names.device(i, "dev") })
+        .map(|i| DeviceSpec {
+            first_phase: true,
+            ramped: true,
+            persistent,
+            subscribe: names.sub(names.fill(topic, i)),
+            ..names.device(i, "dev")
+        })
         .collect();
     let p = publishers.max(1);
     for b in 0..p {
@@ -83,8 +98,9 @@ pub fn command(names: &Names, n: usize, topic: &str, publishers: usize, persiste
 /// One publisher, `n` subscribers of `topic`.
 pub fn broadcast(names: &Names, n: usize, topic: &str) -> Plan {
     let topic = names.fill(topic, 0);
-    let mut devices: Vec<DeviceSpec> =
-        (0..n).map(|i| DeviceSpec { first_phase: true, ramped: true, subscribe: names.sub(topic.clone()), ..names.device(i, "dev") }).collect();
+    let mut devices: Vec<DeviceSpec> = (0..n)
+        .map(|i| DeviceSpec { first_phase: true, ramped: true, subscribe: names.sub(topic.clone()), ..names.device(i, "dev") })
+        .collect();
     devices.push(DeviceSpec { publish: vec![(0, topic)], ..names.device(n, "broadcaster") });
     let sinks = (0..n).map(|i| SinkSpec { name: format!("device-{i}"), members: vec![i], expects: vec![0] }).collect();
     Plan { name: "broadcast".into(), devices, sinks, streams: 1, copies_per_message: n as u64, storm: None, hold: Duration::ZERO }

@@ -12,9 +12,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{Pace, RunCtx};
-use crate::accounting::{Ledger, StreamLedger, Tracker};
+use crate::accounting::{Ledger, Tracker};
 use crate::client::{Client, ClientError, ConnectOptions, Event};
 use crate::payload::{now_ns, Header};
+
+/// How long after the publishing window an open-loop publisher may still send messages that
+/// were due inside it.
+pub const LATE_GRACE: Duration = Duration::from_secs(1);
 
 /// What one simulated client does.
 #[derive(Debug, Clone, Default)]
@@ -61,7 +65,7 @@ pub async fn run(ctx: Arc<RunCtx>, spec: DeviceSpec, ready: Arc<super::Barrier>,
         };
         out.connected = true;
         if first || !spec.persistent {
-            if let Err(e) = subscribe(&mut client, &spec).await {
+            if let Err(e) = subscribe(&ctx, &spec, &mut client, &mut out).await {
                 ctx.stats.error(e.kind());
                 ready.arrive();
                 return out;
@@ -128,20 +132,33 @@ async fn connect(ctx: &RunCtx, spec: &DeviceSpec, first: bool) -> Option<Client>
     }
 }
 
-async fn subscribe(client: &mut Client, spec: &DeviceSpec) -> Result<(), ClientError> {
+/// Subscribes and waits for SUBACK; messages arriving meanwhile are accounted as usual.
+async fn subscribe(ctx: &RunCtx, spec: &DeviceSpec, client: &mut Client, out: &mut Outcome) -> Result<(), ClientError> {
     if spec.subscribe.is_empty() {
         return Ok(());
     }
     client.subscribe(spec.subscribe.clone(), None);
     client.flush().await?;
     loop {
-        if let Event::SubAck(a) = client.next().await? {
-            if let Some(r) = a.reasons.iter().find(|r| r.is_error()) {
-                return Err(ClientError::Protocol(format!("SUBACK refused: {r}")));
+        match client.next().await? {
+            Event::SubAck(a) => {
+                if let Some(r) = a.reasons.iter().find(|r| r.is_error()) {
+                    return Err(ClientError::Protocol(format!("SUBACK refused: {r}")));
+                }
+                return Ok(());
             }
-            return Ok(());
+            other => on_event(ctx, spec, client, out, other),
         }
     }
+}
+
+/// Handles every packet already in the read buffer: a broker may send queued messages in the
+/// same segment as CONNACK or SUBACK, and nothing else may follow them.
+fn drain_buffered(ctx: &RunCtx, spec: &DeviceSpec, client: &mut Client, out: &mut Outcome) -> Result<(), ClientError> {
+    while let Some(ev) = client.poll_event()? {
+        on_event(ctx, spec, client, out, ev);
+    }
+    Ok(())
 }
 
 enum Ended {
@@ -160,28 +177,39 @@ async fn session(
     drop_now: Option<&Notify>,
 ) -> Ended {
     let publishing = !spec.publish.is_empty();
+    if let Err(e) = drain_buffered(ctx, spec, client, out) {
+        return Ended::Failed(e);
+    }
     if publishing {
         ctx.go.wait().await;
     }
-    let streams = spec.publish.len().max(1) as f64;
-    let mut next_send = match ctx.pace {
-        // Spread devices over the first period so they do not publish in lockstep.
+    let streams = spec.publish.len().max(1) as u64;
+    // Open loop: message k is due at `first + k * period`, computed in integer nanoseconds so
+    // that a run of D seconds at R messages/s sends exactly D x R per stream.
+    let (first, period_ns, budget) = match ctx.pace {
         Pace::Rate(r) if publishing && r > 0.0 => {
-            *ctx.go_at.lock() + Duration::from_secs_f64(spec.index as f64 % 997.0 / 997.0 / (r * streams))
+            let period_ns = (1e9 / (r * streams as f64)).round().max(1.0) as u64;
+            // Spread devices over the first period so they do not publish in lockstep.
+            let offset = Duration::from_nanos(period_ns * (spec.index as u64 % 997) / 997);
+            let budget = (ctx.duration.as_secs_f64() * r).round() as u64 * streams;
+            (*ctx.go_at.lock() + offset, period_ns, budget)
         }
-        _ => Instant::now(),
+        _ => (Instant::now(), 0, u64::MAX),
     };
     let mut k: u64 = seqs.values().sum();
+    let due = |k: u64| first + Duration::from_nanos(k.saturating_mul(period_ns));
     loop {
         let now = Instant::now();
-        let publish_until = ctx.publish_until();
-        let publish_open = publishing && now < publish_until;
+        // An open-loop publisher that fell behind may finish its due messages a little after
+        // the window (they keep their intended send time); a closed-loop one stops on time.
+        let publish_until = ctx.publish_until() + if matches!(ctx.pace, Pace::Rate(_)) { LATE_GRACE } else { Duration::ZERO };
+        let publish_open = publishing && now < publish_until && k < budget;
         let can_send = publish_open
             && match ctx.pace {
                 Pace::Rate(_) => true,
                 Pace::Window(w) => in_flight(ctx, spec, seqs) < w,
             };
-        let wake = if can_send && matches!(ctx.pace, Pace::Rate(_)) { next_send } else { now + Duration::from_secs(3600) };
+        let wake = if can_send && matches!(ctx.pace, Pace::Rate(_)) { due(k) } else { now + Duration::from_secs(3600) };
         let ping_at = client.ping_at().unwrap_or(now + Duration::from_secs(3600));
         let window_poll = matches!(ctx.pace, Pace::Window(_)) && publish_open && !can_send;
         tokio::select! {
@@ -190,29 +218,17 @@ async fn session(
             () = async { match drop_now { Some(n) => n.notified().await, None => std::future::pending().await } } => return Ended::Dropped,
             r = client.tx.write_some(), if client.tx.has_output() => if let Err(e) = r { return Ended::Failed(e.into()) },
             r = client.rx.read() => {
-                if let Err(e) = r {
+                if let Err(e) = r.and_then(|()| drain_buffered(ctx, spec, client, out)) {
                     return Ended::Failed(e);
-                }
-                loop {
-                    match client.poll_event() {
-                        Ok(Some(ev)) => on_event(ctx, spec, client, out, ev),
-                        Ok(None) => break,
-                        Err(e) => return Ended::Failed(e),
-                    }
                 }
             },
             () = tokio::time::sleep_until(wake), if can_send => {
                 // Open loop: catch up on every message whose time has come, each stamped with
                 // its intended time.
-                while Instant::now() >= next_send && next_send < publish_until {
-                    let sent_at = ctx.wall_of(next_send);
+                while k < budget && Instant::now() >= due(k) {
+                    let sent_at = ctx.wall_of(due(k));
                     publish_one(ctx, spec, client, out, seqs, k, sent_at);
                     k += 1;
-                    if let Pace::Rate(r) = ctx.pace {
-                        // `can_send` implies publishing; `prepare` refuses a zero rate for
-                        // publishing scenarios.
-                        next_send += Duration::from_secs_f64(1.0 / (r * streams).max(1e-9));
-                    }
                 }
             },
             () = std::future::ready(()), if can_send && matches!(ctx.pace, Pace::Window(_)) => {
@@ -237,7 +253,15 @@ fn in_flight(ctx: &RunCtx, spec: &DeviceSpec, seqs: &BTreeMap<u32, u64>) -> usiz
         .sum()
 }
 
-fn publish_one(ctx: &RunCtx, spec: &DeviceSpec, client: &mut Client, out: &mut Outcome, seqs: &mut BTreeMap<u32, u64>, k: u64, sent_at_ns: u64) {
+fn publish_one(
+    ctx: &RunCtx,
+    spec: &DeviceSpec,
+    client: &mut Client,
+    out: &mut Outcome,
+    seqs: &mut BTreeMap<u32, u64>,
+    k: u64,
+    sent_at_ns: u64,
+) {
     let (stream, topic) = &spec.publish[(k % spec.publish.len() as u64) as usize];
     let seq = seqs.entry(*stream).or_insert(0);
     let qos_level = ctx.qos.qos_for(*stream, *seq);
@@ -249,7 +273,7 @@ fn publish_one(ctx: &RunCtx, spec: &DeviceSpec, client: &mut Client, out: &mut O
         props.correlation_data = Some(Bytes::copy_from_slice(&seq.to_be_bytes()));
     }
     client.publish(topic, qos, payload, false, props, (*stream, *seq));
-    out.ledger.streams.entry(*stream).or_insert_with(StreamLedger::default).sent = *seq + 1;
+    out.ledger.streams.entry(*stream).or_default().sent = *seq + 1;
     *seq += 1;
     ctx.stats.published.fetch_add(1, Relaxed);
 }

@@ -160,6 +160,8 @@ pub struct RunCtx {
     pub payload_size: usize,
     pub shape: Shape,
     pub pace: Pace,
+    /// Length of the publishing window.
+    pub duration: Duration,
     pub offline: Duration,
     pub stats: Arc<Stats>,
     /// Bounds handshakes in flight.
@@ -218,6 +220,7 @@ pub async fn run(plan: Plan, s: Settings, settings_json: std::collections::BTree
         payload_size: s.payload_size,
         shape: s.shape,
         pace: s.pace,
+        duration: s.duration,
         offline: s.offline,
         stats: stats.clone(),
         handshakes: Semaphore::new(s.connect_inflight.max(1)),
@@ -263,7 +266,8 @@ pub async fn run(plan: Plan, s: Settings, settings_json: std::collections::BTree
                 let n = ((victims.len() as f64) * storm.percent / 100.0).ceil() as usize;
                 // A different slice each round, deterministic for replay.
                 for k in 0..n {
-                    victims[(round as usize * n + k) % victims.len()].notify_one();
+                    // Only devices connected right now: an offline one is not dropped twice.
+                    victims[(round as usize * n + k) % victims.len()].notify_waiters();
                 }
                 round += 1;
             }
@@ -272,7 +276,8 @@ pub async fn run(plan: Plan, s: Settings, settings_json: std::collections::BTree
     if plan.hold > Duration::ZERO {
         tokio::time::sleep(plan.hold).await;
     } else {
-        tokio::time::sleep_until(publish_until).await;
+        let late = if matches!(s.pace, Pace::Rate(_)) { device::LATE_GRACE } else { Duration::ZERO };
+        tokio::time::sleep_until(publish_until + late).await;
     }
     if let Some(t) = storm_task {
         t.abort();

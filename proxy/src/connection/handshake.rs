@@ -211,10 +211,8 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId) -> Result<Resu
         ctx.end_stored_session(&n.client_id).await.map_err(|e| e.to_string())?;
     }
     let session_present = existing.is_some();
-    let subscriptions: BTreeMap<_, _> = existing
-        .as_ref()
-        .map(|r| r.subscriptions.iter().map(|s| (s.filter.as_str().into(), s.clone())).collect())
-        .unwrap_or_default();
+    let subscriptions: BTreeMap<_, _> =
+        existing.as_ref().map(|r| r.subscriptions.iter().map(|s| (s.filter.as_str().into(), s.clone())).collect()).unwrap_or_default();
     let state = SessionState {
         expiry: n.session_expiry,
         expiry_zero_at_connect: n.session_expiry == 0,
@@ -252,10 +250,9 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId) -> Result<Resu
         debug_assert!(replies.iter().all(|r| *r == Reply::Done));
     }
     let (queue, inbound) = match &existing {
-        Some(_) => (
-            store.load_queue(&id, now_ms()).await.map_err(|e| e.to_string())?,
-            store.load_inbound(&id).await.map_err(|e| e.to_string())?,
-        ),
+        Some(_) => {
+            (store.load_queue(&id, now_ms()).await.map_err(|e| e.to_string())?, store.load_inbound(&id).await.map_err(|e| e.to_string())?)
+        }
         None => (Vec::new(), Vec::new()),
     };
     if !persistent && session_present {

@@ -26,6 +26,8 @@ pub struct Input<R> {
 pub struct Output<W> {
     writer: W,
     buf: BytesMut,
+    /// Written but not flushed: TLS and WebSocket streams buffer until flushed.
+    unflushed: bool,
     pub bytes: u64,
 }
 
@@ -39,7 +41,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
     pub fn new(reader: R, writer: W, max_packet_size: usize) -> Io<R, W> {
         Io {
             input: Input { reader, buf: BytesMut::new(), max_packet_size, bytes: 0 },
-            output: Output { writer, buf: BytesMut::new(), bytes: 0 },
+            output: Output { writer, buf: BytesMut::new(), unflushed: false, bytes: 0 },
         }
     }
 }
@@ -88,17 +90,29 @@ impl<W: AsyncWrite + Unpin> Output<W> {
         }
     }
 
+    /// Bytes waiting to be written.
     pub fn pending(&self) -> usize {
         self.buf.len()
     }
 
-    /// One write of the buffered bytes.
+    /// Whether [`Output::write_some`] has work: bytes to write or a flush to do.
+    pub fn has_work(&self) -> bool {
+        !self.buf.is_empty() || self.unflushed
+    }
+
+    /// One write of the buffered bytes, or the flush after the last write.
     pub async fn write_some(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            self.writer.flush().await?;
+            self.unflushed = false;
+            return Ok(());
+        }
         let n = self.writer.write(&self.buf).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         self.buf.advance(n);
+        self.unflushed = true;
         self.bytes += n as u64;
         if self.buf.is_empty() && self.buf.capacity() > 16 * READ_CHUNK {
             self.buf = BytesMut::new();
@@ -108,10 +122,10 @@ impl<W: AsyncWrite + Unpin> Output<W> {
 
     /// Writes everything buffered and flushes.
     pub async fn flush_all(&mut self) -> std::io::Result<()> {
-        while !self.buf.is_empty() {
+        while self.has_work() {
             self.write_some().await?;
         }
-        self.writer.flush().await
+        Ok(())
     }
 
     pub async fn shutdown(&mut self) {

@@ -232,7 +232,7 @@ where
                     Ok(_) => self.on_input().await,
                     Err(e) => Err(End::Network(Some(e))),
                 },
-                r = self.io.output.write_some(), if self.io.output.pending() > 0 => r.map_err(|e| End::Network(Some(e))),
+                r = self.io.output.write_some(), if self.io.output.has_work() => r.map_err(|e| End::Network(Some(e))),
                 () = tokio::time::sleep_until(self.deadline), if keepalive => Err(End::KeepAliveTimeout),
             };
             if let Err(end) = result {
