@@ -103,6 +103,9 @@ pub enum Event {
 pub struct ReadSide {
     reader: Reader,
     buf: BytesMut,
+    /// Reservation size: starts small (an idle device receives only PINGRESP) and doubles when
+    /// a read fills what was free, up to 64 KiB.
+    chunk: usize,
 }
 
 /// The writing half: packets waiting to be written.
@@ -117,11 +120,16 @@ pub struct WriteSide {
 impl ReadSide {
     /// Reads what the socket has; `Err(Closed)` at end of stream.
     pub async fn read(&mut self) -> Result<(), ClientError> {
-        if self.buf.capacity() - self.buf.len() < 512 {
-            self.buf.reserve(4096);
+        if self.buf.capacity() - self.buf.len() < 64 {
+            self.buf.reserve(self.chunk);
         }
-        if self.reader.read_buf(&mut self.buf).await? == 0 {
+        let spare = self.buf.capacity() - self.buf.len();
+        let n = self.reader.read_buf(&mut self.buf).await?;
+        if n == 0 {
             return Err(ClientError::Closed);
+        }
+        if n == spare {
+            self.chunk = (self.chunk * 2).min(64 * 1024);
         }
         Ok(())
     }
@@ -176,7 +184,7 @@ impl Client {
         let fut = async {
             let (reader, writer) = transport::connect(target, tls, source).await.map_err(ClientError::Connect)?;
             let mut c = Client {
-                rx: ReadSide { reader, buf: BytesMut::new() },
+                rx: ReadSide { reader, buf: BytesMut::new(), chunk: 256 },
                 tx: WriteSide { writer, buf: BytesMut::new(), last_write: Instant::now(), unflushed: false },
                 protocol: o.protocol,
                 next_id: 1,

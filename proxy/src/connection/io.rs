@@ -9,14 +9,20 @@ use bytes::{Buf, BytesMut};
 use mqfleet_codec::{decode_packet, DecodeError, Packet, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Read-buffer growth step: big enough for many small packets per read, small enough to keep
-/// idle connections cheap.
+/// Read-buffer size after a large packet, above which the buffer is released once empty.
 const READ_CHUNK: usize = 4096;
+/// First reservation: an idle device sends only a PINGREQ now and then.
+const MIN_CHUNK: usize = 256;
+/// Largest reservation: enough for many packets per read on a busy connection.
+const MAX_CHUNK: usize = 64 * 1024;
 
 /// The reading half: bytes from the socket, split into packets.
 pub struct Input<R> {
     reader: R,
     buf: BytesMut,
+    /// How much to reserve when the buffer runs out: doubles when a read fills what was free,
+    /// so a busy connection soon reads in large chunks while an idle one stays small.
+    chunk: usize,
     /// Largest packet accepted, header included.
     max_packet_size: usize,
     pub bytes: u64,
@@ -40,7 +46,7 @@ pub struct Io<R, W> {
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
     pub fn new(reader: R, writer: W, max_packet_size: usize) -> Io<R, W> {
         Io {
-            input: Input { reader, buf: BytesMut::new(), max_packet_size, bytes: 0 },
+            input: Input { reader, buf: BytesMut::new(), chunk: MIN_CHUNK, max_packet_size, bytes: 0 },
             output: Output { writer, buf: BytesMut::new(), unflushed: false, bytes: 0 },
         }
     }
@@ -49,10 +55,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
 impl<R: AsyncRead + Unpin> Input<R> {
     /// Reads what the socket has. `Ok(0)` is end of stream.
     pub async fn read(&mut self) -> std::io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
+        if self.buf.capacity() - self.buf.len() < 64 {
+            self.buf.reserve(self.chunk);
         }
+        let spare = self.buf.capacity() - self.buf.len();
         let n = self.reader.read_buf(&mut self.buf).await?;
+        if n == spare {
+            self.chunk = (self.chunk * 2).min(MAX_CHUNK);
+        }
         self.bytes += n as u64;
         Ok(n)
     }
