@@ -29,68 +29,39 @@ fn stream(protocol: Protocol, packet: &Packet) -> BytesMut {
     b
 }
 
+/// Benchmarks decoding `wire` (a stream of packets) with `decode`, which must consume one packet
+/// per call.
+fn bench_decode<O>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    wire: &BytesMut,
+    decode: impl Fn(&mut BytesMut) -> O,
+) {
+    g.bench_function(name, |b| {
+        b.iter_batched(
+            || wire.clone(),
+            |mut buf| {
+                while !buf.is_empty() {
+                    std::hint::black_box(decode(&mut buf));
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 fn decode_publish(c: &mut Criterion) {
     for (name, protocol) in [("3.1.1", Protocol::V3_1_1), ("5.0", Protocol::V5)] {
         let wire = stream(protocol, &ours_publish(protocol));
         let mut g = c.benchmark_group(format!("decode PUBLISH 64 B, MQTT {name}"));
         g.throughput(Throughput::Elements(N as u64));
-        g.bench_function("mqfleet-codec", |b| {
-            b.iter_batched(
-                || wire.clone(),
-                |mut buf| {
-                    while let Some(p) = decode_packet(&mut buf, protocol, 1 << 20).unwrap() {
-                        std::hint::black_box(p);
-                    }
-                },
-                BatchSize::SmallInput,
-            )
-        });
+        bench_decode(&mut g, "mqfleet-codec", &wire, |b| decode_packet(b, protocol, 1 << 20).unwrap());
         if protocol.is_v5() {
-            g.bench_function("mqttbytes 0.6", |b| {
-                b.iter_batched(
-                    || wire.clone(),
-                    |mut buf| {
-                        while !buf.is_empty() {
-                            std::hint::black_box(mqttbytes::v5::read(&mut buf, 1 << 20).unwrap());
-                        }
-                    },
-                    BatchSize::SmallInput,
-                )
-            });
-            g.bench_function("rumqttc 0.25 mqttbytes", |b| {
-                b.iter_batched(
-                    || wire.clone(),
-                    |mut buf| {
-                        while !buf.is_empty() {
-                            std::hint::black_box(rumqttc::v5::mqttbytes::v5::Packet::read(&mut buf, Some(1 << 20)).unwrap());
-                        }
-                    },
-                    BatchSize::SmallInput,
-                )
-            });
+            bench_decode(&mut g, "mqttbytes 0.6", &wire, |b| mqttbytes::v5::read(b, 1 << 20).unwrap());
+            bench_decode(&mut g, "rumqttc 0.25 mqttbytes", &wire, |b| rumqttc::v5::mqttbytes::v5::Packet::read(b, Some(1 << 20)).unwrap());
         } else {
-            g.bench_function("mqttbytes 0.6", |b| {
-                b.iter_batched(
-                    || wire.clone(),
-                    |mut buf| {
-                        while !buf.is_empty() {
-                            std::hint::black_box(mqttbytes::v4::read(&mut buf, 1 << 20).unwrap());
-                        }
-                    },
-                    BatchSize::SmallInput,
-                )
-            });
-            g.bench_function("rumqttc 0.25 mqttbytes", |b| {
-                b.iter_batched(
-                    || wire.clone(),
-                    |mut buf| {
-                        while !buf.is_empty() {
-                            std::hint::black_box(rumqttc::mqttbytes::v4::Packet::read(&mut buf, 1 << 20).unwrap());
-                        }
-                    },
-                    BatchSize::SmallInput,
-                )
-            });
+            bench_decode(&mut g, "mqttbytes 0.6", &wire, |b| mqttbytes::v4::read(b, 1 << 20).unwrap());
+            bench_decode(&mut g, "rumqttc 0.25 mqttbytes", &wire, |b| rumqttc::mqttbytes::v4::Packet::read(b, 1 << 20).unwrap());
         }
         g.finish();
     }
@@ -145,28 +116,8 @@ fn decode_subscribe(c: &mut Criterion) {
     let wire = stream(Protocol::V5, &sub);
     let mut g = c.benchmark_group("decode SUBSCRIBE (2 filters), MQTT 5.0");
     g.throughput(Throughput::Elements(N as u64));
-    g.bench_function("mqfleet-codec", |b| {
-        b.iter_batched(
-            || wire.clone(),
-            |mut buf| {
-                while let Some(p) = decode_packet(&mut buf, Protocol::V5, 1 << 20).unwrap() {
-                    std::hint::black_box(p);
-                }
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    g.bench_function("mqttbytes 0.6", |b| {
-        b.iter_batched(
-            || wire.clone(),
-            |mut buf| {
-                while !buf.is_empty() {
-                    std::hint::black_box(mqttbytes::v5::read(&mut buf, 1 << 20).unwrap());
-                }
-            },
-            BatchSize::SmallInput,
-        )
-    });
+    bench_decode(&mut g, "mqfleet-codec", &wire, |b| decode_packet(b, Protocol::V5, 1 << 20).unwrap());
+    bench_decode(&mut g, "mqttbytes 0.6", &wire, |b| mqttbytes::v5::read(b, 1 << 20).unwrap());
     g.finish();
 }
 

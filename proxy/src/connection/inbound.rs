@@ -219,18 +219,10 @@ where
         let mut per_shard: Vec<Vec<SubscribeItem>> = vec![Vec::new(); shards];
         let mut reasons = Vec::with_capacity(s.filters.len());
         for (filter, options) in &s.filters {
-            let (group, inner) = match parse_shared(filter) {
-                Ok(Some(sf)) => (Some(sf.group), sf.filter),
-                Ok(None) => (None, &filter[..]),
-                Err(_) => {
-                    reasons.push(ReasonCode::TopicFilterInvalid);
-                    continue;
-                }
-            };
-            if validate_topic_filter(inner, &self.ctx.limits.topic).is_err() {
+            let Some((group, inner)) = split_filter(filter, &self.ctx.limits.topic) else {
                 reasons.push(ReasonCode::TopicFilterInvalid);
                 continue;
-            }
+            };
             if group.is_some() && options.no_local {
                 return Err(protocol_error(ReasonCode::ProtocolError, "No Local set on a shared subscription (MQTT-3.8.3-4)"));
             }
@@ -307,18 +299,10 @@ where
         let mut per_shard: Vec<Vec<mqfleet_codec::ByteString>> = vec![Vec::new(); self.ctx.shards.len()];
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
-            let inner = match parse_shared(filter) {
-                Ok(Some(sf)) => sf.filter,
-                Ok(None) => &filter[..],
-                Err(_) => {
-                    reasons.push(ReasonCode::TopicFilterInvalid);
-                    continue;
-                }
-            };
-            if validate_topic_filter(inner, &self.ctx.limits.topic).is_err() {
+            let Some((_, inner)) = split_filter(filter, &self.ctx.limits.topic) else {
                 reasons.push(ReasonCode::TopicFilterInvalid);
                 continue;
-            }
+            };
             let existed = self.session.subscriptions.remove(filter).is_some();
             reasons.push(if existed { ReasonCode::Success } else { ReasonCode::NoSubscriptionExisted });
             if existed {
@@ -392,6 +376,17 @@ where
         tracing::debug!(reason = %d.reason, "client disconnected");
         End::Client { will: d.reason == ReasonCode::DisconnectWithWill }
     }
+}
+
+/// A valid filter as (share group, filter without the `$share/{group}/` prefix); `None` if the
+/// filter or the shared-subscription syntax is invalid (MQTT 5 §4.7.1, §4.8.2).
+fn split_filter<'a>(filter: &'a str, limits: &mqfleet_codec::topic::TopicLimits) -> Option<(Option<&'a str>, &'a str)> {
+    let (group, inner) = match parse_shared(filter).ok()? {
+        Some(sf) => (Some(sf.group), sf.filter),
+        None => (None, filter),
+    };
+    validate_topic_filter(inner, limits).ok()?;
+    Some((group, inner))
 }
 
 /// With a failure, every granted code becomes 0x80 Unspecified error.

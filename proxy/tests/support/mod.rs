@@ -251,150 +251,95 @@ impl Raw {
 
 // === rumqttc ===
 
-pub mod v4 {
-    use super::*;
-    pub use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
-    use tokio::sync::mpsc;
+/// A rumqttc client whose event loop runs in a task and forwards incoming packets; the same
+/// helpers for the 3.1.1 and the 5.0 APIs.
+macro_rules! rumqttc_client {
+    ($module:ident; $($imports:item)*) => {
+        pub mod $module {
+            use super::*;
+            use tokio::sync::mpsc;
+            $($imports)*
 
-    pub struct Client {
-        pub client: AsyncClient,
-        pub events: mpsc::UnboundedReceiver<Packet>,
-    }
+            pub struct Client {
+                pub client: AsyncClient,
+                pub events: mpsc::UnboundedReceiver<Packet>,
+            }
 
-    pub fn options(addr: SocketAddr, id: &str) -> MqttOptions {
-        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        o.set_keep_alive(Duration::from_secs(30));
-        o
-    }
+            pub fn options(addr: SocketAddr, id: &str) -> MqttOptions {
+                let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+                o.set_keep_alive(Duration::from_secs(30));
+                o
+            }
 
-    /// Connects, polls the event loop in a task, forwards incoming packets.
-    pub async fn connect(o: MqttOptions) -> Client {
-        let (client, mut el) = AsyncClient::new(o, 100);
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(p)) => {
-                        if tx.send(p).is_err() {
+            /// Connects, polls the event loop in a task, forwards incoming packets.
+            pub async fn connect(o: MqttOptions) -> Client {
+                let (client, mut el) = AsyncClient::new(o, 100);
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(async move {
+                    loop {
+                        match el.poll().await {
+                            Ok(Event::Incoming(p)) => {
+                                if tx.send(p).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+                let mut c = Client { client, events: rx };
+                match c.next().await {
+                    Packet::ConnAck(_) => c,
+                    other => panic!("expected CONNACK, got {other:?}"),
+                }
+            }
+
+            impl Client {
+                pub async fn next(&mut self) -> Packet {
+                    tokio::time::timeout(PATIENCE, self.events.recv()).await.expect("a packet in time").expect("connection open")
+                }
+
+                /// Skips packets until a PUBLISH.
+                pub async fn next_publish(&mut self) -> Publish {
+                    loop {
+                        if let Packet::Publish(p) = self.next().await {
+                            return p;
+                        }
+                    }
+                }
+
+                pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
+                    self.client.subscribe(filter, qos).await.unwrap();
+                    loop {
+                        if let Packet::SubAck(_) = self.next().await {
                             return;
                         }
                     }
-                    Ok(_) => {}
-                    Err(_) => return,
                 }
-            }
-        });
-        let mut c = Client { client, events: rx };
-        match c.next().await {
-            Packet::ConnAck(_) => c,
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
 
-    impl Client {
-        pub async fn next(&mut self) -> Packet {
-            tokio::time::timeout(PATIENCE, self.events.recv()).await.expect("a packet in time").expect("connection open")
-        }
-
-        /// Skips packets until a PUBLISH.
-        pub async fn next_publish(&mut self) -> Publish {
-            loop {
-                if let Packet::Publish(p) = self.next().await {
-                    return p;
+                /// Asserts no PUBLISH arrives for a while (other packets are skipped).
+                pub async fn expect_no_publish(&mut self) {
+                    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+                    while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+                        assert!(!matches!(p, Packet::Publish(_)), "unexpected {p:?}");
+                    }
                 }
             }
         }
-
-        pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
-            self.client.subscribe(filter, qos).await.unwrap();
-            loop {
-                if let Packet::SubAck(_) = self.next().await {
-                    return;
-                }
-            }
-        }
-
-        /// Asserts no PUBLISH arrives for a while (other packets are skipped).
-        pub async fn expect_no_publish(&mut self) {
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-            while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
-                assert!(!matches!(p, Packet::Publish(_)), "unexpected {p:?}");
-            }
-        }
-    }
+    };
 }
 
-pub mod v5 {
-    use super::*;
+rumqttc_client! {
+    v4;
+    pub use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+}
+
+rumqttc_client! {
+    v5;
     pub use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties, SubscribeProperties};
     pub use rumqttc::v5::mqttbytes::QoS;
     pub use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    use tokio::sync::mpsc;
-
-    pub struct Client {
-        pub client: AsyncClient,
-        pub events: mpsc::UnboundedReceiver<Packet>,
-    }
-
-    pub fn options(addr: SocketAddr, id: &str) -> MqttOptions {
-        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        o.set_keep_alive(Duration::from_secs(30));
-        o
-    }
-
-    pub async fn connect(o: MqttOptions) -> Client {
-        let (client, mut el) = AsyncClient::new(o, 100);
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(p)) => {
-                        if tx.send(p).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
-            }
-        });
-        let mut c = Client { client, events: rx };
-        match c.next().await {
-            Packet::ConnAck(_) => c,
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    impl Client {
-        pub async fn next(&mut self) -> Packet {
-            tokio::time::timeout(PATIENCE, self.events.recv()).await.expect("a packet in time").expect("connection open")
-        }
-
-        pub async fn next_publish(&mut self) -> Publish {
-            loop {
-                if let Packet::Publish(p) = self.next().await {
-                    return p;
-                }
-            }
-        }
-
-        pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
-            self.client.subscribe(filter, qos).await.unwrap();
-            loop {
-                if let Packet::SubAck(_) = self.next().await {
-                    return;
-                }
-            }
-        }
-
-        /// Asserts no PUBLISH arrives for a while (other packets are skipped).
-        pub async fn expect_no_publish(&mut self) {
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-            while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
-                assert!(!matches!(p, Packet::Publish(_)), "unexpected {p:?}");
-            }
-        }
-    }
 }
 
 // === external clients ===
