@@ -25,6 +25,16 @@ pub enum Error {
 
     #[error("the store has shut down")]
     Closed,
+
+    #[error("Redis failed while {doing}: {source}")]
+    Redis {
+        doing: &'static str,
+        #[source]
+        source: Arc<redis::RedisError>,
+    },
+
+    #[error("{what} is not available with the {backend} store")]
+    Unsupported { what: &'static str, backend: &'static str },
 }
 
 impl Error {
@@ -32,9 +42,13 @@ impl Error {
         Error::Storage { doing, source: Arc::new(e.into()) }
     }
 
-    /// True when the same operation may succeed later (a full disk may be freed; a closed
-    /// store will not come back).
+    pub(crate) fn redis(doing: &'static str, e: redis::RedisError) -> Error {
+        Error::Redis { doing, source: Arc::new(e) }
+    }
+
+    /// True when the same operation may succeed later (a full disk may be freed, Redis may come
+    /// back; a closed store will not).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Storage { .. })
+        matches!(self, Error::Storage { .. } | Error::Redis { .. })
     }
 }

@@ -28,7 +28,9 @@
 pub mod embedded;
 mod error;
 mod record;
+pub mod redis;
 
+pub use self::redis::{Claim, RedisStore, RedisTarget};
 pub use embedded::{EmbeddedConfig, EmbeddedStore, SyncPolicy};
 pub use error::Error;
 pub use record::*;
@@ -39,6 +41,7 @@ pub use record::*;
 #[derive(Clone, Debug)]
 pub enum Store {
     Embedded(EmbeddedStore),
+    Redis(RedisStore),
 }
 
 impl Store {
@@ -46,6 +49,7 @@ impl Store {
     pub async fn load_session(&self, client_id: &str) -> Result<Option<SessionRecord>, Error> {
         match self {
             Store::Embedded(s) => s.load_session(client_id).await,
+            Store::Redis(s) => s.load_session(client_id).await,
         }
     }
 
@@ -54,6 +58,8 @@ impl Store {
     pub fn may_have_session(&self, client_id: &str) -> bool {
         match self {
             Store::Embedded(s) => s.may_have_session(client_id),
+            // No local knowledge: the claim at CONNECT tells (see `RedisStore::claim`).
+            Store::Redis(_) => true,
         }
     }
 
@@ -61,6 +67,7 @@ impl Store {
     pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, Error> {
         match self {
             Store::Embedded(s) => s.write(ops).await,
+            Store::Redis(s) => s.write(ops).await,
         }
     }
 
@@ -68,6 +75,7 @@ impl Store {
     pub async fn load_queue(&self, client_id: &str, now_ms: u64) -> Result<Vec<QueuedMessage>, Error> {
         match self {
             Store::Embedded(s) => s.load_queue(client_id, now_ms).await,
+            Store::Redis(s) => s.load_queue(client_id, now_ms).await,
         }
     }
 
@@ -75,6 +83,7 @@ impl Store {
     pub async fn load_inbound(&self, client_id: &str) -> Result<Vec<u16>, Error> {
         match self {
             Store::Embedded(s) => s.load_inbound(client_id).await,
+            Store::Redis(s) => s.load_inbound(client_id).await,
         }
     }
 
@@ -82,6 +91,9 @@ impl Store {
     pub async fn sessions(&self) -> Result<Vec<SessionRecord>, Error> {
         match self {
             Store::Embedded(s) => s.sessions().await,
+            // Listing millions of sessions is not a start-up step in clustered mode: shards keep
+            // their own subscriptions and proxies find sessions by client id.
+            Store::Redis(_) => Ok(Vec::new()),
         }
     }
 
@@ -89,6 +101,7 @@ impl Store {
     pub async fn retained(&self) -> Result<Vec<RetainedRecord>, Error> {
         match self {
             Store::Embedded(s) => s.retained().await,
+            Store::Redis(_) => Err(Error::Unsupported { what: "retained messages (they live with the shards)", backend: "Redis" }),
         }
     }
 
@@ -96,6 +109,8 @@ impl Store {
     pub async fn flush(&self) -> Result<(), Error> {
         match self {
             Store::Embedded(s) => s.flush().await,
+            // Redis acknowledges writes once applied; its own persistence settings decide the rest.
+            Store::Redis(_) => Ok(()),
         }
     }
 }

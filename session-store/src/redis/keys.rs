@@ -1,0 +1,115 @@
+//! Every Redis key mqfleet uses, in one place.
+//!
+//! Keys of one client share one hash tag so a Redis Cluster keeps them in one slot (and one Lua
+//! script may touch them all). The tag is a hash of the client id, never the id itself: an id
+//! containing `{…}` must not choose its slot (BAD-INPUT J.76). The tag comes first, so Redis
+//! takes it as the tag whatever the id contains; the raw id after it keeps keys unique even if
+//! two ids hash alike.
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `mqf:{H}:s:<id>` | hash | `rec` session record, `epoch` connection epoch, `owner` proxy id |
+//! | `mqf:{H}:q:<id>` | hash | queue position → queued message |
+//! | `mqf:{H}:qs:<id>` | hash | queue position → delivery state (sent / released) |
+//! | `mqf:{H}:n:<id>` | string | last queue position given out |
+//! | `mqf:{H}:in:<id>` | set | packet ids of accepted QoS 2 PUBLISHes awaiting PUBREL |
+//! | `mqf:proxies` | hash | proxy id → its address (membership) |
+//! | `mqf:proxy:<id>:hb` | string + TTL | alive while the proxy beats |
+//! | `mqf:shards` | hash | shard name → link address |
+//! | `mqf:shard:<name>:hb` | string + TTL | alive while the shard beats |
+//! | `mqf:ring` | hash | `epoch`, `members` (the shard set the ring was built from) |
+
+/// FNV-1a, 64 bits: stable across processes, versions and machines (no seed, defined byte
+/// order), which is all a slot tag needs.
+pub fn client_hash(client_id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in client_id.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The keys of one client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientKeys {
+    pub session: String,
+    pub queue: String,
+    pub queue_state: String,
+    pub counter: String,
+    pub inbound: String,
+}
+
+impl ClientKeys {
+    pub fn new(client_id: &str) -> ClientKeys {
+        let tag = format!("mqf:{{{:016x}}}", client_hash(client_id));
+        ClientKeys {
+            session: format!("{tag}:s:{client_id}"),
+            queue: format!("{tag}:q:{client_id}"),
+            queue_state: format!("{tag}:qs:{client_id}"),
+            counter: format!("{tag}:n:{client_id}"),
+            inbound: format!("{tag}:in:{client_id}"),
+        }
+    }
+
+    pub fn all(&self) -> [&str; 5] {
+        [&self.session, &self.queue, &self.queue_state, &self.counter, &self.inbound]
+    }
+}
+
+pub const PROXIES: &str = "mqf:proxies";
+pub const SHARDS: &str = "mqf:shards";
+pub const RING: &str = "mqf:ring";
+
+pub fn proxy_heartbeat(proxy: &str) -> String {
+    format!("mqf:proxy:{proxy}:hb")
+}
+
+pub fn shard_heartbeat(shard: &str) -> String {
+    format!("mqf:shard:{shard}:hb")
+}
+
+/// Pub/sub channel on which a proxy hears about its connections taken over elsewhere.
+pub fn proxy_channel(proxy: &str) -> String {
+    format!("mqf:proxy:{proxy}:events")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis Cluster's slot of a key (CRC16/XMODEM of the hash tag, mod 16384).
+    fn slot(key: &str) -> u16 {
+        let b = key.as_bytes();
+        let tag = match (key.find('{'), key.find('{').and_then(|s| key[s + 1..].find('}').map(|e| s + 1 + e))) {
+            (Some(s), Some(e)) if e > s + 1 => &b[s + 1..e],
+            _ => b,
+        };
+        let mut crc: u16 = 0;
+        for byte in tag {
+            crc ^= u16::from(*byte) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            }
+        }
+        crc % 16384
+    }
+
+    #[test]
+    fn all_keys_of_a_client_share_one_slot_whatever_the_id_bad_input_j76() {
+        for id in ["plain", "{attacker-chosen}", "a{b}c", "}{", "{}", "x:{s}:y"] {
+            let k = ClientKeys::new(id);
+            let s = slot(&k.session);
+            assert!(k.all().iter().all(|key| slot(key) == s), "{id}");
+        }
+        // The id does not choose the slot: ids with the same {tag} land in different slots.
+        assert_ne!(slot(&ClientKeys::new("{same}-1").session), slot(&ClientKeys::new("{same}-2").session));
+    }
+
+    #[test]
+    fn hash_is_pinned() {
+        // Changing it moves every session to another slot: a migration, not a refactor.
+        assert_eq!(client_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(client_hash("device-42"), 0xbda0_5d4c_5052_eee8);
+    }
+}

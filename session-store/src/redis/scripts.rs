@@ -1,0 +1,104 @@
+//! The Lua scripts that keep each client's keys consistent. Every script touches the keys of one
+//! client only (one hash tag, so one Cluster slot) and runs atomically.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// KEYS: session, queue, counter. ARGV: max length, entry.
+/// Returns the queue position, -1 if the session does not exist, -2 if its queue is full.
+/// An offline session's keys expire together: a new queue key gets the session's TTL.
+pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'rec') == 0 then return -1 end
+if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[1]) then return -2 end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[2], seq, ARGV[2])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
+return seq
+"#,
+    )
+});
+
+/// KEYS: session, queue, queue state, counter, inbound. ARGV: record, epoch, ttl ms (0: none).
+/// Refuses (returns 0) a record from an older connection epoch than the stored one: a proxy that
+/// lost the session to another cannot overwrite it (fencing). Returns 1 when written.
+pub static PUT_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local stored = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+local epoch = tonumber(ARGV[2])
+if stored and stored > epoch then return 0 end
+redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'epoch', epoch)
+local ttl = tonumber(ARGV[3])
+for i = 1, 5 do
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
+end
+return 1
+"#,
+    )
+});
+
+/// KEYS: the client's five keys. ARGV: proxy id. Takes ownership of a client id for a new
+/// connection: bumps the epoch, records the owner, stops the session from expiring.
+/// Returns { previous owner or '', new epoch, has record (0/1) }.
+pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local previous = redis.call('HGET', KEYS[1], 'owner') or ''
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
+return { previous, epoch, redis.call('HEXISTS', KEYS[1], 'rec') }
+"#,
+    )
+});
+
+/// KEYS: session. ARGV: proxy id, epoch. Gives up ownership if still held by this connection;
+/// a session without a record (clean) disappears with it. Returns 1 if released.
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 'epoch')) ~= tonumber(ARGV[2]) then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'rec') == 0 then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HDEL', KEYS[1], 'owner')
+end
+return 1
+"#,
+    )
+});
+
+/// KEYS: queue, queue state. ARGV: position, state. Records delivery progress of an entry
+/// that still exists.
+pub static SET_STATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
+return 1
+"#,
+    )
+});
+
+/// KEYS: session, inbound. ARGV: packet id. A QoS 2 marker, expiring with the session.
+pub static MARK_INBOUND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('SADD', KEYS[2], ARGV[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"#,
+    )
+});

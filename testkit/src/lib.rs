@@ -1,0 +1,150 @@
+//! Real components for tests: `redis-server` processes on free loopback ports, standalone or as
+//! a 3-master Redis Cluster. Each starts in its own temporary directory, waits until it answers
+//! (with a deadline, and the server's log in the panic if not), and is killed and reaped on drop.
+
+// Waiting for real processes is wall-clock time: a paused tokio clock must not stretch these
+// deadlines, so std::time::Instant is the right clock here.
+#![allow(clippy::disallowed_types)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to come up on a slow machine.
+const STARTUP: Duration = Duration::from_secs(20);
+
+/// A free loopback port (free when asked; the server binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli").args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// One `redis-server`.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Starts with extra `--option value` arguments.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = spawn_redis(dir.path(), port, extra);
+        let server = RedisServer { child, port, dir };
+        server.wait_ready();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + STARTUP;
+        while redis_cli(self.port, &["PING"]).as_deref() != Some("PONG") {
+            assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING; its log:\n{}", self.port, self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a redis-cli command against this server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args).unwrap_or_default()
+    }
+
+    /// Stops the server abruptly (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and directory.
+    pub fn restart(&mut self, extra: &[&str]) {
+        self.kill();
+        self.child = spawn_redis(self.dir.path(), self.port, extra);
+        self.wait_ready();
+    }
+}
+
+fn spawn_redis(dir: &Path, port: u16, extra: &[&str]) -> Child {
+    let log: PathBuf = dir.join("redis.log");
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(&log)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed (the README's test command installs it)")
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Redis Cluster of three masters, no replicas.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = Command::new("redis-cli").args(&args).output().expect("redis-cli is installed");
+        assert!(out.status.success(), "redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        let deadline = Instant::now() + STARTUP;
+        for n in &nodes {
+            while !n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "cluster did not reach state ok:\n{}", n.cli(&["CLUSTER", "INFO"]));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// `redis+cluster://h1:p1,h2:p2,h3:p3`
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// Which node holds a key (by asking the cluster).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        self.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]).parse().unwrap_or(0)
+    }
+}
