@@ -164,6 +164,7 @@ impl Router {
                 Request::Detach { client_id, conn } => self.on_detach(&client_id, proxy, conn),
                 Request::Forget { client_id, conn } => self.on_forget(&client_id, conn.map(|c| (proxy, c))),
                 Request::Redispatch { message, share_filter, exclude } => self.on_redispatch(message, &share_filter, &exclude),
+                Request::ResyncDone => {}
             },
         }
     }

@@ -13,6 +13,7 @@
 //! with the list of local recipients.
 
 pub mod client;
+pub mod frame;
 pub mod local;
 
 use std::fmt;
@@ -61,7 +62,7 @@ pub struct SubscribeItem {
 }
 
 /// Proxy → shard.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// Route a message. With an id, the shard replies once the message is durably accepted.
     /// `qos2_marker` (client id, packet id) is stored in the same commit as the message, for a
@@ -108,6 +109,9 @@ pub enum Request {
         share_filter: ByteString,
         exclude: ByteString,
     },
+    /// After (re)connecting, the proxy has re-sent every subscription of its sessions on this
+    /// shard. A restarted shard replays its log once its proxies are resynchronised.
+    ResyncDone,
 }
 
 /// Shard → proxy answer to a request with an id.
@@ -149,7 +153,7 @@ pub struct Deliver {
 }
 
 /// Shard → proxy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Reply { id: RequestId, result: Result<Reply, ShardError> },
     Deliver(Deliver),
