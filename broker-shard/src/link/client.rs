@@ -1,5 +1,6 @@
 //! The proxy's end of a link: sends requests, matches replies to them, and hands deliveries to
-//! a [`DeliverySink`].
+//! a [`DeliverySink`]. Two transports behind one API: in-process channels (single node) and
+//! TCP ([`super::tcp`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +10,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
 use super::local::{Inbound, EVENT_CHANNEL_CAPACITY};
-use super::{Deliver, Event, LinkError, ProxyId, Reply, Request, RequestId, ShardError};
+use super::{Deliver, Event, LinkError, ProxyId, Reply, Request, RequestId};
 use crate::ShardHandle;
 
 /// Receives deliveries from the shards. Called on the link's reader task: it must not block.
@@ -17,7 +18,16 @@ pub trait DeliverySink: Send + Sync + 'static {
     fn deliver(&self, deliver: Deliver);
 }
 
-type Waiters = Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ShardError>>>>;
+/// What a link tells its proxy about itself (TCP links only).
+pub trait LinkEvents: Send + Sync + 'static {
+    /// Requests that restore this proxy's state on the shard after a (re)connect: a Subscribe
+    /// for every session with subscriptions there. Their ids are filled in by the link.
+    fn resync(&self) -> Vec<Request>;
+    /// The link is up and resynchronised (`again`: not the first time).
+    fn linked(&self, again: bool);
+}
+
+pub(crate) type Waiters = Mutex<HashMap<u64, oneshot::Sender<Result<Reply, LinkError>>>>;
 
 /// A link from this proxy to one shard. Cheap to clone.
 #[derive(Clone)]
@@ -25,16 +35,21 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    shard: Arc<str>,
-    proxy: ProxyId,
-    /// The shard's inbox. Closed when the shard stops; requests then fail with
-    /// [`LinkError::Down`].
-    tx: mpsc::Sender<Inbound>,
-    /// Requests awaiting their reply. The reader task completes them; if it ends, their senders
-    /// are dropped and the callers see [`LinkError::Down`].
-    waiters: Arc<Waiters>,
-    next_id: AtomicU64,
+pub(crate) enum Transport {
+    /// The shard's inbox, in this process.
+    Local { tx: mpsc::Sender<Inbound>, proxy: ProxyId },
+    /// The link task's queue. Bounded: when the shard is away and the queue is full, requests
+    /// are refused at once ([`LinkError::Busy`]) instead of stalling connections.
+    Tcp { tx: mpsc::Sender<Request>, capacity: usize },
+}
+
+pub(crate) struct Inner {
+    pub(crate) shard: Mutex<Arc<str>>,
+    pub(crate) transport: Transport,
+    /// Requests awaiting their reply; completed by the reader, failed by it when the link gives
+    /// up on them.
+    pub(crate) waiters: Arc<Waiters>,
+    pub(crate) next_id: Arc<AtomicU64>,
 }
 
 impl Client {
@@ -44,23 +59,39 @@ impl Client {
         let down = || LinkError::Down { shard: shard.name().to_owned() };
         shard.tx.send(Inbound::Connect { proxy, events: events_tx }).await.map_err(|_| down())?;
         let waiters: Arc<Waiters> = Arc::default();
-        tokio::spawn(read_events(events_rx, waiters.clone(), sink));
+        tokio::spawn(read_local_events(events_rx, waiters.clone(), sink));
         Ok(Client {
-            inner: Arc::new(Inner { shard: shard.name().into(), proxy, tx: shard.tx.clone(), waiters, next_id: AtomicU64::new(1) }),
+            inner: Arc::new(Inner {
+                shard: Mutex::new(shard.name().into()),
+                transport: Transport::Local { tx: shard.tx.clone(), proxy },
+                waiters,
+                next_id: Arc::new(AtomicU64::new(1)),
+            }),
         })
     }
 
-    pub fn shard(&self) -> &str {
-        &self.inner.shard
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Client {
+        Client { inner }
+    }
+
+    /// The shard's name (its address until a TCP link learned the name).
+    pub fn shard(&self) -> Arc<str> {
+        self.inner.shard.lock().clone()
     }
 
     fn down(&self) -> LinkError {
-        LinkError::Down { shard: self.inner.shard.to_string() }
+        LinkError::Down { shard: self.shard().to_string() }
     }
 
     /// Sends a request that needs no reply.
     pub async fn send(&self, request: Request) -> Result<(), LinkError> {
-        self.inner.tx.send(Inbound::Request { proxy: self.inner.proxy, request }).await.map_err(|_| self.down())
+        match &self.inner.transport {
+            Transport::Local { tx, proxy } => tx.send(Inbound::Request { proxy: *proxy, request }).await.map_err(|_| self.down()),
+            Transport::Tcp { tx, capacity } => tx.try_send(request).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => LinkError::Busy { shard: self.shard().to_string(), buffered: *capacity },
+                mpsc::error::TrySendError::Closed(_) => self.down(),
+            }),
+        }
     }
 
     /// Sends the request `build` makes with a fresh id, and waits for its reply.
@@ -88,7 +119,7 @@ impl Client {
         let down = self.down();
         Ok(async move {
             match rx.await {
-                Ok(result) => result.map_err(LinkError::from),
+                Ok(result) => result,
                 Err(_) => Err(down),
             }
         })
@@ -96,20 +127,27 @@ impl Client {
 
     /// Tells the shard this proxy is going away (its sessions go offline there).
     pub async fn close(&self) {
-        let _ = self.inner.tx.send(Inbound::Disconnect { proxy: self.inner.proxy }).await;
+        if let Transport::Local { tx, proxy } = &self.inner.transport {
+            let _ = tx.send(Inbound::Disconnect { proxy: *proxy }).await;
+        }
     }
 }
 
-async fn read_events(mut rx: mpsc::Receiver<Event>, waiters: Arc<Waiters>, sink: Arc<dyn DeliverySink>) {
-    while let Some(event) = rx.recv().await {
-        match event {
-            Event::Reply { id, result } => {
-                if let Some(w) = waiters.lock().remove(&id.0) {
-                    let _ = w.send(result);
-                }
+/// Completes a waiter with a reply from the shard.
+pub(crate) fn complete(waiters: &Waiters, event: Event, sink: &dyn DeliverySink) {
+    match event {
+        Event::Reply { id, result } => {
+            if let Some(w) = waiters.lock().remove(&id.0) {
+                let _ = w.send(result.map_err(LinkError::from));
             }
-            Event::Deliver(d) => sink.deliver(d),
         }
+        Event::Deliver(d) => sink.deliver(d),
+    }
+}
+
+async fn read_local_events(mut rx: mpsc::Receiver<Event>, waiters: Arc<Waiters>, sink: Arc<dyn DeliverySink>) {
+    while let Some(event) = rx.recv().await {
+        complete(&waiters, event, sink.as_ref());
     }
     // The shard is gone: fail everything still waiting.
     waiters.lock().clear();

@@ -15,6 +15,8 @@
 pub mod client;
 pub mod frame;
 pub mod local;
+pub mod server;
+pub mod tcp;
 
 use std::fmt;
 use std::sync::Arc;
@@ -171,6 +173,10 @@ pub enum ShardError {
 pub enum LinkError {
     #[error("link to shard {shard} is down")]
     Down { shard: String },
+    #[error("link to shard {shard} has {buffered} requests waiting; refusing more until it drains")]
+    Busy { shard: String, buffered: usize },
+    #[error("shard {shard} did not answer within {seconds} s")]
+    Timeout { shard: String, seconds: u64 },
     #[error(transparent)]
     Shard(#[from] ShardError),
 }
