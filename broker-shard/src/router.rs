@@ -375,7 +375,7 @@ impl Router {
         let Plan { live, durable, not_queued } = plan;
         self.metrics.drop_copies("qos0_offline", not_queued);
         let enqueue_at = (!durable.is_empty()).then(|| {
-            ops.push(Op::Enqueue { message: message.encode(), expires_at_ms: message.expires_at_ms, to: durable });
+            ops.push(Op::Enqueue { message: message.encode(), expires_at_ms: message.expires_at_ms, to: durable, origin: None });
             ops.len() - 1
         });
         let store = self.store.clone();

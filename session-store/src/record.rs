@@ -114,10 +114,15 @@ pub enum Op {
         client_id: String,
     },
     /// Queues one message for several sessions; the message body is stored once.
+    ///
+    /// `origin` (shard name, log position) makes the enqueue idempotent per session when a
+    /// shard replays its log after a crash: a position already queued for a session is not
+    /// queued again.
     Enqueue {
         message: Bytes,
         expires_at_ms: Option<u64>,
         to: Vec<(String, Delivery)>,
+        origin: Option<(String, u64)>,
     },
     /// Records progress of a delivery.
     SetState {
@@ -150,6 +155,26 @@ pub enum Op {
     ClearInbound {
         client_id: String,
         pkid: u16,
+    },
+    /// Shard-local: a message accepted at this log position, kept until queued and delivered.
+    AppendLog {
+        position: u64,
+        entry: Bytes,
+    },
+    /// Shard-local: the entry at this log position is done.
+    TrimLog {
+        position: u64,
+    },
+    /// Shard-local: a persistent session's subscription held by this shard.
+    PutSubscription {
+        client_id: String,
+        filter: String,
+        entry: Bytes,
+    },
+    /// Shard-local: one subscription of a session, or all of them (`filter: None`).
+    RemoveSubscription {
+        client_id: String,
+        filter: Option<String>,
     },
 }
 

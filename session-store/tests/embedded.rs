@@ -34,6 +34,7 @@ fn enqueue(msg: &'static [u8], to: &[&str]) -> Op {
         message: Bytes::from_static(msg),
         expires_at_ms: None,
         to: to.iter().map(|c| (c.to_string(), Delivery { qos: 1, ..Default::default() })).collect(),
+        origin: None,
     }
 }
 
@@ -140,6 +141,7 @@ async fn expired_messages_are_not_loaded() {
             message: Bytes::from_static(b"old"),
             expires_at_ms: Some(1_000),
             to: vec![("a".into(), Delivery::default())],
+            origin: None,
         }])
         .await
         .unwrap();
@@ -194,4 +196,31 @@ async fn inbound_qos2_markers_are_kept_until_cleared_and_removed_with_the_sessio
     assert_eq!(store.load_inbound("a").await.unwrap(), [9]);
     store.write(vec![Op::RemoveSession { client_id: "a".into() }]).await.unwrap();
     assert!(store.load_inbound("a").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn shard_log_and_subscriptions_are_kept_until_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let Store::Embedded(e) = open(dir.path(), 10) else { unreachable!() };
+        let s = Store::Embedded(e.clone());
+        s.write(vec![
+            Op::AppendLog { position: 1, entry: Bytes::from_static(b"one") },
+            Op::AppendLog { position: 2, entry: Bytes::from_static(b"two") },
+            Op::PutSubscription { client_id: "c".into(), filter: "a/+".into(), entry: Bytes::from_static(b"s1") },
+            Op::PutSubscription { client_id: "c".into(), filter: "b".into(), entry: Bytes::from_static(b"s2") },
+            Op::PutSubscription { client_id: "d".into(), filter: "b".into(), entry: Bytes::from_static(b"s3") },
+        ])
+        .await
+        .unwrap();
+        s.write(vec![Op::TrimLog { position: 1 }, Op::RemoveSubscription { client_id: "c".into(), filter: Some("b".into()) }])
+            .await
+            .unwrap();
+    }
+    let Store::Embedded(e) = open(dir.path(), 10) else { unreachable!() };
+    assert_eq!(e.log().await.unwrap(), vec![(2, Bytes::from_static(b"two"))]);
+    let subs: Vec<(String, String)> = e.subscriptions().await.unwrap().into_iter().map(|(c, f, _)| (c, f)).collect();
+    assert_eq!(subs, [("c".to_string(), "a/+".to_string()), ("d".to_string(), "b".to_string())]);
+    Store::Embedded(e.clone()).write(vec![Op::RemoveSubscription { client_id: "c".into(), filter: None }]).await.unwrap();
+    assert_eq!(e.subscriptions().await.unwrap().len(), 1);
 }

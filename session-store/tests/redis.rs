@@ -41,6 +41,7 @@ fn enqueue(msg: &'static [u8], to: &[&str]) -> Op {
         message: Bytes::from_static(msg),
         expires_at_ms: None,
         to: to.iter().map(|c| (c.to_string(), Delivery { qos: 1, ..Default::default() })).collect(),
+        origin: None,
     }
 }
 
@@ -190,4 +191,31 @@ async fn unreachable_redis_is_a_clear_error_not_a_hang() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(err.to_string().starts_with("Redis failed while connecting"), "{err}");
     assert!(err.is_retryable());
+}
+
+#[tokio::test]
+async fn replayed_log_positions_are_not_queued_twice() {
+    let redis = RedisServer::start();
+    let s = store(&redis.url(), 10).await;
+    s.write(vec![Op::PutSession(record("p", 1, true, 600))]).await.unwrap();
+    let at = |pos: u64, body: &'static [u8]| Op::Enqueue {
+        message: Bytes::from_static(body),
+        expires_at_ms: None,
+        to: vec![("p".into(), Delivery { qos: 1, ..Default::default() })],
+        origin: Some(("shard-1".into(), pos)),
+    };
+    let first = s.write(vec![at(10, b"ten"), at(11, b"eleven")]).await.unwrap();
+    // The shard crashed and replays 10 and 11: nothing new is queued; the last keeps its seq.
+    let again = s.write(vec![at(10, b"ten"), at(11, b"eleven")]).await.unwrap();
+    assert_eq!(again[0], OpResult::Enqueued(vec![None]));
+    assert_eq!(again[1], first[1]);
+    assert_eq!(s.load_queue("p", 0).await.unwrap().len(), 2);
+    // Another shard's positions are independent.
+    let other = Op::Enqueue {
+        message: Bytes::from_static(b"o"),
+        expires_at_ms: None,
+        to: vec![("p".into(), Delivery::default())],
+        origin: Some(("shard-2".into(), 1)),
+    };
+    assert!(matches!(&s.write(vec![other]).await.unwrap()[0], OpResult::Enqueued(v) if v[0].is_some()));
 }

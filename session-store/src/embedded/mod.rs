@@ -15,6 +15,8 @@
 //! | `bodies`   | message id          | refcount and encoded message            |
 //! | `retained` | topic               | encoded message and expiry              |
 //! | `inbound`  | (client id, pkid)   | — (QoS 2 awaiting PUBREL)               |
+//! | `log`      | log position        | accepted message not yet done (shard)   |
+//! | `subscriptions` | (client id, filter) | a persistent session's subscription (shard) |
 //! | `meta`     | name                | counters (`next_id`)                    |
 
 mod writer;
@@ -38,6 +40,8 @@ pub(crate) const BODIES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(
 pub(crate) const RETAINED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retained");
 pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 pub(crate) const INBOUND: TableDefinition<'_, (&str, u16), ()> = TableDefinition::new("inbound");
+pub(crate) const LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("log");
+pub(crate) const SUBSCRIPTIONS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("subscriptions");
 
 /// When commits reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +211,39 @@ impl EmbeddedStore {
             for item in table.range((id.as_str(), 0)..=(id.as_str(), u16::MAX)).map_err(|e| Error::storage(doing, e))? {
                 let (k, _) = item.map_err(|e| Error::storage(doing, e))?;
                 out.push(k.value().1);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The shard log: accepted messages not yet done, in order.
+    pub async fn log(&self) -> Result<Vec<(u64, Bytes)>, Error> {
+        self.read(|db| {
+            let doing = "reading the message log";
+            let txn = db.begin_read().map_err(|e| Error::storage(doing, e))?;
+            let table = txn.open_table(LOG).map_err(|e| Error::storage(doing, e))?;
+            let mut out = Vec::new();
+            for item in table.iter().map_err(|e| Error::storage(doing, e))? {
+                let (k, v) = item.map_err(|e| Error::storage(doing, e))?;
+                out.push((k.value(), Bytes::copy_from_slice(v.value())));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Persistent sessions' subscriptions held by a shard: (client id, filter, entry).
+    pub async fn subscriptions(&self) -> Result<Vec<(String, String, Bytes)>, Error> {
+        self.read(|db| {
+            let doing = "reading subscriptions";
+            let txn = db.begin_read().map_err(|e| Error::storage(doing, e))?;
+            let table = txn.open_table(SUBSCRIPTIONS).map_err(|e| Error::storage(doing, e))?;
+            let mut out = Vec::new();
+            for item in table.iter().map_err(|e| Error::storage(doing, e))? {
+                let (k, v) = item.map_err(|e| Error::storage(doing, e))?;
+                let (c, f) = k.value();
+                out.push((c.to_owned(), f.to_owned(), Bytes::copy_from_slice(v.value())));
             }
             Ok(out)
         })

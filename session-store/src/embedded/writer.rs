@@ -19,7 +19,7 @@ use parking_lot::RwLock;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
-use super::{SyncPolicy, BODIES, INBOUND, META, QUEUE, RETAINED, SESSIONS};
+use super::{SyncPolicy, BODIES, INBOUND, LOG, META, QUEUE, RETAINED, SESSIONS, SUBSCRIPTIONS};
 use crate::record::{decode, encode, StoredBody, StoredEntry, StoredRetained};
 use crate::{Error, Op, OpResult};
 
@@ -72,6 +72,8 @@ impl State {
             txn.open_table(RETAINED).map_err(|e| Error::storage(doing, e))?;
             txn.open_table(QUEUE).map_err(|e| Error::storage(doing, e))?;
             txn.open_table(INBOUND).map_err(|e| Error::storage(doing, e))?;
+            txn.open_table(LOG).map_err(|e| Error::storage(doing, e))?;
+            txn.open_table(SUBSCRIPTIONS).map_err(|e| Error::storage(doing, e))?;
             let meta = txn.open_table(META).map_err(|e| Error::storage(doing, e))?;
             let stored = meta.get("next_id").map_err(|e| Error::storage(doing, e))?.map(|v| v.value());
             if let Some(v) = stored {
@@ -293,7 +295,8 @@ fn apply(
             added.retain(|c| c != client_id);
             removed.push(client_id.clone());
         }
-        Op::Enqueue { message, expires_at_ms, to } => {
+        // Single node has no log to replay: `origin` is not needed here.
+        Op::Enqueue { message, expires_at_ms, to, origin: _ } => {
             let message_id = *next_id;
             *next_id += 1;
             let mut seqs = Vec::with_capacity(to.len());
@@ -352,6 +355,29 @@ fn apply(
         Op::ClearInbound { client_id, pkid } => {
             let mut t = txn.open_table(INBOUND).map_err(|e| err(e.into()))?;
             t.remove((client_id.as_str(), *pkid)).map_err(|e| err(e.into()))?;
+        }
+        Op::AppendLog { position, entry } => {
+            let mut t = txn.open_table(LOG).map_err(|e| err(e.into()))?;
+            t.insert(*position, entry.as_ref()).map_err(|e| err(e.into()))?;
+        }
+        Op::TrimLog { position } => {
+            let mut t = txn.open_table(LOG).map_err(|e| err(e.into()))?;
+            t.remove(*position).map_err(|e| err(e.into()))?;
+        }
+        Op::PutSubscription { client_id, filter, entry } => {
+            let mut t = txn.open_table(SUBSCRIPTIONS).map_err(|e| err(e.into()))?;
+            t.insert((client_id.as_str(), filter.as_str()), entry.as_ref()).map_err(|e| err(e.into()))?;
+        }
+        Op::RemoveSubscription { client_id, filter } => {
+            let mut t = txn.open_table(SUBSCRIPTIONS).map_err(|e| err(e.into()))?;
+            match filter {
+                Some(f) => {
+                    t.remove((client_id.as_str(), f.as_str())).map_err(|e| err(e.into()))?;
+                }
+                None => {
+                    t.retain_in((client_id.as_str(), "")..(client_id.as_str(), "\u{10FFFF}"), |_, _| false).map_err(|e| err(e.into()))?;
+                }
+            }
         }
     }
     Ok(OpResult::Done)

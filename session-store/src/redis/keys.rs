@@ -13,6 +13,7 @@
 //! | `mqf:{H}:qs:<id>` | hash | queue position → delivery state (sent / released) |
 //! | `mqf:{H}:n:<id>` | string | last queue position given out |
 //! | `mqf:{H}:in:<id>` | set | packet ids of accepted QoS 2 PUBLISHes awaiting PUBREL |
+//! | `mqf:{H}:w:<id>` | hash | shard → "log position:queue position" of its last enqueue (replay is idempotent) |
 //! | `mqf:proxies` | hash | proxy id → its address (membership) |
 //! | `mqf:proxy:<id>:hb` | string + TTL | alive while the proxy beats |
 //! | `mqf:shards` | hash | shard name → link address |
@@ -38,6 +39,7 @@ pub struct ClientKeys {
     pub queue_state: String,
     pub counter: String,
     pub inbound: String,
+    pub watermark: String,
 }
 
 impl ClientKeys {
@@ -49,11 +51,12 @@ impl ClientKeys {
             queue_state: format!("{tag}:qs:{client_id}"),
             counter: format!("{tag}:n:{client_id}"),
             inbound: format!("{tag}:in:{client_id}"),
+            watermark: format!("{tag}:w:{client_id}"),
         }
     }
 
-    pub fn all(&self) -> [&str; 5] {
-        [&self.session, &self.queue, &self.queue_state, &self.counter, &self.inbound]
+    pub fn all(&self) -> [&str; 6] {
+        [&self.session, &self.queue, &self.queue_state, &self.counter, &self.inbound, &self.watermark]
     }
 }
 

@@ -293,18 +293,23 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
             let _: () = cmd.query_async(conn).await.map_err(|e| Error::redis("removing a session", e))?;
             Ok(OpResult::Done)
         }
-        Op::Enqueue { message, expires_at_ms, to } => {
+        Op::Enqueue { message, expires_at_ms, to, origin } => {
+            let (shard, position) = origin.unwrap_or_default();
             let futures = to.into_iter().map(|(client_id, delivery)| {
                 let mut conn = conn.clone();
                 let entry = encode(&Entry { message: message.to_vec(), delivery, expires_at_ms });
+                let shard = shard.clone();
                 async move {
                     let k = ClientKeys::new(&client_id);
                     let seq: i64 = scripts::ENQUEUE
                         .key(&k.session)
                         .key(&k.queue)
                         .key(&k.counter)
+                        .key(&k.watermark)
                         .arg(max_queue_len)
                         .arg(entry)
+                        .arg(shard)
+                        .arg(position)
                         .invoke_async(&mut conn)
                         .await
                         .map_err(|e| Error::redis("queueing a message", e))?;
@@ -356,6 +361,9 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
         }
         Op::PutRetained { .. } | Op::RemoveRetained { .. } => {
             Err(Error::Unsupported { what: "retained messages (they live with the shards)", backend: "Redis" })
+        }
+        Op::AppendLog { .. } | Op::TrimLog { .. } | Op::PutSubscription { .. } | Op::RemoveSubscription { .. } => {
+            Err(Error::Unsupported { what: "shard-local state", backend: "Redis" })
         }
     }
 }

@@ -5,27 +5,42 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// KEYS: session, queue, counter. ARGV: max length, entry.
-/// Returns the queue position, -1 if the session does not exist, -2 if its queue is full.
-/// An offline session's keys expire together: a new queue key gets the session's TTL.
+/// KEYS: session, queue, counter, watermark. ARGV: max length, entry, shard, log position
+/// (shard '' = no log).
+/// Returns the queue position, -1 if the session does not exist, -2 if its queue is full, -3 if
+/// this log position was queued before (a replay). A replay of the very last position returns
+/// its queue position again. An offline session's keys expire together: new keys get the
+/// session's TTL.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'rec') == 0 then return -1 end
+local shard = ARGV[3]
+local pos = tonumber(ARGV[4])
+if shard ~= '' then
+  local last = redis.call('HGET', KEYS[4], shard)
+  if last then
+    local lpos, lseq = string.match(last, '(%d+):(%d+)')
+    lpos = tonumber(lpos)
+    if pos == lpos then return tonumber(lseq) end
+    if pos < lpos then return -3 end
+  end
+end
 if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[1]) then return -2 end
 local seq = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[2], seq, ARGV[2])
+if shard ~= '' then redis.call('HSET', KEYS[4], shard, pos .. ':' .. seq) end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  redis.call('PEXPIRE', KEYS[3], ttl)
+  for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 return seq
 "#,
     )
 });
 
-/// KEYS: session, queue, queue state, counter, inbound. ARGV: record, epoch, ttl ms (0: none).
+/// KEYS: session, queue, queue state, counter, inbound, watermark. ARGV: record, epoch, ttl ms
+/// (0: none).
 /// Refuses (returns 0) a record from an older connection epoch than the stored one: a proxy that
 /// lost the session to another cannot overwrite it (fencing). Returns 1 when written.
 pub static PUT_SESSION: LazyLock<Script> = LazyLock::new(|| {
@@ -36,7 +51,7 @@ local epoch = tonumber(ARGV[2])
 if stored and stored > epoch then return 0 end
 redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'epoch', epoch)
 local ttl = tonumber(ARGV[3])
-for i = 1, 5 do
+for i = 1, 6 do
   if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
 end
 return 1
@@ -44,7 +59,7 @@ return 1
     )
 });
 
-/// KEYS: the client's five keys. ARGV: proxy id. Takes ownership of a client id for a new
+/// KEYS: the client's six keys. ARGV: proxy id. Takes ownership of a client id for a new
 /// connection: bumps the epoch, records the owner, stops the session from expiring.
 /// Returns { previous owner or '', new epoch, has record (0/1) }.
 pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
@@ -53,7 +68,7 @@ pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
 local previous = redis.call('HGET', KEYS[1], 'owner') or ''
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
-for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
+for i = 1, 6 do redis.call('PERSIST', KEYS[i]) end
 return { previous, epoch, redis.call('HEXISTS', KEYS[1], 'rec') }
 "#,
     )
