@@ -16,15 +16,18 @@
 //! recipients there.
 
 pub mod link;
+pub mod log;
 pub mod message;
 pub mod metrics;
+mod pipeline;
+pub mod restore;
 pub mod retained;
 pub mod router;
 pub mod topic;
 
 pub use message::Message;
 pub use metrics::ShardMetrics;
-pub use router::{spawn, ShardConfig, ShardHandle};
+pub use router::{spawn, spawn_clustered, Clustered, ShardConfig, ShardHandle};
 
 /// Unix time in milliseconds (message expiry and session expiry are wall-clock based because
 /// they survive restarts).

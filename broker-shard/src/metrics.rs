@@ -24,6 +24,9 @@ pub struct ShardMetrics {
     pub retained_messages: Gauge,
     /// Durable writes that failed (disk full, I/O error); the publishers were refused.
     pub store_errors: Counter,
+    /// Clustered: accepted QoS 1/2 messages still in the shard's log (not yet queued for every
+    /// persistent session or not yet confirmed by every proxy that got them).
+    pub log_entries: Gauge,
 }
 
 impl ShardMetrics {
@@ -35,6 +38,7 @@ impl ShardMetrics {
         r.register("subscriptions", "Subscriptions held by the shards", self.subscriptions.clone());
         r.register("retained_messages", "Retained messages held by the shards", self.retained_messages.clone());
         r.register("store_errors", "Durable writes that failed; their publishers were refused", self.store_errors.clone());
+        r.register("log_entries", "Accepted QoS 1/2 messages still in the shard's log", self.log_entries.clone());
     }
 
     pub fn drop_copies(&self, reason: &'static str, n: u64) {

@@ -67,6 +67,15 @@ impl RetainedIndex {
         }
     }
 
+    /// The retained message of one topic.
+    pub fn get(&self, topic: &str) -> Option<&Arc<Message>> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.message.as_ref()
+    }
+
     /// Every retained message whose topic matches `filter` (a valid filter).
     pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
         let levels: Vec<&str> = filter.split('/').collect();

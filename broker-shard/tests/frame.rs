@@ -87,12 +87,16 @@ fn request() -> impl Strategy<Value = Request> {
         (text(), option::of(any::<u64>())).prop_map(|(client_id, c)| Request::Forget { client_id, conn: c.map(ConnId) }),
         (message(), text(), text()).prop_map(|(message, share_filter, exclude)| Request::Redispatch { message, share_filter, exclude }),
         Just(Request::ResyncDone),
+        (any::<u64>(), any::<u64>()).prop_map(|(accepted, queued)| Request::Received { accepted, queued }),
+        any::<u64>().prop_map(|id| Request::Flush { id: RequestId(id) }),
+        (any::<u64>(), vec(message(), 0..3)).prop_map(|(id, messages)| Request::AdoptRetained { id: RequestId(id), messages }),
     ]
 }
 
 fn event() -> impl Strategy<Value = Event> {
     let reply = prop_oneof![
         Just(Ok(Reply::Done)),
+        any::<u64>().prop_map(|position| Ok(Reply::Accepted { position })),
         (vec(any::<bool>(), 0..4), vec((message(), delivery()), 0..3))
             .prop_map(|(existed, retained)| Ok(Reply::Subscribed { existed, retained })),
         vec(any::<bool>(), 0..4).prop_map(|existed| Ok(Reply::Unsubscribed { existed })),
@@ -100,32 +104,30 @@ fn event() -> impl Strategy<Value = Event> {
     ];
     prop_oneof![
         (any::<u64>(), reply).prop_map(|(id, result)| Event::Reply { id: RequestId(id), result }),
-        (message(), vec((any::<u64>(), delivery(), option::of(any::<u64>()), option::of(text())), 0..4)).prop_map(|(message, rs)| {
-            Event::Deliver(Deliver {
-                message,
-                recipients: rs
-                    .into_iter()
-                    .map(|(c, delivery, seq, share_filter)| Recipient { conn: ConnId(c), delivery, seq, share_filter })
-                    .collect(),
-            })
-        }),
+        (
+            message(),
+            vec((any::<u64>(), delivery(), option::of(any::<u64>()), option::of(text())), 0..4),
+            option::of((any::<u64>(), any::<bool>()))
+        )
+            .prop_map(|(message, rs, log)| {
+                Event::Deliver(Deliver {
+                    message,
+                    recipients: rs
+                        .into_iter()
+                        .map(|(c, delivery, seq, share_filter)| Recipient { conn: ConnId(c), delivery, seq, share_filter })
+                        .collect(),
+                    log: log.map(|(position, queued)| LogRef { position, queued }),
+                })
+            }),
     ]
 }
 
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (any::<u16>(), "[a-z0-9-]{0,10}", any::<u64>(), any::<u32>()).prop_map(|(version, proxy, ring_epoch, credit)| Frame::Hello {
-            version,
-            proxy,
-            ring_epoch,
-            credit
-        }),
-        (any::<u16>(), "[a-z0-9-]{0,10}", any::<u64>(), any::<u32>()).prop_map(|(version, shard, ring_epoch, credit)| Frame::Welcome {
-            version,
-            shard,
-            ring_epoch,
-            credit
-        }),
+        (any::<u16>(), "[a-z0-9-]{0,10}", any::<u64>(), any::<u64>(), any::<u32>())
+            .prop_map(|(version, proxy, incarnation, ring_epoch, credit)| Frame::Hello { version, proxy, incarnation, ring_epoch, credit }),
+        (any::<u16>(), "[a-z0-9-]{0,10}", any::<u64>(), any::<u64>(), any::<u32>())
+            .prop_map(|(version, shard, log_id, ring_epoch, credit)| Frame::Welcome { version, shard, log_id, ring_epoch, credit }),
         "[a-z ]{0,20}".prop_map(|reason| Frame::Refused { reason }),
         request().prop_map(Frame::Request),
         event().prop_map(Frame::Event),
@@ -183,10 +185,12 @@ fn a_hostile_item_count_allocates_nothing() {
                 origin: None,
             }),
             recipients: vec![],
+            log: None,
         })),
         &mut body,
     );
+    // The recipient count comes just before the one-byte log reference.
     let n = body.len();
-    body[n - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+    body[n - 5..n - 1].copy_from_slice(&u32::MAX.to_be_bytes());
     assert!(matches!(decode(body.freeze().slice(4..)), Err(FrameError::Truncated("recipients"))));
 }

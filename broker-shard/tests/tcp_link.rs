@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker_shard::link::client::{Client, DeliverySink, LinkEvents};
-use broker_shard::link::frame::{decode_next, encode, Frame};
+use broker_shard::link::frame::{decode_next, encode, Frame, VERSION};
 use broker_shard::link::server::{serve, ServerConfig};
 use broker_shard::link::tcp::TcpConfig;
 use broker_shard::link::{ConnId, Deliver, LinkError, Reply, Request, RequestId, SessionInfo, SubscribeItem};
@@ -180,7 +180,7 @@ async fn unanswered_requests_time_out() {
             s.read_buf(&mut buf).await.unwrap();
         }
         let mut out = BytesMut::new();
-        encode(&Frame::Welcome { version: 1, shard: "mute".into(), ring_epoch: 0, credit: 100 }, &mut out);
+        encode(&Frame::Welcome { version: VERSION, shard: "mute".into(), log_id: 1, ring_epoch: 0, credit: 100 }, &mut out);
         s.write_all(&out).await.unwrap();
         loop {
             if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
@@ -201,7 +201,7 @@ async fn a_link_of_another_version_is_refused() {
     let (addr, _stop) = shard(None, dir.path()).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut out = BytesMut::new();
-    encode(&Frame::Hello { version: 99, proxy: "old".into(), ring_epoch: 0, credit: 10 }, &mut out);
+    encode(&Frame::Hello { version: 99, proxy: "old".into(), incarnation: 1, ring_epoch: 0, credit: 10 }, &mut out);
     s.write_all(&out).await.unwrap();
     let mut buf = BytesMut::new();
     let frame = loop {

@@ -224,3 +224,18 @@ async fn shard_log_and_subscriptions_are_kept_until_removed() {
     Store::Embedded(e.clone()).write(vec![Op::RemoveSubscription { client_id: "c".into(), filter: None }]).await.unwrap();
     assert_eq!(e.subscriptions().await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn log_positions_are_never_given_out_twice_even_after_trimming() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let Store::Embedded(e) = open(dir.path(), 10) else { unreachable!() };
+        assert_eq!(e.log_position().await.unwrap(), 0);
+        let s = Store::Embedded(e.clone());
+        s.write(vec![Op::AppendLog { position: 7, entry: Bytes::from_static(b"seven") }]).await.unwrap();
+        s.write(vec![Op::TrimLog { position: 7 }]).await.unwrap();
+    }
+    let Store::Embedded(e) = open(dir.path(), 10) else { unreachable!() };
+    assert!(e.log().await.unwrap().is_empty());
+    assert_eq!(e.log_position().await.unwrap(), 7, "a restarted shard must continue above 7");
+}

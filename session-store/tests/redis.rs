@@ -204,12 +204,22 @@ async fn replayed_log_positions_are_not_queued_twice() {
         to: vec![("p".into(), Delivery { qos: 1, ..Default::default() })],
         origin: Some(("shard-1".into(), pos)),
     };
-    let first = s.write(vec![at(10, b"ten"), at(11, b"eleven")]).await.unwrap();
-    // The shard crashed and replays 10 and 11: nothing new is queued; the last keeps its seq.
-    let again = s.write(vec![at(10, b"ten"), at(11, b"eleven")]).await.unwrap();
-    assert_eq!(again[0], OpResult::Enqueued(vec![None]));
-    assert_eq!(again[1], first[1]);
-    assert_eq!(s.load_queue("p", 0).await.unwrap().len(), 2);
+    let first = s.write(vec![at(10, b"ten"), at(11, b"eleven"), at(12, b"twelve")]).await.unwrap();
+    let seq = |r: &OpResult| match r {
+        OpResult::Enqueued(v) => v[0],
+        other => panic!("{other:?}"),
+    };
+    // Twelve was delivered and acknowledged.
+    s.write(vec![Op::Ack { client_id: "p".into(), seq: seq(&first[2]).unwrap() }]).await.unwrap();
+    // The shard crashed and replays 10, 11 and 12: nothing is queued twice; what is still queued
+    // answers with its queue position (so the shard can deliver it live again), what was
+    // acknowledged with none.
+    let again = s.write(vec![at(10, b"ten"), at(11, b"eleven"), at(12, b"twelve")]).await.unwrap();
+    assert_eq!(seq(&again[0]), seq(&first[0]));
+    assert_eq!(seq(&again[1]), seq(&first[1]));
+    assert_eq!(seq(&again[2]), None);
+    let queue = s.load_queue("p", 0).await.unwrap();
+    assert_eq!(queue.iter().map(|q| &q.message[..]).collect::<Vec<_>>(), [&b"ten"[..], b"eleven"]);
     // Another shard's positions are independent.
     let other = Op::Enqueue {
         message: Bytes::from_static(b"o"),

@@ -1,10 +1,13 @@
 //! Real components for tests: `redis-server` processes on free loopback ports, standalone or as
 //! a 3-master Redis Cluster. Each starts in its own temporary directory, waits until it answers
 //! (with a deadline, and the server's log in the panic if not), and is killed and reaped on drop.
+//! [`relay::Relay`] sits on a TCP path and cuts it on demand.
 
 // Waiting for real processes is wall-clock time: a paused tokio clock must not stretch these
 // deadlines, so std::time::Instant is the right clock here.
 #![allow(clippy::disallowed_types)]
+
+pub mod relay;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -57,7 +57,7 @@ impl Client {
     pub async fn connect_local(shard: &ShardHandle, proxy: ProxyId, sink: Arc<dyn DeliverySink>) -> Result<Client, LinkError> {
         let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let down = || LinkError::Down { shard: shard.name().to_owned() };
-        shard.tx.send(Inbound::Connect { proxy, events: events_tx }).await.map_err(|_| down())?;
+        shard.tx.send(Inbound::Connect { proxy, name: "local".into(), incarnation: 0, events: events_tx }).await.map_err(|_| down())?;
         let waiters: Arc<Waiters> = Arc::default();
         tokio::spawn(read_local_events(events_rx, waiters.clone(), sink));
         Ok(Client {

@@ -15,11 +15,13 @@ use std::sync::Arc;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use mqfleet_codec::{ByteString, QoS, RetainHandling, SubscriptionOptions};
 
-use super::{ConnId, Deliver, DeliveryOptions, Event, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, SubscribeItem};
+use super::{
+    ConnId, Deliver, DeliveryOptions, Event, LogRef, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, SubscribeItem,
+};
 use crate::message::Message;
 
 /// Version of this format; both ends must speak the same.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// Largest frame accepted: a delivery to every connection of a busy proxy fits easily.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
@@ -32,6 +34,9 @@ pub enum Frame {
     Hello {
         version: u16,
         proxy: String,
+        /// Random per proxy process: a new value tells the shard the proxy restarted (its
+        /// connections and request ids are new).
+        incarnation: u64,
         ring_epoch: u64,
         credit: u32,
     },
@@ -39,6 +44,9 @@ pub enum Frame {
     Welcome {
         version: u16,
         shard: String,
+        /// Identifies the shard's log: positions are comparable only within one log (a shard
+        /// that lost its disk starts a new one).
+        log_id: u64,
         ring_epoch: u64,
         credit: u32,
     },
@@ -129,17 +137,19 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     let start = out.len();
     out.put_u32(0); // length, patched below
     match frame {
-        Frame::Hello { version, proxy, ring_epoch, credit } => {
+        Frame::Hello { version, proxy, incarnation, ring_epoch, credit } => {
             out.put_u8(1);
             out.put_u16(*version);
             put_str(out, proxy);
+            out.put_u64(*incarnation);
             out.put_u64(*ring_epoch);
             out.put_u32(*credit);
         }
-        Frame::Welcome { version, shard, ring_epoch, credit } => {
+        Frame::Welcome { version, shard, log_id, ring_epoch, credit } => {
             out.put_u8(2);
             out.put_u16(*version);
             put_str(out, shard);
+            out.put_u64(*log_id);
             out.put_u64(*ring_epoch);
             out.put_u32(*credit);
         }
@@ -224,6 +234,23 @@ fn encode_request(r: &Request, b: &mut BytesMut) {
             put_str(b, exclude);
         }
         Request::ResyncDone => b.put_u8(7),
+        Request::Received { accepted, queued } => {
+            b.put_u8(8);
+            b.put_u64(*accepted);
+            b.put_u64(*queued);
+        }
+        Request::Flush { id } => {
+            b.put_u8(9);
+            b.put_u64(id.0);
+        }
+        Request::AdoptRetained { id, messages } => {
+            b.put_u8(10);
+            b.put_u64(id.0);
+            b.put_u32(messages.len() as u32);
+            for m in messages {
+                put_message(b, m);
+            }
+        }
     }
 }
 
@@ -253,6 +280,10 @@ fn encode_event(e: &Event, b: &mut BytesMut) {
                         b.put_u8(u8::from(*e));
                     }
                 }
+                Ok(Reply::Accepted { position }) => {
+                    b.put_u8(4);
+                    b.put_u64(*position);
+                }
                 Err(ShardError::Store { shard, detail }) => {
                     b.put_u8(3);
                     put_str(b, shard);
@@ -274,6 +305,13 @@ fn encode_event(e: &Event, b: &mut BytesMut) {
                         put_str(b, f);
                     }
                     None => b.put_u8(0),
+                }
+            }
+            match d.log {
+                None => b.put_u8(0),
+                Some(LogRef { position, queued }) => {
+                    b.put_u8(1 + u8::from(queued));
+                    b.put_u64(position);
                 }
             }
         }
@@ -408,12 +446,14 @@ pub fn decode(body: Bytes) -> Result<Frame, FrameError> {
         1 => Frame::Hello {
             version: r.u16("version")?,
             proxy: r.string("proxy")?.to_string(),
+            incarnation: r.u64("incarnation")?,
             ring_epoch: r.u64("ring epoch")?,
             credit: r.u32("credit")?,
         },
         2 => Frame::Welcome {
             version: r.u16("version")?,
             shard: r.string("shard")?.to_string(),
+            log_id: r.u64("log id")?,
             ring_epoch: r.u64("ring epoch")?,
             credit: r.u32("credit")?,
         },
@@ -462,6 +502,14 @@ fn decode_request(r: &mut Rd) -> Result<Request, FrameError> {
         5 => Request::Forget { client_id: r.string("client id")?, conn: r.opt_u64("connection")?.map(ConnId) },
         6 => Request::Redispatch { message: r.message()?, share_filter: r.string("share filter")?, exclude: r.string("exclude")? },
         7 => Request::ResyncDone,
+        8 => Request::Received { accepted: r.u64("accepted position")?, queued: r.u64("queued position")? },
+        9 => Request::Flush { id: RequestId(r.u64("request id")?) },
+        10 => {
+            let id = RequestId(r.u64("request id")?);
+            let n = r.count("retained messages", 4)?;
+            let messages = (0..n).map(|_| r.message()).collect::<Result<_, _>>()?;
+            Request::AdoptRetained { id, messages }
+        }
         tag => return Err(FrameError::UnknownTag { what: "request", tag }),
     })
 }
@@ -486,6 +534,7 @@ fn decode_event(r: &mut Rd) -> Result<Event, FrameError> {
                     let n = r.count("existed", 1)?;
                     Ok(Reply::Unsubscribed { existed: (0..n).map(|_| r.bool("existed")).collect::<Result<_, _>>()? })
                 }
+                4 => Ok(Reply::Accepted { position: r.u64("log position")? }),
                 3 => Err(ShardError::Store { shard: r.string("shard")?.to_string(), detail: r.string("detail")?.to_string() }),
                 tag => return Err(FrameError::UnknownTag { what: "reply", tag }),
             };
@@ -503,7 +552,12 @@ fn decode_event(r: &mut Rd) -> Result<Event, FrameError> {
                     share_filter: if r.bool("shared")? { Some(r.string("share filter")?) } else { None },
                 });
             }
-            Event::Deliver(Deliver { message, recipients })
+            let log = match r.u8("log reference")? {
+                0 => None,
+                tag @ (1 | 2) => Some(LogRef { position: r.u64("log position")?, queued: tag == 2 }),
+                tag => return Err(FrameError::UnknownTag { what: "log reference", tag }),
+            };
+            Event::Deliver(Deliver { message, recipients, log })
         }
         tag => return Err(FrameError::UnknownTag { what: "event", tag }),
     })

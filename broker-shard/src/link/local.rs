@@ -1,5 +1,7 @@
 //! In-process transport: the link as a pair of tokio channels (single-node mode).
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 
 use super::{Event, ProxyId, Request};
@@ -10,6 +12,9 @@ pub(crate) enum Inbound {
     /// A proxy opened its link; `events` is where the shard sends replies and deliveries.
     Connect {
         proxy: ProxyId,
+        /// The proxy's configured name, and the random number of its current run.
+        name: Arc<str>,
+        incarnation: u64,
         events: mpsc::Sender<Event>,
     },
     Request {

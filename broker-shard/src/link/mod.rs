@@ -114,14 +114,44 @@ pub enum Request {
     /// After (re)connecting, the proxy has re-sent every subscription of its sessions on this
     /// shard. A restarted shard replays its log once its proxies are resynchronised.
     ResyncDone,
+    /// The proxy has received every logged delivery up to these positions, per lane (see
+    /// [`LogRef`]): the shard may forget them, and trims its log entries once every proxy that
+    /// got a copy has said so.
+    Received {
+        accepted: u64,
+        queued: u64,
+    },
+    /// Replies once everything requested before it is done, queueing for persistent sessions
+    /// included (a barrier: a rebalance drains the old owner of a topic with it).
+    Flush {
+        id: RequestId,
+    },
+    /// Retained messages of topics this shard now owns, handed over by their previous owner.
+    /// Each is kept only if the topic has no retained message here yet (a newer one, published
+    /// since the hand-over started, wins). Replies once durable.
+    AdoptRetained {
+        id: RequestId,
+        messages: Vec<Arc<Message>>,
+    },
 }
 
 /// Shard → proxy answer to a request with an id.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     Done,
-    Subscribed { existed: Vec<bool>, retained: Vec<(Arc<Message>, DeliveryOptions)> },
-    Unsubscribed { existed: Vec<bool> },
+    /// A QoS 1/2 message accepted into the shard's log at this position (clustered mode): as
+    /// good as `Done` for the publisher; the position lets the proxy confirm it received the
+    /// reply (see [`Request::Received`]).
+    Accepted {
+        position: u64,
+    },
+    Subscribed {
+        existed: Vec<bool>,
+        retained: Vec<(Arc<Message>, DeliveryOptions)>,
+    },
+    Unsubscribed {
+        existed: Vec<bool>,
+    },
 }
 
 /// How one message is delivered to one session.
@@ -152,6 +182,20 @@ pub struct Recipient {
 pub struct Deliver {
     pub message: Arc<Message>,
     pub recipients: Vec<Recipient>,
+    /// Where the message is in the shard's log (QoS 1/2 in clustered mode): the proxy confirms
+    /// it with [`Request::Received`] and recognises it if the shard sends it again.
+    pub log: Option<LogRef>,
+}
+
+/// A logged delivery's position and lane. A shard emits the deliveries of each lane in position
+/// order, so one watermark per lane says what a proxy has received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRef {
+    pub position: u64,
+    /// `false`: a copy for sessions that are not persistent, sent once the message was accepted.
+    /// `true`: copies for persistent sessions, sent once queued for them (every recipient has a
+    /// `seq`).
+    pub queued: bool,
 }
 
 /// Shard → proxy.

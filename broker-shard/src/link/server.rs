@@ -20,13 +20,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::frame::{decode_next, encode, Frame, VERSION};
 use super::local::{Inbound, EVENT_CHANNEL_CAPACITY};
-use super::ProxyId;
+use super::{ProxyId, Request};
 use crate::ShardHandle;
 
 /// Settings of the link listener.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub shard_name: String,
+    /// Identifies this shard's log (see `Frame::Welcome`).
+    pub log_id: u64,
     /// Frames a proxy may send before waiting for credit: bounds what one proxy can queue in
     /// this shard.
     pub credit: u32,
@@ -36,7 +38,7 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     pub fn new(shard_name: impl Into<String>) -> ServerConfig {
-        ServerConfig { shard_name: shard_name.into(), credit: 1024, handshake_timeout: Duration::from_secs(10) }
+        ServerConfig { shard_name: shard_name.into(), log_id: 0, credit: 1024, handshake_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -118,8 +120,8 @@ async fn link(
     })
     .await
     .map_err(|_| "no Hello in time".to_string())??;
-    let (proxy_name, mut event_credit) = match hello {
-        Frame::Hello { version, proxy, credit, .. } if version == VERSION => (proxy, credit),
+    let (proxy_name, incarnation, mut event_credit) = match hello {
+        Frame::Hello { version, proxy, incarnation, credit, .. } if version == VERSION => (proxy, incarnation, credit),
         Frame::Hello { version, .. } => {
             encode(&Frame::Refused { reason: format!("link version {version} is not supported (this shard speaks {VERSION})") }, &mut wbuf);
             let _ = stream.write_all(&wbuf).await;
@@ -129,11 +131,13 @@ async fn link(
     };
     let (proxy, generation) = proxies.link(&proxy_name);
     let (events_tx, mut events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
-    shard.tx.send(Inbound::Connect { proxy, events: events_tx }).await.map_err(|_| "shard stopped".to_string())?;
+    let name: Arc<str> = proxy_name.as_str().into();
+    shard.tx.send(Inbound::Connect { proxy, name, incarnation, events: events_tx }).await.map_err(|_| "shard stopped".to_string())?;
     encode(
         &Frame::Welcome {
             version: VERSION,
             shard: config.shard_name.clone(),
+            log_id: config.log_id,
             ring_epoch: ring_epoch.load(Ordering::Relaxed),
             credit: config.credit,
         },
@@ -208,8 +212,10 @@ async fn handle_frames(
     loop {
         match decode_next(rbuf).map_err(|e| e.to_string())? {
             Some(Frame::Request(request)) => {
+                // Confirmations are control traffic, sent outside the credit window.
+                let counted = !matches!(request, Request::Received { .. });
                 shard.tx.send(Inbound::Request { proxy, request }).await.map_err(|_| "shard stopped".to_string())?;
-                *processed += 1;
+                *processed += u32::from(counted);
             }
             Some(Frame::Credit(n)) => *event_credit = event_credit.saturating_add(n),
             Some(Frame::Ping) => encode(&Frame::Pong, wbuf),

@@ -11,6 +11,10 @@
 //! - Flow control: the shard grants credit for requests, this end grants credit for events;
 //!   neither side sends frames the other has not made room for.
 //! - Reconnects back off exponentially with jitter, from 50 ms to 5 s.
+//! - Logged deliveries and replies (clustered mode) are confirmed to the shard with one
+//!   watermark per lane ([`Request::Received`]); a logged delivery at or below its lane's
+//!   watermark was received before (the shard sends unconfirmed ones again after a relink or a
+//!   restart) and is dropped here, so a device never gets it twice from the shard.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
@@ -27,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{complete, Client, DeliverySink, Inner, LinkEvents, Transport, Waiters};
 use super::frame::{decode_next, encode, Frame, VERSION};
-use super::{Event, LinkError, Request, RequestId};
+use super::{Deliver, Event, LinkError, Reply, Request, RequestId};
 
 /// Settings of one link.
 #[derive(Debug, Clone)]
@@ -42,11 +46,24 @@ pub struct TcpConfig {
     pub request_timeout: Duration,
     /// Events this end accepts before granting more credit.
     pub credit: u32,
+    /// Random per proxy process (see `Frame::Hello`).
+    pub incarnation: u64,
+    /// How often received logged events are confirmed to the shard (they only let it trim
+    /// its log; tests stretch it to keep entries there).
+    pub confirm_every: Duration,
 }
 
 impl TcpConfig {
     pub fn new(addr: impl Into<String>, proxy: impl Into<String>) -> TcpConfig {
-        TcpConfig { addr: addr.into(), proxy: proxy.into(), max_buffered: 65_536, request_timeout: Duration::from_secs(30), credit: 1024 }
+        TcpConfig {
+            addr: addr.into(),
+            proxy: proxy.into(),
+            max_buffered: 65_536,
+            request_timeout: Duration::from_secs(30),
+            credit: 1024,
+            incarnation: process_incarnation(),
+            confirm_every: Duration::from_millis(50),
+        }
     }
 }
 
@@ -54,6 +71,44 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Idle links ping so a dead peer is noticed.
 const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// A number for this process's run: the same for every link, different after a restart.
+pub fn process_incarnation() -> u64 {
+    static INCARNATION: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *INCARNATION.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        nanos ^ u64::from(std::process::id()).rotate_left(40)
+    })
+}
+
+/// What this proxy has received of a shard's logged events.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+struct Watermarks {
+    log_id: u64,
+    accepted: u64,
+    queued: u64,
+}
+
+impl Watermarks {
+    /// Takes note of `event`; false if it was received before.
+    fn admit(&mut self, event: &Event) -> bool {
+        match event {
+            Event::Deliver(Deliver { log: Some(r), .. }) => {
+                let mark = if r.queued { &mut self.queued } else { &mut self.accepted };
+                if r.position <= *mark {
+                    return false;
+                }
+                *mark = r.position;
+                true
+            }
+            Event::Reply { result: Ok(Reply::Accepted { position }), .. } => {
+                self.accepted = self.accepted.max(*position);
+                true
+            }
+            _ => true,
+        }
+    }
+}
 
 impl Client {
     /// Starts the link task for one shard and returns its client at once; the connection is
@@ -66,7 +121,17 @@ impl Client {
             waiters: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
         });
-        let task = LinkTask { config, rx, inner: inner.clone(), sink, events, unacked: BTreeMap::new(), shutdown };
+        let task = LinkTask {
+            config,
+            rx,
+            inner: inner.clone(),
+            sink,
+            events,
+            unacked: BTreeMap::new(),
+            marks: Watermarks::default(),
+            confirmed: Watermarks::default(),
+            shutdown,
+        };
         tokio::spawn(task.run());
         Client::from_inner(inner)
     }
@@ -80,6 +145,9 @@ struct LinkTask {
     events: Arc<dyn LinkEvents>,
     /// Sent requests with an id, awaiting their reply: sent again after a reconnect.
     unacked: BTreeMap<u64, (Request, Instant)>,
+    /// Received from the shard, and what the shard was last told.
+    marks: Watermarks,
+    confirmed: Watermarks,
     shutdown: CancellationToken,
 }
 
@@ -150,7 +218,14 @@ impl LinkTask {
         let (mut reader, mut writer) = stream.into_split();
         let mut rbuf = BytesMut::with_capacity(64 * 1024);
         let mut wbuf = BytesMut::with_capacity(64 * 1024);
-        encode(&Frame::Hello { version: VERSION, proxy: self.config.proxy.clone(), ring_epoch: 0, credit: self.config.credit }, &mut wbuf);
+        let hello = Frame::Hello {
+            version: VERSION,
+            proxy: self.config.proxy.clone(),
+            incarnation: self.config.incarnation,
+            ring_epoch: 0,
+            credit: self.config.credit,
+        };
+        encode(&hello, &mut wbuf);
         if let Err(e) = writer.write_all(&wbuf).await {
             return Ended::Lost(e.to_string());
         }
@@ -167,8 +242,14 @@ impl LinkTask {
         })
         .await;
         let mut request_credit = match welcome {
-            Ok(Ok(Frame::Welcome { shard, credit, .. })) => {
+            Ok(Ok(Frame::Welcome { shard, credit, log_id, .. })) => {
                 *self.inner.shard.lock() = shard.as_str().into();
+                if log_id != self.marks.log_id {
+                    // A new log (first link, or the shard lost its disk): positions start over.
+                    self.marks = Watermarks { log_id, ..Watermarks::default() };
+                }
+                // A confirmation may have died with the last connection: repeat it.
+                self.confirmed = Watermarks { log_id, ..Watermarks::default() };
                 credit
             }
             Ok(Ok(Frame::Refused { reason })) => return Ended::Lost(format!("refused: {reason}")),
@@ -197,6 +278,8 @@ impl LinkTask {
         let mut processed_events: u32 = 0;
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
+        let mut confirm = tokio::time::interval_at(Instant::now() + self.config.confirm_every, self.config.confirm_every);
+        confirm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = Instant::now();
         loop {
             if processed_events >= self.config.credit / 2 {
@@ -224,11 +307,14 @@ impl LinkTask {
                     loop {
                         match decode_next(&mut rbuf) {
                             Ok(Some(Frame::Event(ev))) => {
+                                processed_events += 1;
+                                if !self.marks.admit(&ev) {
+                                    continue; // sent again by the shard; delivered before
+                                }
                                 if let Event::Reply { id, .. } = &ev {
                                     self.unacked.remove(&id.0);
                                 }
                                 complete(self.waiters(), ev, self.sink.as_ref());
-                                processed_events += 1;
                             }
                             Ok(Some(Frame::Credit(n))) => request_credit = request_credit.saturating_add(n),
                             Ok(Some(Frame::Ping)) => encode(&Frame::Pong, &mut wbuf),
@@ -249,6 +335,13 @@ impl LinkTask {
                             Ok(req) => self.send(req, &mut wbuf, &mut request_credit),
                             Err(_) => break,
                         }
+                    }
+                }
+                _ = confirm.tick() => {
+                    if self.marks != self.confirmed {
+                        let m = self.marks;
+                        encode(&Frame::Request(Request::Received { accepted: m.accepted, queued: m.queued }), &mut wbuf);
+                        self.confirmed = m;
                     }
                 }
                 _ = ping.tick() => {

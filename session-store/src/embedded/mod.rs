@@ -17,7 +17,7 @@
 //! | `inbound`  | (client id, pkid)   | — (QoS 2 awaiting PUBREL)               |
 //! | `log`      | log position        | accepted message not yet done (shard)   |
 //! | `subscriptions` | (client id, filter) | a persistent session's subscription (shard) |
-//! | `meta`     | name                | counters (`next_id`)                    |
+//! | `meta`     | name                | counters (`next_id`, `log_position`)    |
 
 mod writer;
 
@@ -42,6 +42,8 @@ pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("me
 pub(crate) const INBOUND: TableDefinition<'_, (&str, u16), ()> = TableDefinition::new("inbound");
 pub(crate) const LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const SUBSCRIPTIONS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("subscriptions");
+/// `meta` key of the highest log position ever appended.
+pub(crate) const LOG_POSITION: &str = "log_position";
 
 /// When commits reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +231,20 @@ impl EmbeddedStore {
                 out.push((k.value(), Bytes::copy_from_slice(v.value())));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// The highest log position ever appended (0 if none): a restarted shard continues above it.
+    pub async fn log_position(&self) -> Result<u64, Error> {
+        self.read(|db| {
+            let doing = "reading the log position";
+            let txn = db.begin_read().map_err(|e| Error::storage(doing, e))?;
+            match txn.open_table(META) {
+                Ok(meta) => Ok(meta.get(LOG_POSITION).map_err(|e| Error::storage(doing, e))?.map_or(0, |v| v.value())),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+                Err(e) => Err(Error::storage(doing, e)),
+            }
         })
         .await
     }

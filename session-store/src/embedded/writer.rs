@@ -19,7 +19,7 @@ use parking_lot::RwLock;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
-use super::{SyncPolicy, BODIES, INBOUND, LOG, META, QUEUE, RETAINED, SESSIONS, SUBSCRIPTIONS};
+use super::{SyncPolicy, BODIES, INBOUND, LOG, LOG_POSITION, META, QUEUE, RETAINED, SESSIONS, SUBSCRIPTIONS};
 use crate::record::{decode, encode, StoredBody, StoredEntry, StoredRetained};
 use crate::{Error, Op, OpResult};
 
@@ -359,6 +359,13 @@ fn apply(
         Op::AppendLog { position, entry } => {
             let mut t = txn.open_table(LOG).map_err(|e| err(e.into()))?;
             t.insert(*position, entry.as_ref()).map_err(|e| err(e.into()))?;
+            // The high-water mark outlives trimming: positions are never given out twice, so
+            // proxies can tell a replayed entry from a new one.
+            let mut meta = txn.open_table(META).map_err(|e| err(e.into()))?;
+            let last = meta.get(LOG_POSITION).map_err(|e| err(e.into()))?.map_or(0, |v| v.value());
+            if *position > last {
+                meta.insert(LOG_POSITION, *position).map_err(|e| err(e.into()))?;
+            }
         }
         Op::TrimLog { position } => {
             let mut t = txn.open_table(LOG).map_err(|e| err(e.into()))?;

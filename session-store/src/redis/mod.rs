@@ -126,6 +126,25 @@ struct Entry {
     expires_at_ms: Option<u64>,
 }
 
+/// A queue entry's value: its origin (`shard@position`, empty without one), a newline, then the
+/// entry. The origin is readable by the ENQUEUE script, which looks replays up by it. Shard names
+/// cannot contain a newline (checked by the shard's configuration).
+fn queue_value(origin: &str, entry: &Entry) -> Vec<u8> {
+    let mut v = Vec::with_capacity(origin.len() + 1 + entry.message.len() + 16);
+    v.extend_from_slice(origin.as_bytes());
+    v.push(b'\n');
+    v.extend(encode(entry));
+    v
+}
+
+/// The entry part of a queue value.
+fn entry_body(value: &[u8]) -> &[u8] {
+    match value.iter().position(|b| *b == b'\n') {
+        Some(i) => &value[i + 1..],
+        None => value,
+    }
+}
+
 /// The session store on Redis.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -224,7 +243,7 @@ impl RedisStore {
         let states: std::collections::HashMap<u64, Vec<u8>> = states.into_iter().collect();
         let mut out = Vec::with_capacity(entries.len());
         for (seq, blob) in entries {
-            let e: Entry = decode("queue entry", &blob)?;
+            let e: Entry = decode("queue entry", entry_body(&blob))?;
             if e.expires_at_ms.is_some_and(|t| t <= now_ms) {
                 continue;
             }
@@ -294,10 +313,11 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
             Ok(OpResult::Done)
         }
         Op::Enqueue { message, expires_at_ms, to, origin } => {
+            let origin_tag = origin.as_ref().map(|(s, p)| format!("{s}@{p}")).unwrap_or_default();
             let (shard, position) = origin.unwrap_or_default();
             let futures = to.into_iter().map(|(client_id, delivery)| {
                 let mut conn = conn.clone();
-                let entry = encode(&Entry { message: message.to_vec(), delivery, expires_at_ms });
+                let entry = queue_value(&origin_tag, &Entry { message: message.to_vec(), delivery, expires_at_ms });
                 let shard = shard.clone();
                 async move {
                     let k = ClientKeys::new(&client_id);

@@ -7,10 +7,13 @@ use redis::Script;
 
 /// KEYS: session, queue, counter, watermark. ARGV: max length, entry, shard, log position
 /// (shard '' = no log).
-/// Returns the queue position, -1 if the session does not exist, -2 if its queue is full, -3 if
-/// this log position was queued before (a replay). A replay of the very last position returns
-/// its queue position again. An offline session's keys expire together: new keys get the
-/// session's TTL.
+///
+/// Entries start with their origin (`shard@position`, see `queue_value`), so a replay — a log
+/// position at or below the shard's watermark for this client — finds the copy queued the
+/// first time and returns its queue position instead of queueing it again. Returns the queue
+/// position, -1 if the session does not exist, -2 if its queue is full, -3 if a replayed
+/// position is no longer queued (it was delivered and acknowledged). An offline session's keys
+/// expire together: new keys get the session's TTL.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -22,8 +25,18 @@ if shard ~= '' then
   if last then
     local lpos, lseq = string.match(last, '(%d+):(%d+)')
     lpos = tonumber(lpos)
-    if pos == lpos then return tonumber(lseq) end
-    if pos < lpos then return -3 end
+    if pos == lpos then
+      if redis.call('HEXISTS', KEYS[2], lseq) == 1 then return tonumber(lseq) end
+      return -3
+    end
+    if pos < lpos then
+      local origin = shard .. '@' .. ARGV[4] .. '\n'
+      local fields = redis.call('HGETALL', KEYS[2])
+      for i = 1, #fields, 2 do
+        if string.sub(fields[i + 1], 1, #origin) == origin then return tonumber(fields[i]) end
+      end
+      return -3
+    end
   end
 end
 if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[1]) then return -2 end

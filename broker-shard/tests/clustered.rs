@@ -1,0 +1,334 @@
+//! A clustered shard (own disk for its log, Redis for sessions' queues) behind real TCP links:
+//! what it accepted survives a crash, reaches proxies that were away, and is never delivered or
+//! accepted twice. Redis is a real `redis-server`; link failures come from a relay that cuts
+//! the connection.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker_shard::link::client::{Client, DeliverySink, LinkEvents};
+use broker_shard::link::frame::{decode_next, encode, Frame, VERSION};
+use broker_shard::link::server::{serve, ServerConfig};
+use broker_shard::link::tcp::TcpConfig;
+use broker_shard::link::{ConnId, Deliver, Event, Reply, Request, RequestId, SessionInfo, SubscribeItem};
+use broker_shard::restore::Restored;
+use broker_shard::{spawn_clustered, Clustered, Message, ShardConfig, ShardMetrics};
+use bytes::{Bytes, BytesMut};
+use mqfleet_codec::{PublishProperties, QoS, SubscriptionOptions};
+use session_store::{EmbeddedConfig, EmbeddedStore, Op, RedisStore, RedisTarget, SessionRecord, Store};
+use testkit::relay::Relay;
+use testkit::RedisServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct ShardProc {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    metrics: ShardMetrics,
+}
+
+impl ShardProc {
+    /// Stops it the way `kill -9` would: pending work is dropped, nothing is flushed.
+    async fn crash(self) -> SocketAddr {
+        self.stop.cancel();
+        self.task.abort();
+        let _ = self.task.await;
+        self.addr
+    }
+}
+
+async fn open_local(dir: &Path) -> EmbeddedStore {
+    // A crashed shard's store closes once its last handle is gone.
+    for _ in 0..100 {
+        if let Ok(s) = EmbeddedStore::open(EmbeddedConfig::new(dir)) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the shard's store stayed locked");
+}
+
+async fn sessions_store(redis: &RedisServer) -> Store {
+    Store::Redis(RedisStore::connect(RedisTarget::parse(&redis.url()).unwrap(), 100, Duration::from_secs(2)).await.unwrap())
+}
+
+async fn start_shard(dir: &Path, redis: &RedisServer, addr: Option<SocketAddr>, expected: &[&str]) -> ShardProc {
+    let local = open_local(dir).await;
+    let restored = Restored::load(&local).await.unwrap();
+    let metrics = ShardMetrics::default();
+    let mut config = ShardConfig::new("shard-a");
+    config.resync_wait = Duration::from_secs(10);
+    let clustered = Clustered {
+        sessions: sessions_store(redis).await,
+        local: Store::Embedded(local),
+        restored,
+        expected_proxies: expected.iter().map(|s| s.to_string()).collect(),
+    };
+    let (handle, task) = spawn_clustered(config, clustered, metrics.clone());
+    let listener = TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let mut server = ServerConfig::new("shard-a");
+    server.log_id = 42;
+    tokio::spawn(serve(listener, handle, server, Arc::new(AtomicU64::new(0)), stop.clone()));
+    ShardProc { addr, stop, task, metrics }
+}
+
+struct Sink(mpsc::UnboundedSender<Deliver>);
+
+impl DeliverySink for Sink {
+    fn deliver(&self, d: Deliver) {
+        let _ = self.0.send(d);
+    }
+}
+
+struct Resync(Vec<Request>);
+
+impl LinkEvents for Resync {
+    fn resync(&self) -> Vec<Request> {
+        self.0.clone()
+    }
+    fn linked(&self, _again: bool) {}
+}
+
+struct Proxy {
+    client: Client,
+    deliveries: mpsc::UnboundedReceiver<Deliver>,
+}
+
+fn subscribe(client: &str, conn: u64, persistent: bool, filter: &str) -> Request {
+    Request::Subscribe {
+        id: RequestId(0),
+        session: SessionInfo { client_id: client.into(), conn: Some(ConnId(conn)), persistent },
+        items: vec![SubscribeItem { filter: filter.into(), options: SubscriptionOptions::qos(QoS::AtLeastOnce), id: None }],
+        deliver_retained: false,
+    }
+}
+
+/// A proxy's link named `name`, re-sending `resync` after every (re)connect.
+async fn proxy(addr: SocketAddr, name: &str, resync: Vec<Request>) -> Proxy {
+    let (tx, deliveries) = mpsc::unbounded_channel();
+    let client = Client::connect_tcp(
+        TcpConfig::new(addr.to_string(), name),
+        Arc::new(Sink(tx)),
+        Arc::new(Resync(resync.clone())),
+        CancellationToken::new(),
+    );
+    for r in resync {
+        client.call(|id| with_id(r, id)).await.unwrap();
+    }
+    Proxy { client, deliveries }
+}
+
+fn with_id(r: Request, id: RequestId) -> Request {
+    match r {
+        Request::Subscribe { session, items, deliver_retained, .. } => Request::Subscribe { id, session, items, deliver_retained },
+        other => other,
+    }
+}
+
+fn msg(topic: &str, payload: Vec<u8>) -> Arc<Message> {
+    Arc::new(Message {
+        topic: topic.into(),
+        payload: Bytes::from(payload),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: PublishProperties::default(),
+        expires_at_ms: None,
+        origin: None,
+    })
+}
+
+async fn publish(p: &Proxy, topic: &str, n: u32) -> Reply {
+    let m = msg(topic, n.to_be_bytes().to_vec());
+    tokio::time::timeout(Duration::from_secs(20), p.client.call(|id| Request::Publish { id: Some(id), message: m, qos2_marker: None }))
+        .await
+        .expect("a reply in time")
+        .unwrap()
+}
+
+/// The payload numbers delivered to `p` until `n` have come (or a deadline).
+async fn received(p: &mut Proxy, n: usize) -> Vec<u32> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(20), p.deliveries.recv()).await {
+            Ok(Some(d)) => got.push(u32::from_be_bytes(d.message.payload[..4].try_into().unwrap())),
+            _ => break,
+        }
+    }
+    got
+}
+
+async fn nothing_more(p: &mut Proxy) {
+    if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(700), p.deliveries.recv()).await {
+        panic!("delivered again: {:?}", d.message.payload);
+    }
+}
+
+#[tokio::test]
+async fn a_link_cut_loses_nothing_and_duplicates_nothing() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let shard = start_shard(dir.path(), &redis, None, &[]).await;
+    let relay = Relay::start(shard.addr).await;
+    let mut sub = proxy(relay.addr, "proxy-sub", vec![subscribe("c", 7, false, "t/#")]).await;
+    let publisher = proxy(shard.addr, "proxy-pub", vec![]).await;
+
+    for n in 1..=3 {
+        assert!(matches!(publish(&publisher, "t/a", n).await, Reply::Accepted { .. }));
+    }
+    assert_eq!(received(&mut sub, 3).await, [1, 2, 3]);
+    relay.cut();
+    for n in 4..=8 {
+        assert!(matches!(publish(&publisher, "t/a", n).await, Reply::Accepted { .. }), "accepted while a subscriber's proxy is away");
+    }
+    relay.restore();
+    assert_eq!(received(&mut sub, 5).await, [4, 5, 6, 7, 8], "what the shard kept for the away proxy, in order");
+    nothing_more(&mut sub).await;
+
+    // Everything confirmed: the log empties.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while shard.metrics.log_entries.get() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "log still holds {} entries", shard.metrics.log_entries.get());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn accepted_messages_survive_a_crash_and_reach_a_proxy_that_was_away() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let shard = start_shard(dir.path(), &redis, None, &[]).await;
+    let relay = Relay::start(shard.addr).await;
+    let mut sub = proxy(relay.addr, "proxy-sub", vec![subscribe("c", 7, false, "t/#")]).await;
+    let publisher = proxy(shard.addr, "proxy-pub", vec![]).await;
+
+    for n in 1..=5 {
+        publish(&publisher, "t/a", n).await;
+    }
+    assert_eq!(received(&mut sub, 5).await, [1, 2, 3, 4, 5]);
+    relay.cut();
+    for n in 6..=10 {
+        assert!(matches!(publish(&publisher, "t/a", n).await, Reply::Accepted { .. }));
+    }
+    // The shard dies with 6..10 acknowledged but never sent to the subscriber's proxy.
+    let addr = shard.crash().await;
+    let shard = start_shard(dir.path(), &redis, Some(addr), &["proxy-sub", "proxy-pub"]).await;
+    relay.restore();
+    assert_eq!(received(&mut sub, 5).await, [6, 7, 8, 9, 10], "replayed from the log once the proxies resynchronised");
+    publish(&publisher, "t/a", 11).await;
+    assert_eq!(received(&mut sub, 1).await, [11]);
+    nothing_more(&mut sub).await;
+    drop(shard);
+}
+
+/// A raw link speaking frames, so the test controls exactly what is confirmed and resent.
+struct RawLink {
+    stream: TcpStream,
+    rbuf: BytesMut,
+}
+
+impl RawLink {
+    async fn connect(addr: SocketAddr) -> RawLink {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut out = BytesMut::new();
+        encode(&Frame::Hello { version: VERSION, proxy: "raw".into(), incarnation: 5, ring_epoch: 0, credit: 1000 }, &mut out);
+        stream.write_all(&out).await.unwrap();
+        let mut link = RawLink { stream, rbuf: BytesMut::new() };
+        assert!(matches!(link.frame().await, Frame::Welcome { .. }));
+        link
+    }
+
+    async fn send(&mut self, r: Request) {
+        let mut out = BytesMut::new();
+        encode(&Frame::Request(r), &mut out);
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    async fn frame(&mut self) -> Frame {
+        loop {
+            if let Some(f) = decode_next(&mut self.rbuf).unwrap() {
+                return f;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(20), self.stream.read_buf(&mut self.rbuf)).await.expect("a frame").unwrap();
+            assert!(n > 0, "link closed");
+        }
+    }
+
+    async fn reply(&mut self, id: u64) -> Reply {
+        loop {
+            if let Frame::Event(Event::Reply { id: got, result }) = self.frame().await {
+                if got.0 == id {
+                    return result.unwrap();
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_publish_sent_again_after_a_crash_is_answered_not_accepted_twice() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let shard = start_shard(dir.path(), &redis, None, &[]).await;
+    let mut sub = proxy(shard.addr, "proxy-sub", vec![subscribe("c", 7, false, "t/#")]).await;
+    let mut raw = RawLink::connect(shard.addr).await;
+    raw.send(Request::Publish { id: Some(RequestId(1)), message: msg("t/x", 1u32.to_be_bytes().to_vec()), qos2_marker: None }).await;
+    assert!(matches!(raw.reply(1).await, Reply::Accepted { .. }));
+    assert_eq!(received(&mut sub, 1).await, [1]);
+
+    // The shard dies before the publisher's proxy confirmed the reply; the proxy, not knowing
+    // whether it arrived, sends the PUBLISH again after relinking.
+    let addr = shard.crash().await;
+    let _shard = start_shard(dir.path(), &redis, Some(addr), &["proxy-sub", "raw"]).await;
+    let mut raw = RawLink::connect(addr).await;
+    raw.send(Request::ResyncDone).await;
+    raw.send(Request::Publish { id: Some(RequestId(1)), message: msg("t/x", 1u32.to_be_bytes().to_vec()), qos2_marker: None }).await;
+    assert_eq!(raw.reply(1).await, Reply::Done, "recognised as accepted before");
+    raw.send(Request::Publish { id: Some(RequestId(2)), message: msg("t/x", 2u32.to_be_bytes().to_vec()), qos2_marker: None }).await;
+    assert!(matches!(raw.reply(2).await, Reply::Accepted { .. }));
+    assert_eq!(received(&mut sub, 1).await, [2], "message 1 is not delivered a second time");
+    nothing_more(&mut sub).await;
+}
+
+#[tokio::test]
+async fn persistent_sessions_subscriptions_are_kept_on_the_shards_disk() {
+    let redis = RedisServer::start();
+    let sessions = sessions_store(&redis).await;
+    let record = SessionRecord {
+        client_id: "ps".into(),
+        protocol_level: 5,
+        expiry_interval: 3600,
+        subscriptions: vec![],
+        will: None,
+        epoch: 1,
+        // Never expires while marked connected (an offline record would count its expiry from
+        // `disconnected_at_ms`).
+        connected: true,
+        disconnected_at_ms: 0,
+    };
+    sessions.write(vec![Op::PutSession(record)]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let shard = start_shard(dir.path(), &redis, None, &[]).await;
+    let p = proxy(shard.addr, "proxy-a", vec![]).await;
+    p.client.call(|id| with_id(subscribe("ps", 1, true, "q/#"), id)).await.unwrap();
+    p.client.send(Request::Detach { client_id: "ps".into(), conn: ConnId(1) }).await.unwrap();
+    p.client.call(|id| Request::Flush { id }).await.unwrap();
+
+    // Restarted, with no proxy to tell it about "ps": it still queues for it.
+    let addr = shard.crash().await;
+    let _shard = start_shard(dir.path(), &redis, Some(addr), &[]).await;
+    let publisher = proxy(addr, "proxy-b", vec![]).await;
+    publish(&publisher, "q/1", 1).await;
+    publisher.client.call(|id| Request::Flush { id }).await.unwrap();
+    let queue = sessions.load_queue("ps", 0).await.unwrap();
+    assert_eq!(queue.len(), 1, "queued in Redis for the offline persistent session");
+    assert_eq!(&Message::decode(&queue[0].message).unwrap().topic[..], "q/1");
+}
