@@ -15,10 +15,12 @@
 //! replies to the publisher's proxy and sends one [`link::Deliver`] per proxy with the list of
 //! recipients there.
 
+pub mod config;
 pub mod link;
 pub mod log;
 pub mod message;
 pub mod metrics;
+pub mod node;
 mod pipeline;
 pub mod restore;
 pub mod retained;

@@ -11,56 +11,36 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use session_store::SyncPolicy;
+use mqfleet_ops::config::{parse_addr, parse_optional_addr, require_positive, Problems};
+pub use mqfleet_ops::config::{ConfigError, ConfigErrors};
+use session_store::{RedisTarget, SyncPolicy};
 
-macro_rules! settings {
-    ($( $(#[doc = $doc:literal])* $key:ident : $ty:ty = $default:expr, env $env:literal; )*) => {
-        /// Settings as read from defaults, file, environment and flags; see [`Config::validate`].
-        #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-        #[serde(default, deny_unknown_fields)]
-        pub struct Config {
-            $( $(#[doc = $doc])* pub $key: $ty, )*
-        }
-
-        impl Default for Config {
-            fn default() -> Self {
-                Config { $( $key: $default, )* }
-            }
-        }
-
-        /// Command-line flags and environment variables; each overrides its file key.
-        #[derive(Debug, Default, Clone, clap::Args)]
-        pub struct Overrides {
-            $( $(#[doc = $doc])* #[arg(long, env = $env, value_name = stringify!($ty))] pub $key: Option<$ty>, )*
-        }
-
-        impl Config {
-            fn apply(&mut self, o: Overrides) {
-                $( if let Some(v) = o.$key { self.$key = v; } )*
-            }
-
-            /// Every setting: (file key, environment variable, default, description), for the
-            /// documentation tables.
-            pub fn reference() -> Vec<(&'static str, &'static str, String, String)> {
-                let d = Config::default();
-                vec![ $( (stringify!($key), $env, format!("{:?}", d.$key), [$($doc.trim()),*].join(" ")), )* ]
-            }
-        }
-    };
-}
-
-settings! {
+mqfleet_ops::settings! {
     /// MQTT over TCP listener address; port 0 picks a free port (the bound address is logged).
     mqtt: String = "127.0.0.1:1883".into(), env "MQFLEET_PROXY_MQTT";
     /// HTTP listener for /livez, /readyz and /metrics; empty disables it.
     http: String = "127.0.0.1:18083".into(), env "MQFLEET_PROXY_HTTP";
-    /// Session store: `embedded:DIR` (single node).
+    /// Session store: `embedded:DIR` (single node), or Redis for a cluster of proxies:
+    /// `redis://HOST:PORT[/DB]`, `rediss://…` (TLS), `redis+cluster://H1:P1,H2:P2,…`.
     store: String = "embedded:./mqfleet-data".into(), env "MQFLEET_PROXY_STORE";
-    /// When durable writes reach the disk: `batch` (fsync every group commit, nothing
-    /// acknowledged is lost) or `interval:MS` (fsync at least every MS milliseconds).
+    /// When durable writes reach the disk (embedded store): `batch` (fsync every commit,
+    /// nothing acknowledged is lost), `group:MS` (collect MS then fsync) or `interval:MS`
+    /// (acknowledge before the fsync, which follows at least every MS).
     store_sync: String = "batch".into(), env "MQFLEET_PROXY_STORE_SYNC";
-    /// Shards: `local:N` runs N shards in this process; `local` runs one per CPU core.
+    /// Shards: `local:N` runs N shards in this process, `local` one per CPU core (embedded
+    /// store); with Redis, `HOST:PORT,HOST:PORT,…` (the shards' link addresses) or `discover`
+    /// (the live shards registered in Redis).
     shards: String = "local".into(), env "MQFLEET_PROXY_SHARDS";
+    /// This proxy's name in a cluster (unique per proxy; shards and Redis know it by it).
+    /// Empty: the host name and the MQTT port.
+    id: String = String::new(), env "MQFLEET_PROXY_ID";
+    /// Longest wait for Redis before an operation fails (a CONNECT is then refused), in ms.
+    redis_timeout_ms: u64 = 2_000, env "MQFLEET_PROXY_REDIS_TIMEOUT_MS";
+    /// How often this proxy tells Redis it is alive, in ms.
+    heartbeat_ms: u64 = 1_000, env "MQFLEET_PROXY_HEARTBEAT_MS";
+    /// Silence after which other proxies take a proxy for dead and publish its clients'
+    /// wills, in ms.
+    dead_after_ms: u64 = 5_000, env "MQFLEET_PROXY_DEAD_AFTER_MS";
     /// Log format: `text` or `json`. The level comes from RUST_LOG, else `log_level`.
     log_format: String = "text".into(), env "MQFLEET_PROXY_LOG_FORMAT";
     /// Log level filter when RUST_LOG is not set (tracing EnvFilter syntax).
@@ -119,20 +99,19 @@ pub struct Cli {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreSpec {
     Embedded(PathBuf),
+    Redis(RedisTarget),
 }
 
-/// One invalid setting.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {problem}")]
-pub struct ConfigError {
-    pub key: String,
-    pub problem: String,
+/// Where the shards are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardSpec {
+    /// This many shards in this process.
+    Local(usize),
+    /// Shard processes at these link addresses.
+    Static(Vec<String>),
+    /// The live shards registered in Redis.
+    Discover,
 }
-
-/// Every problem found, one per line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
-pub struct ConfigErrors(pub Vec<ConfigError>);
 
 /// A checked configuration: what the broker runs with.
 #[derive(Debug, Clone)]
@@ -141,10 +120,15 @@ pub struct Settings {
     pub http: Option<SocketAddr>,
     pub store: StoreSpec,
     pub store_sync: SyncPolicy,
-    pub shards: usize,
+    pub shards: ShardSpec,
     pub json_logs: bool,
     pub connect_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// This proxy's name in a cluster; empty until resolved at start (see [`Settings::proxy_id`]).
+    pub id: String,
+    pub redis_timeout: Duration,
+    pub heartbeat: Duration,
+    pub dead_after: Duration,
     /// Everything else, as configured.
     pub raw: Config,
 }
@@ -152,98 +136,80 @@ pub struct Settings {
 impl Config {
     /// Reads the file (if any) and applies the overrides on top.
     pub fn load(cli: Cli) -> Result<Config, ConfigErrors> {
-        let mut config = match &cli.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| single("config", format!("cannot read {}: {e}", path.display())))?;
-                Config::from_toml(&text).map_err(|e| single("config", format!("{}: {e}", path.display())))?
-            }
-            None => Config::default(),
-        };
+        let mut config: Config = mqfleet_ops::config::load_file(cli.config.as_deref())?;
         config.apply(cli.overrides);
         Ok(config)
     }
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        mqfleet_ops::config::from_toml(text)
     }
 
     /// Checks every setting; returns all problems, not just the first.
     pub fn validate(self) -> Result<Settings, ConfigErrors> {
-        let mut errors = Vec::new();
-        let mut err = |key: &str, problem: String| errors.push(ConfigError { key: key.into(), problem });
-
-        let mqtt = parse_addr(&self.mqtt).map_err(|p| err("mqtt", p)).ok();
-        let http = if self.http.is_empty() { Some(None) } else { parse_addr(&self.http).map(Some).map_err(|p| err("http", p)).ok() };
-        let store = match self.store.split_once(':') {
-            Some(("embedded", dir)) if !dir.is_empty() => Some(StoreSpec::Embedded(dir.into())),
-            _ => {
-                err("store", format!("{:?} is not a store; expected embedded:DIR", self.store));
-                None
+        let mut p = Problems::default();
+        let mqtt = p.check("mqtt", parse_addr(&self.mqtt));
+        let http = p.check("http", parse_optional_addr(&self.http));
+        let store = p.check("store", parse_store(&self.store));
+        let store_sync = p.check("store_sync", self.store_sync.parse::<SyncPolicy>());
+        let shards = p.check("shards", parse_shards(&self.shards));
+        match (&store, &shards) {
+            (Some(StoreSpec::Embedded(_)), Some(ShardSpec::Static(_) | ShardSpec::Discover)) => {
+                p.add("shards", "shard processes need the session store in Redis (store = redis://…): proxies share sessions through it")
             }
-        };
-        let store_sync = match self.store_sync.as_str() {
-            "batch" => Some(SyncPolicy::Batch),
-            other => match other.strip_prefix("interval:").and_then(|ms| ms.parse::<u64>().ok()) {
-                Some(ms) if ms > 0 => Some(SyncPolicy::Interval(Duration::from_millis(ms))),
-                _ => {
-                    err("store_sync", format!("{other:?} is not a sync policy; expected batch or interval:MS with MS > 0"));
-                    None
-                }
-            },
-        };
-        let shards = match self.shards.as_str() {
-            "local" => Some(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
-            other => match other.strip_prefix("local:").and_then(|n| n.parse::<usize>().ok()) {
-                Some(n) if (1..=1024).contains(&n) => Some(n),
-                _ => {
-                    err("shards", format!("{other:?} is not a shard set; expected local or local:N with 1 <= N <= 1024"));
-                    None
-                }
-            },
-        };
-        let json_logs = match self.log_format.as_str() {
-            "text" => false,
-            "json" => true,
-            other => {
-                err("log_format", format!("{other:?} is not a log format; expected text or json"));
-                false
-            }
-        };
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            err("log_level", format!("{:?} is not a level filter: {e}", self.log_level));
+            (Some(StoreSpec::Redis(_)), Some(ShardSpec::Local(_))) => p.add(
+                "shards",
+                "with the session store in Redis, name the shard processes (HOST:PORT,…) or use discover; in-process shards are for a single node",
+            ),
+            _ => {}
         }
-        let positive = [
-            ("max_connections", self.max_connections as u64),
-            ("max_packet_size", u64::from(self.max_packet_size)),
-            ("connect_timeout_ms", self.connect_timeout_ms),
-            ("receive_maximum", u64::from(self.receive_maximum)),
-            ("max_inflight", u64::from(self.max_inflight)),
-            ("max_queued_messages", u64::from(self.max_queued_messages)),
-            ("max_topic_levels", self.max_topic_levels as u64),
-            ("max_topic_length", self.max_topic_length as u64),
-            ("max_client_id_length", self.max_client_id_length as u64),
-        ];
-        for (key, v) in positive {
-            if v == 0 {
-                err(key, "must be greater than 0".into());
-            }
+        if self.id.contains(|c: char| c.is_control() || c == '|') {
+            p.add("id", format!("{:?} contains a control character or '|'", self.id));
         }
+        let json_logs = p.check("log_format", mqfleet_ops::logging::parse_format(&self.log_format)).unwrap_or(false);
+        p.check("log_level", mqfleet_ops::logging::check_level(&self.log_level));
+        require_positive(
+            &mut p,
+            &[
+                ("max_connections", self.max_connections as u64),
+                ("max_packet_size", u64::from(self.max_packet_size)),
+                ("connect_timeout_ms", self.connect_timeout_ms),
+                ("receive_maximum", u64::from(self.receive_maximum)),
+                ("max_inflight", u64::from(self.max_inflight)),
+                ("max_queued_messages", u64::from(self.max_queued_messages)),
+                ("max_topic_levels", self.max_topic_levels as u64),
+                ("max_topic_length", self.max_topic_length as u64),
+                ("max_client_id_length", self.max_client_id_length as u64),
+                ("redis_timeout_ms", self.redis_timeout_ms),
+                ("heartbeat_ms", self.heartbeat_ms),
+            ],
+        );
         if self.max_packet_size < 64 {
-            err("max_packet_size", format!("{} bytes cannot hold a CONNECT; use at least 64", self.max_packet_size));
+            p.add("max_packet_size", format!("{} bytes cannot hold a CONNECT; use at least 64", self.max_packet_size));
         }
         if self.max_packet_size > mqfleet_codec::MAX_REMAINING_LENGTH as u32 {
-            err("max_packet_size", format!("{} exceeds the MQTT maximum of {}", self.max_packet_size, mqfleet_codec::MAX_REMAINING_LENGTH));
+            p.add(
+                "max_packet_size",
+                format!("{} exceeds the MQTT maximum of {}", self.max_packet_size, mqfleet_codec::MAX_REMAINING_LENGTH),
+            );
         }
         if self.max_topic_length > 65_535 {
-            err("max_topic_length", "cannot exceed 65535, the longest MQTT string".into());
+            p.add("max_topic_length", "cannot exceed 65535, the longest MQTT string");
         }
-
-        if !errors.is_empty() {
-            return Err(ConfigErrors(errors));
+        if self.dead_after_ms < 3 * self.heartbeat_ms {
+            p.add(
+                "dead_after_ms",
+                format!(
+                    "{} ms is less than three heartbeats ({} ms): a live proxy would be taken for dead",
+                    self.dead_after_ms,
+                    3 * self.heartbeat_ms
+                ),
+            );
         }
-        // Every `None` above pushed an error, so all are `Some` here.
+        p.into_result()?;
+        // Every `None` above recorded a problem, so all are `Some` here.
         let (Some(mqtt), Some(http), Some(store), Some(store_sync), Some(shards)) = (mqtt, http, store, store_sync, shards) else {
-            return Err(single("config", "internal: unreported invalid setting".into()));
+            return Err(ConfigErrors::single("config", "internal: unreported invalid setting".into()));
         };
         Ok(Settings {
             mqtt,
@@ -254,17 +220,58 @@ impl Config {
             json_logs,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            id: self.id.clone(),
+            redis_timeout: Duration::from_millis(self.redis_timeout_ms),
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            dead_after: Duration::from_millis(self.dead_after_ms),
             raw: self,
         })
     }
 }
 
-fn single(key: &str, problem: String) -> ConfigErrors {
-    ConfigErrors(vec![ConfigError { key: key.into(), problem }])
+impl Settings {
+    /// The proxy's cluster name: `id` if set, else the host name and the bound MQTT port.
+    pub fn proxy_id(&self, mqtt_port: u16) -> String {
+        if !self.id.is_empty() {
+            return self.id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "proxy".into());
+        format!("{host}:{mqtt_port}")
+    }
 }
 
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| format!("{s:?} is not an address; expected IP:PORT such as 127.0.0.1:1883 (port 0 picks one)"))
+fn parse_store(s: &str) -> Result<StoreSpec, String> {
+    match s.split_once(':') {
+        Some(("embedded", dir)) if !dir.is_empty() => Ok(StoreSpec::Embedded(dir.into())),
+        Some(("redis" | "rediss" | "redis+cluster", _)) => RedisTarget::parse(s).map(StoreSpec::Redis),
+        _ => Err(format!("{s:?} is not a store; expected embedded:DIR, redis://HOST:PORT or redis+cluster://H1:P1,H2:P2")),
+    }
+}
+
+fn parse_shards(s: &str) -> Result<ShardSpec, String> {
+    if s == "local" {
+        return Ok(ShardSpec::Local(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)));
+    }
+    if s == "discover" {
+        return Ok(ShardSpec::Discover);
+    }
+    if let Some(n) = s.strip_prefix("local:") {
+        return match n.parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(ShardSpec::Local(n)),
+            _ => Err(format!("{s:?} is not a shard set; expected local:N with 1 <= N <= 1024")),
+        };
+    }
+    let addrs: Vec<String> = s.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect();
+    let well_formed = |a: &String| a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if addrs.is_empty() || !addrs.iter().all(well_formed) {
+        return Err(format!("{s:?} is not a shard set; expected local, local:N, discover or HOST:PORT,HOST:PORT,…"));
+    }
+    Ok(ShardSpec::Static(addrs))
 }
 
 #[cfg(test)]
@@ -277,7 +284,7 @@ mod tests {
         let s = Config::default().validate().unwrap();
         assert_eq!(s.mqtt, "127.0.0.1:1883".parse().unwrap());
         assert_eq!(s.store, StoreSpec::Embedded("./mqfleet-data".into()));
-        assert!(s.shards >= 1);
+        assert!(matches!(s.shards, ShardSpec::Local(n) if n >= 1));
     }
 
     #[test]
@@ -289,7 +296,7 @@ mod tests {
         c.apply(cli.overrides);
         assert_eq!(c.max_inflight, 9);
         assert_eq!(c.mqtt, "127.0.0.1:0");
-        assert_eq!(c.validate().unwrap().shards, 3);
+        assert_eq!(c.validate().unwrap().shards, ShardSpec::Local(3));
     }
 
     #[test]
@@ -313,6 +320,32 @@ mod tests {
         assert_eq!(keys, ["mqtt", "store", "store_sync", "shards", "max_packet_size"]);
         let text = errors.to_string();
         assert!(text.contains("mqtt: \"localhost\" is not an address"), "{text}");
+    }
+
+    #[test]
+    fn a_cluster_proxy_needs_redis_and_shard_processes() {
+        let c =
+            Config { store: "redis://127.0.0.1:6379".into(), shards: "10.0.0.1:7883, shard-1.mqfleet:7883".into(), ..Config::default() };
+        let s = c.validate().unwrap();
+        assert!(matches!(s.store, StoreSpec::Redis(_)));
+        assert_eq!(s.shards, ShardSpec::Static(vec!["10.0.0.1:7883".into(), "shard-1.mqfleet:7883".into()]));
+        let c = Config { store: "redis+cluster://a:1,b:2".into(), shards: "discover".into(), ..Config::default() };
+        assert_eq!(c.validate().unwrap().shards, ShardSpec::Discover);
+
+        let mixed = Config { shards: "discover".into(), ..Config::default() }.validate().unwrap_err();
+        assert!(mixed.to_string().contains("shards: shard processes need the session store in Redis"), "{mixed}");
+        let mixed = Config { store: "redis://r:6379".into(), ..Config::default() }.validate().unwrap_err();
+        assert!(mixed.to_string().contains("in-process shards are for a single node"), "{mixed}");
+        let bad = Config { store: "redis://r:6379".into(), shards: "shard-1".into(), ..Config::default() }.validate().unwrap_err();
+        assert!(bad.to_string().contains("is not a shard set"), "{bad}");
+    }
+
+    #[test]
+    fn the_proxy_id_defaults_to_host_and_port() {
+        let s = Config::default().validate().unwrap();
+        assert!(s.proxy_id(1884).ends_with(":1884"));
+        let s = Config { id: "edge-7".into(), ..Config::default() }.validate().unwrap();
+        assert_eq!(s.proxy_id(1884), "edge-7");
     }
 
     #[test]

@@ -6,8 +6,15 @@
 //! - [`connection`]: one task per connection; [`session`]: the MQTT logic it drives, without I/O.
 //! - [`registry`]: which connection owns which client id; mailboxes for deliveries.
 //! - [`routing`] and [`shards`]: the consistent-hash ring and the links to the shards.
-//! - [`lifecycle`]: delayed wills and session expiry for sessions without a connection.
-//! - [`admin`]: `/livez`, `/readyz`, `/metrics`.
+//! - [`lifecycle`]: delayed wills and session expiry for sessions without a connection (single
+//!   node; in a cluster Redis keeps both, see [`cluster`]).
+//! - [`cluster`]: heartbeats, takeover notices, dead proxies, delayed wills, link resync.
+//! - HTTP `/livez`, `/readyz`, `/metrics`: `mqfleet_ops::http`.
+//!
+//! # Two deployments, one code path
+//! Single node: the embedded store and shards in this process, over in-process links.
+//! Cluster: sessions in Redis, shards in `mqfleet-shard` processes over TCP links. Connections
+//! do not know which: they talk to a [`Store`] and to links.
 //!
 //! # Path of a PUBLISH
 //! The connection decodes it, resolves its topic alias and checks it, then sends it over the link
@@ -18,7 +25,7 @@
 //!
 //! Start reading at [`start`].
 
-pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod lifecycle;
@@ -33,23 +40,26 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use broker_shard::link::client::Client;
+use broker_shard::link::client::{Client, DeliverySink};
+use broker_shard::link::tcp::TcpConfig;
 use broker_shard::link::{ProxyId, Request, SessionInfo, SubscribeItem};
 use broker_shard::{now_ms, Message, ShardConfig, ShardMetrics};
 use mqfleet_codec::{ByteString, QoS, RetainHandling, SubscriptionOptions};
-use session_store::{EmbeddedConfig, EmbeddedStore, Op, SessionRecord, Store};
+use session_store::{EmbeddedConfig, EmbeddedStore, Op, RedisStore, RedisTarget, SessionRecord, Store, StoredSubscription};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Settings, StoreSpec};
+use crate::cluster::{Cluster, LinkState};
+use crate::config::{Settings, ShardSpec, StoreSpec};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::routing::{Ring, ShardSet};
+use crate::routing::Ring;
 use crate::session::Limits;
-use crate::shards::{Dispatcher, Shards};
+use crate::shards::{Dispatcher, Shards, Topology};
 
 /// Everything connections share.
 pub struct Context {
@@ -60,26 +70,8 @@ pub struct Context {
     pub registry: Arc<Registry>,
     pub metrics: Metrics,
     pub lifecycle: Lifecycle,
-}
-
-impl Context {
-    /// The shards holding subscriptions with these filters.
-    pub fn shard_set<'a>(&self, filters: impl Iterator<Item = &'a ByteString>) -> ShardSet {
-        let mut one = None;
-        for f in filters {
-            let inner = match mqfleet_codec::topic::parse_shared(f) {
-                Ok(Some(s)) => s.filter,
-                _ => f,
-            };
-            match (self.shards.ring().shards_for_filter(inner), one) {
-                (ShardSet::All, _) => return ShardSet::All,
-                (ShardSet::One(i), None) => one = Some(i),
-                (ShardSet::One(i), Some(j)) if i != j => return ShardSet::All,
-                _ => {}
-            }
-        }
-        one.map_or(ShardSet::All, ShardSet::One)
-    }
+    /// Set when the proxy is part of a cluster.
+    pub cluster: Option<Cluster>,
 }
 
 /// Why the broker could not start.
@@ -91,6 +83,8 @@ pub enum StartError {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("shards: {0}")]
     Link(#[from] broker_shard::link::LinkError),
+    #[error("no shard registered in Redis within {0:?} (shards = discover): start mqfleet-shard processes with the same store")]
+    NoShards(Duration),
 }
 
 /// A running broker.
@@ -100,30 +94,106 @@ pub struct Broker {
     /// Where `/livez`, `/readyz`, `/metrics` are served, if enabled.
     pub http_addr: Option<SocketAddr>,
     ctx: Arc<Context>,
+    /// Ends the listeners and connections (drain).
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Ends what must outlive the drain: shard links, cluster heartbeats.
+    background: CancellationToken,
     ready: Arc<AtomicBool>,
 }
 
-/// Starts the broker: opens the store, starts the shards with their retained messages,
-/// restores persistent sessions, then listens.
+/// Starts the broker: opens the store, reaches the shards, restores what needs restoring,
+/// then listens.
 pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     let limits = Limits::from_settings(&settings);
-    let StoreSpec::Embedded(dir) = &settings.store;
-    let mut store_config = EmbeddedConfig::new(dir);
-    store_config.sync = settings.store_sync;
-    store_config.max_queue_len = limits.max_queued_messages;
-    let store = Store::Embedded(EmbeddedStore::open(store_config)?);
-    tracing::info!(dir = %dir.display(), "session store opened");
-
     let shard_metrics = ShardMetrics::default();
     let metrics = Metrics::default();
     let mut prometheus = prometheus_client::registry::Registry::default();
     metrics.register(&mut prometheus);
     shard_metrics.register(&mut prometheus);
 
-    // Shards, each with the retained messages of the topics it owns.
-    let names: Vec<String> = (0..settings.shards).map(|i| format!("shard-{i}")).collect();
+    // Bound first: the cluster name of this proxy may include the port.
+    let listener =
+        TcpListener::bind(settings.mqtt).await.map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
+    let mqtt_addr = listener.local_addr().map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
+
+    let registry = Arc::new(Registry::default());
+    let sink: Arc<dyn DeliverySink> = Arc::new(Dispatcher { registry: registry.clone(), metrics: metrics.clone() });
+    let background = CancellationToken::new();
+    let (store, topology, cluster, link_states) = match &settings.store {
+        StoreSpec::Embedded(dir) => {
+            let (store, topology) = single_node(&settings, &limits, dir, &sink, &shard_metrics).await?;
+            (store, topology, None, Vec::new())
+        }
+        StoreSpec::Redis(target) => {
+            let id = settings.proxy_id(mqtt_addr.port());
+            let (cluster, topology, states) = join_cluster(&settings, &limits, target, id, &sink, &background).await?;
+            (Store::Redis(cluster.redis.clone()), topology, Some(cluster), states)
+        }
+    };
+
+    let (lifecycle, lifecycle_task) = Lifecycle::new();
+    let ctx = Arc::new(Context {
+        settings: settings.clone(),
+        limits,
+        store,
+        shards: Shards::new(topology),
+        registry,
+        metrics,
+        lifecycle,
+        cluster,
+    });
+    for s in &link_states {
+        s.attach(&ctx);
+    }
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(lifecycle_task.run(Arc::downgrade(&ctx), shutdown.clone()));
+    match &ctx.cluster {
+        None => restore_sessions(&ctx).await?,
+        Some(c) => {
+            c.redis.proxy_beat(&c.id).await?;
+            Cluster::spawn(&ctx, &background);
+            tracing::info!(proxy = %c.id, shards = ctx.shards.now().len(), "joined the cluster");
+        }
+    }
+
+    tracing::info!(address = %mqtt_addr, "MQTT listener bound");
+    tracker.spawn(server::accept_loop(listener, ctx.clone(), shutdown.clone(), tracker.clone()));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_addr = match settings.http {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what: "http", addr, source })?;
+            let bound = l.local_addr().map_err(|source| StartError::Bind { what: "http", addr, source })?;
+            tracing::info!(address = %bound, "HTTP listener bound");
+            let state = mqfleet_ops::http::HttpState { ready: ready.clone(), prometheus: Arc::new(prometheus) };
+            // Outlives the drain: /readyz answers 503 while connections close.
+            tokio::spawn(mqfleet_ops::http::serve(l, state, background.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
+    ready.store(true, Ordering::SeqCst);
+    Ok(Broker { mqtt_addr, http_addr, ctx, shutdown, tracker, background, ready })
+}
+
+/// The embedded store and in-process shards, each with the retained messages it owns.
+async fn single_node(
+    settings: &Settings,
+    limits: &Limits,
+    dir: &std::path::Path,
+    sink: &Arc<dyn DeliverySink>,
+    shard_metrics: &ShardMetrics,
+) -> Result<(Store, Topology), StartError> {
+    let mut store_config = EmbeddedConfig::new(dir);
+    store_config.sync = settings.store_sync;
+    store_config.max_queue_len = limits.max_queued_messages;
+    let store = Store::Embedded(EmbeddedStore::open(store_config)?);
+    tracing::info!(dir = %dir.display(), "session store opened");
+
+    let ShardSpec::Local(n) = settings.shards else { unreachable!("validated: the embedded store runs local shards") };
+    let names: Vec<String> = (0..n).map(|i| format!("shard-{i}")).collect();
     let ring = Ring::new(&names);
     let mut retained: Vec<Vec<Arc<Message>>> = vec![Vec::new(); names.len()];
     let now = now_ms();
@@ -134,8 +204,6 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
             Err(e) => tracing::error!(topic = %r.topic, error = %e, "unreadable retained message skipped"),
         }
     }
-    let registry = Arc::new(Registry::default());
-    let sink = Arc::new(Dispatcher { registry: registry.clone(), metrics: metrics.clone() });
     let mut links = Vec::with_capacity(names.len());
     for (name, retained) in names.iter().zip(retained) {
         let mut config = ShardConfig::new(name.clone());
@@ -143,36 +211,56 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
         let (handle, _task) = broker_shard::spawn(config, store.clone(), retained, shard_metrics.clone());
         links.push(Client::connect_local(&handle, ProxyId(0), sink.clone()).await?);
     }
+    Ok((store, Topology::new(names, links, 0)))
+}
 
-    let (lifecycle, lifecycle_task) = Lifecycle::new();
-    let ctx =
-        Arc::new(Context { settings: settings.clone(), limits, store, shards: Shards::new(links, ring), registry, metrics, lifecycle });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    tracker.spawn(lifecycle_task.run(Arc::downgrade(&ctx), shutdown.clone()));
+/// How long a proxy with `shards = discover` waits for the first shard to register.
+const FIRST_SHARD_WAIT: Duration = Duration::from_secs(60);
 
-    restore_sessions(&ctx).await?;
-
-    let listener =
-        TcpListener::bind(settings.mqtt).await.map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
-    let mqtt_addr = listener.local_addr().map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
-    tracing::info!(address = %mqtt_addr, "MQTT listener bound");
-    tracker.spawn(server::accept_loop(listener, ctx.clone(), shutdown.clone(), tracker.clone()));
-
-    let ready = Arc::new(AtomicBool::new(false));
-    let http_addr = match settings.http {
-        Some(addr) => {
-            let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what: "http", addr, source })?;
-            let bound = l.local_addr().map_err(|source| StartError::Bind { what: "http", addr, source })?;
-            tracing::info!(address = %bound, "HTTP listener bound");
-            let state = admin::AdminState { ready: ready.clone(), prometheus: Arc::new(prometheus) };
-            tracker.spawn(admin::serve(l, state, shutdown.clone()));
-            Some(bound)
-        }
-        None => None,
+/// Redis and links to the shard processes.
+async fn join_cluster(
+    settings: &Settings,
+    limits: &Limits,
+    target: &RedisTarget,
+    id: String,
+    sink: &Arc<dyn DeliverySink>,
+    background: &CancellationToken,
+) -> Result<(Cluster, Topology, Vec<Arc<LinkState>>), StartError> {
+    let redis = RedisStore::connect(target.clone(), limits.max_queued_messages, settings.redis_timeout).await?;
+    let shards: Vec<(String, String)> = match &settings.shards {
+        ShardSpec::Static(addrs) => addrs.iter().map(|a| (a.clone(), a.clone())).collect(),
+        ShardSpec::Discover => discover_shards(&redis, settings.dead_after).await?,
+        ShardSpec::Local(_) => unreachable!("validated: Redis goes with shard processes"),
     };
-    ready.store(true, Ordering::SeqCst);
-    Ok(Broker { mqtt_addr, http_addr, ctx, shutdown, tracker, ready })
+    let mut keys = Vec::with_capacity(shards.len());
+    let mut links = Vec::with_capacity(shards.len());
+    let mut states = Vec::with_capacity(shards.len());
+    for (key, addr) in shards {
+        let state = LinkState::new(key.clone());
+        let config = TcpConfig::new(addr, id.clone());
+        links.push(Client::connect_tcp(config, sink.clone(), state.clone(), background.clone()));
+        keys.push(key);
+        states.push(state);
+    }
+    let cluster =
+        Cluster { id, redis, heartbeat: settings.heartbeat, dead_after: settings.dead_after, redis_timeout: settings.redis_timeout };
+    Ok((cluster, Topology::new(keys, links, 0), states))
+}
+
+/// The registered shards, by name; waits for the first one.
+async fn discover_shards(redis: &RedisStore, dead_after: Duration) -> Result<Vec<(String, String)>, StartError> {
+    let deadline = tokio::time::Instant::now() + FIRST_SHARD_WAIT;
+    loop {
+        let shards = redis.live_shards(dead_after).await?;
+        if !shards.is_empty() {
+            return Ok(shards);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StartError::NoShards(FIRST_SHARD_WAIT));
+        }
+        tracing::info!("waiting for a shard to register in Redis");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 impl Broker {
@@ -186,8 +274,8 @@ impl Broker {
     }
 
     /// Graceful drain: stop accepting, tell every client (5.0: DISCONNECT 0x8B), save every
-    /// session, then make the store durable. Returns false if connections were still open when
-    /// the grace period ran out.
+    /// session, then make the store durable and leave the cluster. Returns false if
+    /// connections were still open when the grace period ran out.
     pub async fn shutdown(self) -> bool {
         self.mark_unready();
         self.shutdown.cancel();
@@ -202,9 +290,31 @@ impl Broker {
         if let Err(e) = self.ctx.store.flush().await {
             tracing::error!(error = %e, "final flush of the session store failed");
         }
+        if let (Some(c), true) = (&self.ctx.cluster, drained) {
+            // Everything is saved: nothing is left for other proxies to settle.
+            if let Err(e) = c.redis.proxy_leave(&c.id).await {
+                tracing::warn!(error = %e, "could not leave the cluster; another proxy will settle this one when its heartbeat expires");
+            }
+        }
         self.ctx.shards.close().await;
+        self.background.cancel();
         drained
     }
+}
+
+/// A stored subscription as the shards take it.
+pub fn subscribe_item(s: &StoredSubscription) -> SubscribeItem {
+    let options = SubscriptionOptions {
+        qos: QoS::from_u8(s.qos).unwrap_or(QoS::AtMostOnce),
+        no_local: s.no_local,
+        retain_as_published: s.retain_as_published,
+        retain_handling: match s.retain_handling {
+            1 => RetainHandling::OnNewSubscription,
+            2 => RetainHandling::Never,
+            _ => RetainHandling::OnSubscribe,
+        },
+    };
+    SubscribeItem { filter: s.filter.as_str().into(), options, id: s.subscription_id }
 }
 
 /// Rebuilds what lives only in memory from the stored sessions: their subscriptions on the
@@ -227,7 +337,7 @@ async fn restore_sessions(ctx: &Arc<Context>) -> Result<(), StartError> {
             if let Some(w) = will {
                 ctx.publish_will(w).await;
             }
-            ctx.store.write(vec![Op::RemoveSession { client_id: record.client_id.clone() }]).await?;
+            ctx.store.write(vec![Op::RemoveSession { client_id: record.client_id.clone(), epoch: None }]).await?;
             expired += 1;
             continue;
         }
@@ -250,28 +360,19 @@ async fn restore_sessions(ctx: &Arc<Context>) -> Result<(), StartError> {
 }
 
 async fn restore_subscriptions(ctx: &Context, client_id: &ByteString, record: &SessionRecord) -> Result<(), StartError> {
+    let shards = ctx.shards.now();
     let mut per_shard: HashMap<usize, Vec<SubscribeItem>> = HashMap::new();
     for s in &record.subscriptions {
-        let filter: ByteString = s.filter.as_str().into();
-        let set = ctx.shard_set(std::iter::once(&filter));
-        let options = SubscriptionOptions {
-            qos: QoS::from_u8(s.qos).unwrap_or(QoS::AtMostOnce),
-            no_local: s.no_local,
-            retain_as_published: s.retain_as_published,
-            retain_handling: match s.retain_handling {
-                1 => RetainHandling::OnNewSubscription,
-                2 => RetainHandling::Never,
-                _ => RetainHandling::OnSubscribe,
-            },
-        };
-        for i in ctx.shards.indices(set) {
-            per_shard.entry(i).or_default().push(SubscribeItem { filter: filter.clone(), options, id: s.subscription_id });
+        let item = subscribe_item(s);
+        let set = shards.shard_set(std::iter::once(&item.filter));
+        for i in shards.indices(set) {
+            per_shard.entry(i).or_default().push(item.clone());
         }
     }
     let session = SessionInfo { client_id: client_id.clone(), conn: None, persistent: true };
     for (i, items) in per_shard {
         let session = session.clone();
-        ctx.shards.link(i).call(|id| Request::Subscribe { id, session, items, deliver_retained: false }).await?;
+        shards.link(i).call(|id| Request::Subscribe { id, session, items, deliver_retained: false }).await?;
     }
     Ok(())
 }

@@ -164,7 +164,7 @@ async fn expire(ctx: &Arc<Context>, client_id: &ByteString, will: Option<WillSpe
     if let Some(w) = will {
         ctx.publish_will(w).await;
     }
-    match ctx.end_stored_session(client_id).await {
+    match ctx.end_stored_session(client_id, None).await {
         Ok(()) => {
             ctx.metrics.sessions_expired.inc();
             tracing::debug!(client_id = %client_id, "session expired");
@@ -195,7 +195,7 @@ impl Context {
         message.expires_at_ms = will.message_expiry_interval.map(|s| now_ms() + u64::from(s) * 1000);
         let topic = message.topic.clone();
         let message = Arc::new(message);
-        let link = self.shards.owner(&topic);
+        let link = self.shards.now().owner(&topic).clone();
         match link.call(|id| Request::Publish { id: Some(id), message, qos2_marker: None }).await {
             Ok(_) => {
                 self.metrics.wills_published.inc();
@@ -205,11 +205,12 @@ impl Context {
         }
     }
 
-    /// Removes a stored session and its subscriptions on every shard.
-    pub async fn end_stored_session(&self, client_id: &ByteString) -> Result<(), session_store::Error> {
-        self.store.write(vec![Op::RemoveSession { client_id: client_id.to_string() }]).await?;
+    /// Removes a stored session and its subscriptions on every shard. `epoch`: the
+    /// connection doing it, so that it cannot end a newer connection's session (cluster).
+    pub async fn end_stored_session(&self, client_id: &ByteString, epoch: Option<u64>) -> Result<(), session_store::Error> {
+        self.store.write(vec![Op::RemoveSession { client_id: client_id.to_string(), epoch }]).await?;
         self.metrics.persistent_sessions.dec();
-        let _ = self.shards.send_to(ShardSet::All, || Request::Forget { client_id: client_id.clone(), conn: None }).await;
+        let _ = self.shards.now().send_to(ShardSet::All, || Request::Forget { client_id: client_id.clone(), conn: None }).await;
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! Live connections of this proxy: who owns which client id, and where each connection's
-//! mailbox is.
+//! mailbox is; in a cluster also each connection's epoch (to judge takeover notices) and its
+//! subscriptions (to re-send them to a shard that relinks).
 //!
-//! Two maps under two locks, each held only for a map operation (never across an await):
+//! Maps under separate locks, each held only for a map operation (never across an await):
 //! `clients` decides ownership on CONNECT; `conns` is read on every delivery, so it is a
 //! read-write lock that connects and disconnects take briefly for writing.
 
@@ -9,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use broker_shard::link::{ConnId, Recipient};
+use broker_shard::link::{ConnId, Recipient, Request, RequestId, SessionInfo, SubscribeItem};
 use broker_shard::Message;
 use mqfleet_codec::{ByteString, ReasonCode};
 use parking_lot::{Mutex, RwLock};
@@ -38,6 +39,8 @@ struct Owner {
     conn: ConnId,
     mailbox: Mailbox,
     exited: Exited,
+    /// Cluster: the connection epoch from the session store; 0 until the claim there is done.
+    epoch: u64,
 }
 
 /// The previous owner of a client id, returned by [`Registry::claim`].
@@ -47,11 +50,20 @@ pub struct Previous {
     pub exited: Exited,
 }
 
+/// A connection's subscriptions as its shards know them.
+struct Subscribed {
+    session: SessionInfo,
+    items: Vec<SubscribeItem>,
+}
+
 #[derive(Default)]
 pub struct Registry {
     clients: Mutex<HashMap<ByteString, Owner>>,
     conns: RwLock<HashMap<ConnId, Mailbox>>,
     next_conn: AtomicU64,
+    /// Cluster: takeover notices that arrived before their connection's claim finished.
+    early_takeovers: Mutex<HashMap<ByteString, u64>>,
+    subscriptions: Mutex<HashMap<ConnId, Subscribed>>,
 }
 
 impl Registry {
@@ -63,17 +75,65 @@ impl Registry {
     /// previous owner, which the caller must take over [MQTT-3.1.4-3].
     pub fn claim(&self, client_id: &ByteString, conn: ConnId, mailbox: Mailbox, exited: Exited) -> Option<Previous> {
         self.conns.write().insert(conn, mailbox.clone());
-        let prev = self.clients.lock().insert(client_id.clone(), Owner { conn, mailbox, exited });
+        let prev = self.clients.lock().insert(client_id.clone(), Owner { conn, mailbox, exited, epoch: 0 });
         prev.map(|o| Previous { conn: o.conn, mailbox: o.mailbox, exited: o.exited })
     }
 
     /// Removes `conn`; the client id is released only if `conn` still owns it.
     pub fn release(&self, client_id: &ByteString, conn: ConnId) {
         self.conns.write().remove(&conn);
+        self.subscriptions.lock().remove(&conn);
         let mut clients = self.clients.lock();
         if clients.get(client_id).is_some_and(|o| o.conn == conn) {
             clients.remove(client_id);
         }
+    }
+
+    /// Cluster: `conn` holds the session store's claim with `epoch`. False if a newer
+    /// connection elsewhere already took the client over (its notice came first).
+    pub fn set_epoch(&self, client_id: &ByteString, conn: ConnId, epoch: u64) -> bool {
+        if let Some(o) = self.clients.lock().get_mut(client_id).filter(|o| o.conn == conn) {
+            o.epoch = epoch;
+        }
+        let early = self.early_takeovers.lock().remove(client_id);
+        early.is_none_or(|newer| newer <= epoch)
+    }
+
+    /// Cluster: a connection with `epoch` on another proxy took `client_id`. Returns the
+    /// mailbox of our older connection to close, if there is one; a notice for a connection
+    /// still claiming is kept for [`Registry::set_epoch`].
+    pub fn taken_over_elsewhere(&self, client_id: &str, epoch: u64) -> Option<Mailbox> {
+        let clients = self.clients.lock();
+        let o = clients.get(client_id)?;
+        if o.epoch == 0 {
+            let mut early = self.early_takeovers.lock();
+            let e = early.entry(ByteString::from(client_id)).or_insert(0);
+            *e = (*e).max(epoch);
+            return None;
+        }
+        (o.epoch < epoch).then(|| o.mailbox.clone())
+    }
+
+    /// Records the subscriptions of `conn` (all of them, replacing what was there).
+    pub fn set_subscriptions(&self, conn: ConnId, session: SessionInfo, items: Vec<SubscribeItem>) {
+        self.subscriptions.lock().insert(conn, Subscribed { session, items });
+    }
+
+    /// One Subscribe per connection with the subscriptions `keep` selects, for a shard that
+    /// relinked (ids are filled in by the link).
+    pub fn resync(&self, keep: impl Fn(&SubscribeItem) -> bool) -> Vec<Request> {
+        let subs = self.subscriptions.lock();
+        subs.values()
+            .filter_map(|s| {
+                let items: Vec<SubscribeItem> = s.items.iter().filter(|i| keep(i)).cloned().collect();
+                (!items.is_empty()).then(|| Request::Subscribe {
+                    id: RequestId(0),
+                    session: s.session.clone(),
+                    items,
+                    deliver_retained: false,
+                })
+            })
+            .collect()
     }
 
     /// The connection that owns `client_id`, if any.

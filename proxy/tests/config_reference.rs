@@ -1,26 +1,34 @@
-//! The README's configuration table lists every setting, with its variable and default.
+//! The README's configuration tables list every setting of both processes, with variable,
+//! flag, default and meaning.
 
-use proxy::config::Config;
+use mqfleet_ops::config::{reference_rows, undocumented};
 
-#[test]
-fn readme_documents_every_setting() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let mut missing = Vec::new();
-    for (key, env, default, _) in Config::reference() {
-        let row = format!("| `{key}` | `{env}` | `--{}` | `{}` |", key.replace('_', "-"), default.trim_matches('"'));
-        if !readme.contains(&row) {
-            missing.push(row);
-        }
-    }
-    assert!(missing.is_empty(), "README.md lacks these configuration rows (or they are out of date):\n{}", missing.join("\n"));
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap()
 }
 
-/// `cargo test -p proxy --test config_reference -- --ignored --nocapture` prints the table.
+#[test]
+fn readme_documents_every_proxy_setting() {
+    let missing = undocumented(&readme(), &proxy::config::Config::reference());
+    assert!(missing.is_empty(), "README.md lacks these mqfleet-proxy rows (or they are out of date):\n{}", missing.join("\n"));
+}
+
+#[test]
+fn readme_documents_every_shard_setting() {
+    let missing = undocumented(&readme(), &broker_shard::config::Config::reference());
+    assert!(missing.is_empty(), "README.md lacks these mqfleet-shard rows (or they are out of date):\n{}", missing.join("\n"));
+}
+
+/// `cargo test -p proxy --test config_reference -- --ignored --nocapture` prints both tables.
 #[test]
 #[ignore]
-fn print_configuration_table() {
-    println!("| key | environment | flag | default | meaning |\n|---|---|---|---|---|");
-    for (key, env, default, doc) in Config::reference() {
-        println!("| `{key}` | `{env}` | `--{}` | `{}` | {doc} |", key.replace('_', "-"), default.trim_matches('"'));
+fn print_configuration_tables() {
+    for (name, reference) in
+        [("mqfleet-proxy", proxy::config::Config::reference()), ("mqfleet-shard", broker_shard::config::Config::reference())]
+    {
+        println!("{name}:\n| key | environment | flag | default | meaning |\n|---|---|---|---|---|");
+        for row in reference_rows(&reference) {
+            println!("{row}");
+        }
     }
 }

@@ -109,9 +109,11 @@ pub struct RetainedRecord {
 pub enum Op {
     /// Creates or replaces a session record.
     PutSession(SessionRecord),
-    /// Deletes a session with its queue.
+    /// Deletes a session with its queue. With `epoch` (Redis), only if no newer connection
+    /// owns it, and the ownership itself stays.
     RemoveSession {
         client_id: String,
+        epoch: Option<u64>,
     },
     /// Queues one message for several sessions; the message body is stored once.
     ///

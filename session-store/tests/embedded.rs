@@ -110,7 +110,7 @@ async fn removing_a_session_removes_its_queue_and_unshared_bodies() {
     let store = open(dir.path(), 10);
     store.write(vec![Op::PutSession(record("a")), Op::PutSession(record("b")), enqueue(b"shared", &["a", "b"])]).await.unwrap();
     assert!(store.may_have_session("a"));
-    store.write(vec![Op::RemoveSession { client_id: "a".into() }]).await.unwrap();
+    store.write(vec![Op::RemoveSession { client_id: "a".into(), epoch: None }]).await.unwrap();
     assert!(!store.may_have_session("a"));
     assert_eq!(store.load_session("a").await.unwrap(), None);
     assert!(store.load_queue("a", 0).await.unwrap().is_empty());
@@ -194,7 +194,7 @@ async fn inbound_qos2_markers_are_kept_until_cleared_and_removed_with_the_sessio
     assert_eq!(store.load_inbound("a").await.unwrap(), [7, 9]);
     store.write(vec![Op::ClearInbound { client_id: "a".into(), pkid: 7 }]).await.unwrap();
     assert_eq!(store.load_inbound("a").await.unwrap(), [9]);
-    store.write(vec![Op::RemoveSession { client_id: "a".into() }]).await.unwrap();
+    store.write(vec![Op::RemoveSession { client_id: "a".into(), epoch: None }]).await.unwrap();
     assert!(store.load_inbound("a").await.unwrap().is_empty());
 }
 
@@ -238,4 +238,36 @@ async fn log_positions_are_never_given_out_twice_even_after_trimming() {
     let Store::Embedded(e) = open(dir.path(), 10) else { unreachable!() };
     assert!(e.log().await.unwrap().is_empty());
     assert_eq!(e.log_position().await.unwrap(), 7, "a restarted shard must continue above 7");
+}
+
+#[test]
+fn sync_policies_parse_with_a_clear_error() {
+    use session_store::SyncPolicy;
+    use std::time::Duration;
+    assert_eq!("batch".parse::<SyncPolicy>(), Ok(SyncPolicy::Batch));
+    assert_eq!("per-message".parse::<SyncPolicy>(), Ok(SyncPolicy::Batch));
+    assert_eq!("group:2".parse::<SyncPolicy>(), Ok(SyncPolicy::Window(Duration::from_millis(2))));
+    assert_eq!("interval:100".parse::<SyncPolicy>(), Ok(SyncPolicy::Interval(Duration::from_millis(100))));
+    for bad in ["group:0", "sometimes", "interval:", "group:x"] {
+        let e = bad.parse::<SyncPolicy>().unwrap_err();
+        assert!(e.contains("is not a sync policy"), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn a_group_commit_window_still_makes_every_write_durable_and_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut config = EmbeddedConfig::new(dir.path());
+        config.sync = session_store::SyncPolicy::Window(std::time::Duration::from_millis(5));
+        let s = Store::Embedded(EmbeddedStore::open(config).unwrap());
+        let writes = (0..20).map(|i| s.write(vec![Op::PutSession(record(&format!("c{i}")))]));
+        for r in futures::future::join_all(writes).await {
+            r.unwrap();
+        }
+    }
+    let s = open(dir.path(), 10);
+    for i in 0..20 {
+        assert!(s.load_session(&format!("c{i}")).await.unwrap().is_some());
+    }
 }

@@ -77,7 +77,7 @@ async fn behaves_like_a_session_store(s: Store) {
     assert_eq!(s.load_inbound("a").await.unwrap(), [3]);
 
     // Removal takes everything of the session.
-    s.write(vec![Op::RemoveSession { client_id: "a".into() }]).await.unwrap();
+    s.write(vec![Op::RemoveSession { client_id: "a".into(), epoch: None }]).await.unwrap();
     assert_eq!(s.load_session("a").await.unwrap(), None);
     assert!(s.load_queue("a", 0).await.unwrap().is_empty());
     assert!(s.load_inbound("a").await.unwrap().is_empty());
@@ -228,4 +228,126 @@ async fn replayed_log_positions_are_not_queued_twice() {
         origin: Some(("shard-2".into(), 1)),
     };
     assert!(matches!(&s.write(vec![other]).await.unwrap()[0], OpResult::Enqueued(v) if v[0].is_some()));
+}
+
+async fn redis_store(url: &str) -> RedisStore {
+    RedisStore::connect(RedisTarget::parse(url).unwrap(), 100, Duration::from_secs(5)).await.unwrap()
+}
+
+fn will(payload: &str, delay: u32) -> StoredWill {
+    StoredWill { message: payload.as_bytes().to_vec(), delay_interval: delay, message_expiry_interval: None }
+}
+
+/// Everything about a proxy dying, on one deployment.
+async fn a_dead_proxys_sessions_are_settled_once(r: RedisStore) {
+    let s = Store::Redis(r.clone());
+    // proxy-a holds a clean session with a will, a persistent one with a delayed will, and a
+    // client that moved to proxy-b since.
+    let clean = r.claim("clean", "proxy-a").await.unwrap();
+    assert!(r.set_will("clean", clean.epoch, Some(&will("bye", 0))).await.unwrap());
+    let kept = r.claim("kept", "proxy-a").await.unwrap();
+    s.write(vec![Op::PutSession(record("kept", kept.epoch, true, 600))]).await.unwrap();
+    r.set_will("kept", kept.epoch, Some(&will("later", 30))).await.unwrap();
+    r.claim("moved", "proxy-a").await.unwrap();
+    let moved = r.claim("moved", "proxy-b").await.unwrap();
+    r.set_will("moved", moved.epoch, Some(&will("not yours", 0))).await.unwrap();
+
+    r.proxy_beat("proxy-a").await.unwrap();
+    r.proxy_beat("proxy-b").await.unwrap();
+    assert_eq!(r.reap_dead_proxies(Duration::from_secs(60)).await.unwrap(), Vec::<String>::new());
+    let mut live = r.live_proxies(Duration::from_secs(60)).await.unwrap();
+    live.sort();
+    assert_eq!(live, ["proxy-a", "proxy-b"]);
+
+    // proxy-a stops beating; two proxies reap at once: exactly one gets it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.proxy_beat("proxy-b").await.unwrap();
+    let (x, y) = tokio::join!(r.reap_dead_proxies(Duration::from_millis(200)), r.reap_dead_proxies(Duration::from_millis(200)));
+    let mut reaped = [x.unwrap(), y.unwrap()].concat();
+    reaped.sort();
+    assert_eq!(reaped, ["proxy-a"], "reaped once");
+    assert_eq!(r.live_proxies(Duration::from_millis(200)).await.unwrap(), ["proxy-b"]);
+
+    let mut claimed = r.claimed_by("proxy-a").await.unwrap();
+    claimed.sort();
+    assert_eq!(claimed, ["clean", "kept", "moved"]);
+    let o = r.orphan("clean", "proxy-a").await.unwrap().expect("owned by the dead proxy");
+    assert_eq!(o, Orphaned { will: Some(will("bye", 0)), will_delay: Duration::ZERO }, "a clean session's will is due now");
+    assert_eq!(r.owner("clean").await.unwrap(), (None, 0), "the clean session is gone");
+    assert_eq!(r.orphan("clean", "proxy-a").await.unwrap(), None, "settled once");
+    let o = r.orphan("kept", "proxy-a").await.unwrap().unwrap();
+    assert_eq!(o.will, Some(will("later", 30)));
+    assert_eq!(o.will_delay, Duration::from_secs(30), "a delayed will waits, in Redis");
+    assert!(s.load_session("kept").await.unwrap().is_some(), "a persistent session outlives its proxy");
+    assert_eq!(r.owner("kept").await.unwrap().0, None, "offline");
+    assert_eq!(r.orphan("moved", "proxy-a").await.unwrap(), None, "moved on: no will from here");
+    r.forget_proxy("proxy-a").await.unwrap();
+    assert!(r.claimed_by("proxy-a").await.unwrap().is_empty());
+
+    // The delayed will comes due: taken once, by whichever proxy asks first.
+    r.schedule_will("kept", 1).await.unwrap();
+    assert_eq!(r.due_wills(now_ms(), 10).await.unwrap(), ["kept"]);
+    let (a, b) = tokio::join!(r.take_will("kept"), r.take_will("kept"));
+    let taken: Vec<StoredWill> = [a.unwrap(), b.unwrap()].into_iter().flatten().collect();
+    assert_eq!(taken, [will("later", 30)]);
+    assert!(r.due_wills(now_ms(), 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn dead_proxies_are_reaped_once_and_their_wills_fire_once_standalone() {
+    let redis = RedisServer::start();
+    a_dead_proxys_sessions_are_settled_once(redis_store(&redis.url()).await).await;
+}
+
+#[tokio::test]
+async fn dead_proxies_are_reaped_once_and_their_wills_fire_once_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    a_dead_proxys_sessions_are_settled_once(redis_store(&cluster.url()).await).await;
+}
+
+#[tokio::test]
+async fn a_reconnect_cancels_a_pending_will_and_fences_the_old_connection() {
+    let redis = RedisServer::start();
+    let r = redis_store(&redis.url()).await;
+    let s = Store::Redis(r.clone());
+    let first = r.claim("c", "proxy-a").await.unwrap();
+    s.write(vec![Op::PutSession(record("c", first.epoch, false, 600))]).await.unwrap();
+    r.set_will("c", first.epoch, Some(&will("w", 10))).await.unwrap();
+    r.release("c", "proxy-a", first.epoch).await.unwrap();
+    r.schedule_will("c", 1).await.unwrap();
+
+    let second = r.claim("c", "proxy-b").await.unwrap();
+    assert_eq!(r.take_will("c").await.unwrap(), None, "the client is back: no will");
+    assert!(!r.set_will("c", first.epoch, Some(&will("stale", 0))).await.unwrap(), "an older connection cannot set a will");
+    // Nor end the session: the stale connection's removal is refused, the new one's works and
+    // keeps its claim.
+    s.write(vec![Op::RemoveSession { client_id: "c".into(), epoch: Some(first.epoch) }]).await.unwrap();
+    assert!(s.load_session("c").await.unwrap().is_some());
+    s.write(vec![Op::RemoveSession { client_id: "c".into(), epoch: Some(second.epoch) }]).await.unwrap();
+    assert!(s.load_session("c").await.unwrap().is_none());
+    assert_eq!(r.owner("c").await.unwrap(), (Some("proxy-b".into()), second.epoch));
+}
+
+#[tokio::test]
+async fn takeover_notices_reach_the_proxy_that_lost_the_client() {
+    let redis = RedisServer::start();
+    let r = redis_store(&redis.url()).await;
+    let mut inbox = r.inbox("proxy-a", Duration::from_secs(2)).await.unwrap();
+    assert_eq!(inbox.next().await.unwrap(), None, "nothing yet (waits at most a second)");
+    r.notify_takeover("proxy-a", "line\nbreak id", 7).await.unwrap();
+    assert_eq!(inbox.next().await.unwrap(), Some(Takeover { client_id: "line\nbreak id".into(), epoch: 7 }));
+}
+
+#[tokio::test]
+async fn shards_register_with_their_link_address() {
+    let redis = RedisServer::start();
+    let r = redis_store(&redis.url()).await;
+    r.shard_beat("shard-b", "10.0.0.2:7883").await.unwrap();
+    r.shard_beat("shard-a", "10.0.0.1:7883").await.unwrap();
+    assert_eq!(
+        r.live_shards(Duration::from_secs(10)).await.unwrap(),
+        [("shard-a".to_string(), "10.0.0.1:7883".to_string()), ("shard-b".to_string(), "10.0.0.2:7883".to_string())]
+    );
+    r.shard_leave("shard-a").await.unwrap();
+    assert_eq!(r.live_shards(Duration::from_secs(10)).await.unwrap().len(), 1);
 }

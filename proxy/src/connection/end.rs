@@ -72,7 +72,25 @@ where
         } else {
             self.end_session(will).await;
         }
+        if let Some(c) = &self.ctx.cluster {
+            // Fenced: a no-op if a newer connection holds the client id.
+            if let Err(e) = c.redis.release(&self.client_id, &c.id, self.session.epoch).await {
+                tracing::warn!(error = %e, "could not release the client id; the session settles when this proxy's heartbeat stops");
+            }
+        }
         self.ctx.registry.release(&self.client_id, self.conn);
+    }
+
+    /// Publishes the will now. In a cluster it is first removed from Redis, so that no other
+    /// proxy publishes it again should this one die meanwhile.
+    async fn publish_will_now(&mut self, will: crate::session::connect::WillSpec) {
+        let (ctx, client_id, epoch) = (self.ctx.clone(), self.client_id.clone(), self.session.epoch);
+        if let Some(c) = &ctx.cluster {
+            if let Err(e) = c.redis.set_will(&client_id, epoch, None).await {
+                tracing::warn!(error = %e, "could not withdraw the will from Redis before publishing it");
+            }
+        }
+        ctx.publish_will(will).await;
     }
 
     /// A persistent session outlives the connection: record where its deliveries stand, keep a
@@ -84,7 +102,7 @@ where
             // Published when the delay elapses or the session ends, whichever is first.
             let delay = w.delay_interval.min(expiry);
             if delay == 0 {
-                self.ctx.publish_will(w).await;
+                self.publish_will_now(w).await;
             } else {
                 will_pending = Some((w, delay));
             }
@@ -104,32 +122,48 @@ where
         if let Err(e) = self.ctx.store.write(ops).await {
             tracing::error!(error = %e, "could not save the session at disconnect");
         }
-        let set = self.shard_set();
+        let shards = self.ctx.shards.now();
+        let set = shards.shard_set(self.session.subscriptions.keys());
         let (client_id, conn) = (self.client_id.clone(), self.conn);
-        let _ = self.ctx.shards.send_to(set, || Request::Detach { client_id: client_id.clone(), conn }).await;
-        if let Some((w, delay)) = will_pending {
-            self.ctx.lifecycle.schedule_will(&self.client_id, w, Duration::from_secs(u64::from(delay)), true);
-        }
-        if expiry != crate::session::connect::NEVER {
-            self.ctx.lifecycle.schedule_expiry(&self.client_id, now_ms() + u64::from(expiry) * 1000);
+        let _ = shards.send_to(set, || Request::Detach { client_id: client_id.clone(), conn }).await;
+        match &self.ctx.cluster {
+            None => {
+                if let Some((w, delay)) = will_pending {
+                    self.ctx.lifecycle.schedule_will(&self.client_id, w, Duration::from_secs(u64::from(delay)), true);
+                }
+                if expiry != crate::session::connect::NEVER {
+                    self.ctx.lifecycle.schedule_expiry(&self.client_id, now_ms() + u64::from(expiry) * 1000);
+                }
+            }
+            // The will is in Redis since CONNECT: schedule it there, where any proxy fires it
+            // (and a reconnect cancels it). Expiry is the keys' TTL.
+            Some(c) => {
+                if let Some((_, delay)) = will_pending {
+                    if let Err(e) = c.redis.schedule_will(&self.client_id, now_ms() + u64::from(delay) * 1000).await {
+                        tracing::error!(error = %e, "could not schedule the delayed will");
+                    }
+                }
+            }
         }
     }
 
     /// A session without expiry ends with its connection.
     async fn end_session(&mut self, will: Option<crate::session::connect::WillSpec>) {
         if let Some(w) = will {
-            self.ctx.publish_will(w).await;
+            self.publish_will_now(w).await;
         }
         let taken_over = self.ctx.registry.owner(&self.client_id).is_some_and(|c| c != self.conn);
-        if self.ctx.store.may_have_session(&self.client_id) && !taken_over {
+        let had_record = !self.session.expiry_zero_at_connect;
+        if had_record && !taken_over && (self.ctx.cluster.is_some() || self.ctx.store.may_have_session(&self.client_id)) {
             // Its expiry was lowered to 0 at DISCONNECT (MQTT 5 §3.14.2.2.2).
-            if let Err(e) = self.ctx.end_stored_session(&self.client_id).await {
+            if let Err(e) = self.ctx.end_stored_session(&self.client_id, Some(self.session.epoch)).await {
                 tracing::error!(error = %e, "could not remove the ended session");
             }
         }
-        let set = self.shard_set();
+        let shards = self.ctx.shards.now();
+        let set = shards.shard_set(self.session.subscriptions.keys());
         let (client_id, conn) = (self.client_id.clone(), self.conn);
-        let _ = self.ctx.shards.send_to(set, || Request::Forget { client_id: client_id.clone(), conn: Some(conn) }).await;
+        let _ = shards.send_to(set, || Request::Forget { client_id: client_id.clone(), conn: Some(conn) }).await;
 
         // Messages of shared subscriptions this client never acknowledged go to another
         // member (MQTT 5 §4.8.2).
@@ -137,7 +171,7 @@ where
         let unacked = inflight.into_iter().filter(|(_, e)| e.stage != Stage::AwaitPubComp).map(|(_, e)| e.msg).chain(pending);
         for m in unacked {
             if let (Some(share_filter), true) = (m.share_filter, m.delivery.qos != QoS::AtMostOnce) {
-                let link = self.ctx.shards.owner(&m.message.topic);
+                let link = shards.owner(&m.message.topic);
                 let request = Request::Redispatch { message: m.message, share_filter, exclude: self.client_id.clone() };
                 let _ = link.send(request).await;
             }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use broker_shard::link::{ConnId, Reply, Request, SessionInfo};
 use broker_shard::now_ms;
 use futures::stream::FuturesOrdered;
+use mqfleet_codec::ByteString;
 use mqfleet_codec::{ConnAck, DecodeError, Packet, Protocol, ReasonCode};
 use session_store::{Op, QueuedMessage, SessionRecord};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -47,6 +48,7 @@ where
     // Take over: the previous connection of this client id saves its session and exits first,
     // so what follows sees its final state [MQTT-3.1.4-3].
     let (mailbox_tx, mailbox) = mpsc::unbounded_channel();
+    let own_mailbox = mailbox_tx.clone();
     let (exit, exited) = watch::channel(());
     if let Some(prev) = ctx.registry.claim(&negotiated.client_id, conn, mailbox_tx, exited) {
         tracing::debug!(previous = %prev.conn, "taking over the session from another connection");
@@ -57,7 +59,12 @@ where
     }
     ctx.lifecycle.cancel(&negotiated.client_id);
 
-    let resumed = match resume(&ctx, &negotiated, conn).await {
+    let claimed = claim(&ctx, &negotiated.client_id, conn).await;
+    let resumed = match claimed {
+        Ok(ref c) => resume(&ctx, &negotiated, conn, c.as_ref()).await,
+        Err(ref e) => Err(e.clone()),
+    };
+    let resumed = match resumed {
         Ok(r) => r,
         Err(detail) => {
             ctx.registry.release(&negotiated.client_id, conn);
@@ -98,7 +105,35 @@ where
         ctx,
     };
     connection.restore(resumed.queue);
+    if claimed.ok().flatten().is_some_and(|c| c.taken_over) {
+        // A newer connection on another proxy claimed the client while this one was still
+        // claiming: it ends at once, as if taken over.
+        let _ = own_mailbox.send(ConnMsg::TakenOver);
+    }
     Some(connection)
+}
+
+/// The cluster's claim of a client id for this connection.
+struct Claimed {
+    epoch: u64,
+    has_session: bool,
+    /// A newer connection elsewhere won while this one was claiming.
+    taken_over: bool,
+}
+
+/// Cluster: takes the client id in Redis (bumping its connection epoch) and tells the proxy
+/// that had it to close its connection. `None` on a single node.
+async fn claim(ctx: &Context, client_id: &ByteString, conn: ConnId) -> Result<Option<Claimed>, String> {
+    let Some(c) = &ctx.cluster else { return Ok(None) };
+    let claim = c.redis.claim(client_id, &c.id).await.map_err(|e| e.to_string())?;
+    if let Some(previous) = claim.previous_owner.as_deref().filter(|p| *p != c.id) {
+        tracing::debug!(previous_proxy = previous, "taking over the session from another proxy");
+        if let Err(e) = c.redis.notify_takeover(previous, client_id, claim.epoch).await {
+            tracing::warn!(previous_proxy = previous, error = %e, "could not tell the previous proxy; its connection ends at its next keep-alive");
+        }
+    }
+    let taken_over = !ctx.registry.set_epoch(client_id, conn, claim.epoch);
+    Ok(Some(Claimed { epoch: claim.epoch, has_session: claim.has_session, taken_over }))
 }
 
 /// Reads until a complete first packet, which must be CONNECT [MQTT-3.1.0-1].
@@ -202,13 +237,14 @@ struct Resumed {
 }
 
 /// Loads, creates or discards the stored session, and points the shards at this connection.
-async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId) -> Result<Resumed, String> {
+async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId, claimed: Option<&Claimed>) -> Result<Resumed, String> {
     let id = n.client_id.to_string();
     let store = &ctx.store;
-    let existing = if store.may_have_session(&id) { store.load_session(&id).await.map_err(|e| e.to_string())? } else { None };
-    let mut existing = existing;
+    let may_exist = claimed.map_or_else(|| store.may_have_session(&id), |c| c.has_session);
+    let mut existing = if may_exist { store.load_session(&id).await.map_err(|e| e.to_string())? } else { None };
+    let epoch = claimed.map_or_else(|| existing.as_ref().map_or(1, |r| r.epoch + 1), |c| c.epoch);
     if n.clean_start && existing.take().is_some() {
-        ctx.end_stored_session(&n.client_id).await.map_err(|e| e.to_string())?;
+        ctx.end_stored_session(&n.client_id, Some(epoch)).await.map_err(|e| e.to_string())?;
     }
     let session_present = existing.is_some();
     let subscriptions: BTreeMap<_, _> =
@@ -218,7 +254,7 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId) -> Result<Resu
         expiry_zero_at_connect: n.session_expiry == 0,
         subscriptions,
         will: n.will.clone(),
-        epoch: existing.as_ref().map_or(1, |r| r.epoch + 1),
+        epoch,
     };
     let persistent = state.persistent();
     if persistent {
@@ -245,8 +281,9 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId) -> Result<Resu
     // between the read and the attach until the next reconnect.
     if !state.subscriptions.is_empty() {
         let session = SessionInfo { client_id: n.client_id.clone(), conn: Some(conn), persistent };
-        let set = ctx.shard_set(state.subscriptions.keys());
-        let replies = ctx.shards.call_each(set, |id| Request::Attach { id, session: session.clone() }).await.map_err(|e| e.to_string())?;
+        let shards = ctx.shards.now();
+        let set = shards.shard_set(state.subscriptions.keys());
+        let replies = shards.call_each(set, |id| Request::Attach { id, session: session.clone() }).await.map_err(|e| e.to_string())?;
         debug_assert!(replies.iter().all(|r| *r == Reply::Done));
     }
     let (queue, inbound) = match &existing {
@@ -258,7 +295,15 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId) -> Result<Resu
     if !persistent && session_present {
         // Resumed with expiry 0: the session now lives only as long as this connection; what
         // it had queued was loaded above.
-        ctx.end_stored_session(&n.client_id).await.map_err(|e| e.to_string())?;
+        ctx.end_stored_session(&n.client_id, Some(epoch)).await.map_err(|e| e.to_string())?;
+    }
+    if let (Some(c), Some(will)) = (&ctx.cluster, &state.will) {
+        // Where any proxy finds it if this one dies: a crash still publishes the will.
+        c.redis.set_will(&id, epoch, Some(&crate::lifecycle::stored_will(will))).await.map_err(|e| e.to_string())?;
+    }
+    if ctx.cluster.is_some() && !state.subscriptions.is_empty() {
+        let items = state.subscriptions.values().map(crate::subscribe_item).collect();
+        ctx.registry.set_subscriptions(conn, SessionInfo { client_id: n.client_id.clone(), conn: Some(conn), persistent }, items);
     }
     Ok(Resumed { session_present, state, queue, inbound })
 }

@@ -13,7 +13,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{link_down, protocol_error, Connection, End, OpDone};
 use crate::metrics::QosLabel;
-use crate::routing::ShardSet;
 use crate::session::inbound::Admit;
 
 impl<R, W> Connection<R, W>
@@ -91,7 +90,7 @@ where
         };
         let pkid = p.pkid;
         let message = Arc::new(Message::from_publish(p, Some(self.client_id.clone()), now_ms()));
-        let link = self.ctx.shards.owner(&message.topic).clone();
+        let link = self.ctx.shards.now().owner(&message.topic).clone();
         match pkid {
             None => link.send(Request::Publish { id: None, message, qos2_marker: None }).await.map_err(link_down)?,
             Some(pkid) => {
@@ -215,8 +214,8 @@ where
 
     async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
         let sub_id = s.properties.id();
-        let shards = self.ctx.shards.len();
-        let mut per_shard: Vec<Vec<SubscribeItem>> = vec![Vec::new(); shards];
+        let shards = self.ctx.shards.now();
+        let mut per_shard: Vec<Vec<SubscribeItem>> = vec![Vec::new(); shards.len()];
         let mut reasons = Vec::with_capacity(s.filters.len());
         for (filter, options) in &s.filters {
             let Some((group, inner)) = split_filter(filter, &self.ctx.limits.topic) else {
@@ -248,25 +247,21 @@ where
                 QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
             });
             let item = SubscribeItem { filter: filter.clone(), options: *options, id: sub_id };
-            for i in self.ctx.shards.indices(self.ctx.shards.ring().shards_for_filter(inner)) {
+            for i in shards.indices(shards.ring().shards_for_filter(inner)) {
                 per_shard[i].push(item.clone());
             }
         }
 
         let session = SessionInfo { client_id: self.client_id.clone(), conn: Some(self.conn), persistent: self.session.persistent() };
+        self.track_subscriptions();
         let mut replies = Vec::new();
         for (i, items) in per_shard.into_iter().enumerate() {
             if items.is_empty() {
                 continue;
             }
             let session = session.clone();
-            let reply = self
-                .ctx
-                .shards
-                .link(i)
-                .start(|id| Request::Subscribe { id, session, items, deliver_retained: true })
-                .await
-                .map_err(link_down)?;
+            let reply =
+                shards.link(i).start(|id| Request::Subscribe { id, session, items, deliver_retained: true }).await.map_err(link_down)?;
             replies.push(reply);
         }
         let save = self.record_op();
@@ -296,7 +291,8 @@ where
     }
 
     async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), End> {
-        let mut per_shard: Vec<Vec<mqfleet_codec::ByteString>> = vec![Vec::new(); self.ctx.shards.len()];
+        let shards = self.ctx.shards.now();
+        let mut per_shard: Vec<Vec<mqfleet_codec::ByteString>> = vec![Vec::new(); shards.len()];
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
             let Some((_, inner)) = split_filter(filter, &self.ctx.limits.topic) else {
@@ -306,11 +302,12 @@ where
             let existed = self.session.subscriptions.remove(filter).is_some();
             reasons.push(if existed { ReasonCode::Success } else { ReasonCode::NoSubscriptionExisted });
             if existed {
-                for i in self.ctx.shards.indices(self.ctx.shards.ring().shards_for_filter(inner)) {
+                for i in shards.indices(shards.ring().shards_for_filter(inner)) {
                     per_shard[i].push(filter.clone());
                 }
             }
         }
+        self.track_subscriptions();
         let client_id = self.client_id.clone();
         let mut replies = Vec::new();
         for (i, filters) in per_shard.into_iter().enumerate() {
@@ -318,7 +315,7 @@ where
                 continue;
             }
             let client_id = client_id.clone();
-            let reply = self.ctx.shards.link(i).start(|id| Request::Unsubscribe { id, client_id, filters }).await.map_err(link_down)?;
+            let reply = shards.link(i).start(|id| Request::Unsubscribe { id, client_id, filters }).await.map_err(link_down)?;
             replies.push(reply);
         }
         let save = self.record_op();
@@ -339,6 +336,16 @@ where
         Ok(())
     }
 
+    /// Cluster: the registry keeps this connection's subscriptions, to re-send them to a
+    /// shard that relinks.
+    fn track_subscriptions(&self) {
+        if self.ctx.cluster.is_some() {
+            let session = SessionInfo { client_id: self.client_id.clone(), conn: Some(self.conn), persistent: self.session.persistent() };
+            let items = self.session.subscriptions.values().map(crate::subscribe_item).collect();
+            self.ctx.registry.set_subscriptions(self.conn, session, items);
+        }
+    }
+
     /// The session record as it is now, for persistent sessions.
     pub(super) fn record_op(&self) -> Option<Op> {
         self.session.persistent().then(|| Op::PutSession(self.record(true)))
@@ -355,11 +362,6 @@ where
             connected,
             disconnected_at_ms: if connected { 0 } else { now_ms() },
         }
-    }
-
-    /// The shards holding this session's subscriptions.
-    pub(super) fn shard_set(&self) -> ShardSet {
-        self.ctx.shard_set(self.session.subscriptions.keys())
     }
 
     // === DISCONNECT ===

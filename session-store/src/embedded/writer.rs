@@ -119,6 +119,9 @@ pub(super) fn spawn(
     Ok((Handle { tx }, thread))
 }
 
+// The writer is an OS thread, not a tokio task: its group-commit window is wall-clock time,
+// which a paused tokio clock must not stretch.
+#[allow(clippy::disallowed_types)]
 fn run(db: Arc<Database>, mut state: State, known: Arc<RwLock<HashSet<String>>>, sync: SyncPolicy, rx: mpsc::Receiver<Request>) {
     let mut dirty = false; // committed without fsync since the last durable commit
     loop {
@@ -141,17 +144,28 @@ fn run(db: Arc<Database>, mut state: State, known: Arc<RwLock<HashSet<String>>>,
         };
         let mut batch = vec![first];
         let mut n = batch[0].len();
+        let window_ends = match sync {
+            SyncPolicy::Window(w) => Some(std::time::Instant::now() + w),
+            _ => None,
+        };
         while n < MAX_BATCH_OPS {
-            match rx.try_recv() {
-                Ok(r) => {
+            let next = match window_ends {
+                Some(end) => match end.checked_duration_since(std::time::Instant::now()) {
+                    Some(left) => rx.recv_timeout(left).ok(),
+                    None => rx.try_recv().ok(),
+                },
+                None => rx.try_recv().ok(),
+            };
+            match next {
+                Some(r) => {
                     n += r.len();
                     batch.push(r);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         let force_sync = batch.iter().any(|r| matches!(r, Request::Flush { .. }));
-        let durable = force_sync || sync == SyncPolicy::Batch;
+        let durable = force_sync || matches!(sync, SyncPolicy::Batch | SyncPolicy::Window(_));
         let outcome = apply_batch(&db, &mut state, &known, &batch, durable);
         dirty = !durable && outcome.is_ok();
         respond(batch, outcome);
@@ -282,7 +296,8 @@ fn apply(
             removed.retain(|c| c != &record.client_id);
             added.push(record.client_id.clone());
         }
-        Op::RemoveSession { client_id } => {
+        // One process owns the embedded store: its connections are ordered without epochs.
+        Op::RemoveSession { client_id, epoch: _ } => {
             let mut t = txn.open_table(SESSIONS).map_err(|e| err(e.into()))?;
             t.remove(client_id.as_str()).map_err(|e| err(e.into()))?;
             drop(t);

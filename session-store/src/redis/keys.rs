@@ -14,11 +14,16 @@
 //! | `mqf:{H}:n:<id>` | string | last queue position given out |
 //! | `mqf:{H}:in:<id>` | set | packet ids of accepted QoS 2 PUBLISHes awaiting PUBREL |
 //! | `mqf:{H}:w:<id>` | hash | shard → "log position:queue position" of its last enqueue (replay is idempotent) |
-//! | `mqf:proxies` | hash | proxy id → its address (membership) |
-//! | `mqf:proxy:<id>:hb` | string + TTL | alive while the proxy beats |
-//! | `mqf:shards` | hash | shard name → link address |
-//! | `mqf:shard:<name>:hb` | string + TTL | alive while the shard beats |
-//! | `mqf:ring` | hash | `epoch`, `members` (the shard set the ring was built from) |
+//! | `mqf:{m}:proxies` | hash | proxy id → "last heartbeat ms\|" (Redis clock) |
+//! | `mqf:{m}:shards` | hash | shard name → "last heartbeat ms\|link address" |
+//! | `mqf:{m}:ring` | hash | `epoch`, `members` (the shard set the ring was built from) |
+//! | `mqf:{m}:wills` | sorted set | client id, scored by when its delayed will is due |
+//! | `mqf:{pH}:inbox:<proxy>` | list | takeover notices for the proxy's connections |
+//! | `mqf:{pH}:clients:<proxy>` | set | client ids the proxy claimed |
+//!
+//! Fields of the session hash: `rec` (the record, persistent sessions only), `epoch`, `owner`
+//! (the proxy with the connection), `expiry_ms` (session expiry interval), `will` and
+//! `will_delay_ms` (the connection's will, where any proxy can find it).
 
 /// FNV-1a, 64 bits: stable across processes, versions and machines (no seed, defined byte
 /// order), which is all a slot tag needs.
@@ -60,21 +65,27 @@ impl ClientKeys {
     }
 }
 
-pub const PROXIES: &str = "mqf:proxies";
-pub const SHARDS: &str = "mqf:shards";
-pub const RING: &str = "mqf:ring";
+/// Cluster-wide keys share the tag `{m}`, so one script can read and change membership
+/// atomically on one Cluster slot.
+pub const PROXIES: &str = "mqf:{m}:proxies";
+pub const SHARDS: &str = "mqf:{m}:shards";
+pub const RING: &str = "mqf:{m}:ring";
+pub const WILLS: &str = "mqf:{m}:wills";
 
-pub fn proxy_heartbeat(proxy: &str) -> String {
-    format!("mqf:proxy:{proxy}:hb")
+/// The tag of one proxy's keys: a hash of its id, for the reason client tags are hashed.
+fn proxy_tag(proxy: &str) -> String {
+    format!("mqf:{{p{:016x}}}", client_hash(proxy))
 }
 
-pub fn shard_heartbeat(shard: &str) -> String {
-    format!("mqf:shard:{shard}:hb")
+/// Takeover notices for a proxy's connections (a list; the proxy blocks on it).
+pub fn proxy_inbox(proxy: &str) -> String {
+    format!("{}:inbox:{proxy}", proxy_tag(proxy))
 }
 
-/// Pub/sub channel on which a proxy hears about its connections taken over elsewhere.
-pub fn proxy_channel(proxy: &str) -> String {
-    format!("mqf:proxy:{proxy}:events")
+/// Client ids a proxy has claimed (a superset of what it owns: each entry is checked against
+/// the session's owner before it is acted on).
+pub fn proxy_clients(proxy: &str) -> String {
+    format!("{}:clients:{proxy}", proxy_tag(proxy))
 }
 
 #[cfg(test)]

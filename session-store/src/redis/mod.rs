@@ -11,7 +11,10 @@
 //! traffic never touches Redis.
 
 pub mod keys;
+mod membership;
 mod scripts;
+
+pub use membership::{Inbox, Orphaned, Takeover};
 
 use std::time::Duration;
 
@@ -83,15 +86,21 @@ impl ConnectionLike for Conn {
 }
 
 impl Conn {
-    /// Connects; fails if Redis cannot be reached within `timeout`.
+    /// Connects; fails if Redis cannot be reached within `timeout`, which also bounds every
+    /// command.
     pub async fn connect(target: &RedisTarget, timeout: Duration) -> Result<Conn, Error> {
+        Conn::connect_with(target, timeout, timeout).await
+    }
+
+    /// Connects within `timeout`; commands may take up to `response_timeout` (blocking reads).
+    pub async fn connect_with(target: &RedisTarget, timeout: Duration, response_timeout: Duration) -> Result<Conn, Error> {
         let fut = async {
             match target {
                 RedisTarget::Standalone(url) => {
                     let client = redis::Client::open(url.as_str()).map_err(|e| Error::redis("parsing the Redis URL", e))?;
                     let config = redis::aio::ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(timeout))
-                        .set_response_timeout(Some(timeout))
+                        .set_response_timeout(Some(response_timeout))
                         .set_number_of_retries(2);
                     let m = client.get_connection_manager_with_config(config).await.map_err(|e| Error::redis("connecting", e))?;
                     Ok(Conn::Single(m))
@@ -99,7 +108,7 @@ impl Conn {
                 RedisTarget::Cluster(nodes) => {
                     let client = redis::cluster::ClusterClient::builder(nodes.clone())
                         .connection_timeout(timeout)
-                        .response_timeout(timeout)
+                        .response_timeout(response_timeout)
                         .build()
                         .map_err(|e| Error::redis("parsing the Redis Cluster nodes", e))?;
                     let c = client.get_async_connection().await.map_err(|e| Error::redis("connecting to the cluster", e))?;
@@ -185,7 +194,16 @@ impl RedisStore {
     }
 
     /// Takes ownership of `client_id` for a new connection on `proxy`.
+    ///
+    /// The client id joins the proxy's claims first, so a proxy that dies right after the
+    /// claim still has the session settled by whoever reaps it.
     pub async fn claim(&self, client_id: &str, proxy: &str) -> Result<Claim, Error> {
+        redis::cmd("SADD")
+            .arg(keys::proxy_clients(proxy))
+            .arg(client_id)
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(|e| Error::redis("claiming a client id", e))?;
         let k = ClientKeys::new(client_id);
         let mut inv = scripts::CLAIM.prepare_invoke();
         for key in k.all() {
@@ -207,6 +225,14 @@ impl RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| Error::redis("releasing a client id", e))?;
+        if released == 1 {
+            redis::cmd("SREM")
+                .arg(keys::proxy_clients(proxy))
+                .arg(client_id)
+                .query_async::<()>(&mut self.conn.clone())
+                .await
+                .map_err(|e| Error::redis("releasing a client id", e))?;
+        }
         Ok(released == 1)
     }
 
@@ -295,6 +321,7 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
                 .arg(encode(&record))
                 .arg(record.epoch)
                 .arg(if record.expiry_interval == NEVER_EXPIRES { 0 } else { ttl_ms })
+                .arg(if record.expiry_interval == NEVER_EXPIRES { 0 } else { u64::from(record.expiry_interval) * 1000 })
                 .invoke_async(conn)
                 .await
                 .map_err(|e| Error::redis("writing a session", e))?;
@@ -303,13 +330,24 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
             }
             Ok(OpResult::Done)
         }
-        Op::RemoveSession { client_id } => {
+        Op::RemoveSession { client_id, epoch } => {
             let k = ClientKeys::new(&client_id);
-            let mut cmd = redis::cmd("DEL");
-            for key in k.all() {
-                cmd.arg(key);
+            match epoch {
+                Some(epoch) => {
+                    let mut inv = scripts::DROP_SESSION.prepare_invoke();
+                    for key in k.all() {
+                        inv.key(key);
+                    }
+                    let _: u8 = inv.arg(epoch).invoke_async(conn).await.map_err(|e| Error::redis("removing a session", e))?;
+                }
+                None => {
+                    let mut cmd = redis::cmd("DEL");
+                    for key in k.all() {
+                        cmd.arg(key);
+                    }
+                    let _: () = cmd.query_async(conn).await.map_err(|e| Error::redis("removing a session", e))?;
+                }
             }
-            let _: () = cmd.query_async(conn).await.map_err(|e| Error::redis("removing a session", e))?;
             Ok(OpResult::Done)
         }
         Op::Enqueue { message, expires_at_ms, to, origin } => {

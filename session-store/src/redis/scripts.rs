@@ -52,17 +52,19 @@ return seq
     )
 });
 
-/// KEYS: session, queue, queue state, counter, inbound, watermark. ARGV: record, epoch, ttl ms
-/// (0: none).
+/// KEYS: the client's six keys. ARGV: record, epoch, ttl ms (0: none), session expiry interval
+/// in ms (0: never expires).
 /// Refuses (returns 0) a record from an older connection epoch than the stored one: a proxy that
-/// lost the session to another cannot overwrite it (fencing). Returns 1 when written.
+/// lost the session to another cannot overwrite it (fencing). Returns 1 when written. The
+/// expiry interval is kept beside the record so that whoever orphans the session (its proxy
+/// died) can start its expiry without decoding the record.
 pub static PUT_SESSION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local stored = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
 local epoch = tonumber(ARGV[2])
 if stored and stored > epoch then return 0 end
-redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'epoch', epoch)
+redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'epoch', epoch, 'expiry_ms', ARGV[4])
 local ttl = tonumber(ARGV[3])
 for i = 1, 6 do
   if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
@@ -72,8 +74,85 @@ return 1
     )
 });
 
+/// KEYS: the client's six keys. ARGV: epoch.
+/// Ends a session's stored state — record, queue, markers, will — unless a newer connection
+/// owns it (returns 0). Ownership (owner, epoch) stays: the caller may still hold the claim.
+pub static DROP_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local stored = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+if stored and stored > tonumber(ARGV[1]) then return 0 end
+redis.call('HDEL', KEYS[1], 'rec', 'will', 'will_delay_ms', 'expiry_ms')
+for i = 2, 6 do redis.call('DEL', KEYS[i]) end
+if redis.call('HLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return 1
+"#,
+    )
+});
+
+/// KEYS: session. ARGV: epoch, will (empty: none), delay in ms.
+/// Records the will of the connection with this epoch, where any proxy can find it if this
+/// one dies. Returns 0 if a newer connection owns the session.
+pub static SET_WILL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local stored = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+if stored and stored ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms')
+else
+  redis.call('HSET', KEYS[1], 'will', ARGV[2], 'will_delay_ms', ARGV[3])
+end
+return 1
+"#,
+    )
+});
+
+/// KEYS: the client's six keys. ARGV: the dead proxy's id.
+/// The session was owned by a proxy that died: it has no connection any more. A clean session
+/// ends (its will is due now); a persistent one goes offline and starts expiring. Returns
+/// { will or '', delay ms }: a will with a delay is left in place for the will timer (the
+/// delay is capped by the session expiry, MQTT 5 §3.1.2.5). Returns { '', -1 } if another
+/// connection owns the session (the client came back elsewhere: no will).
+pub static ORPHAN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return { '', -1 } end
+redis.call('HDEL', KEYS[1], 'owner')
+local will = redis.call('HGET', KEYS[1], 'will') or ''
+local delay = tonumber(redis.call('HGET', KEYS[1], 'will_delay_ms') or '0')
+if redis.call('HEXISTS', KEYS[1], 'rec') == 0 then
+  for i = 1, 6 do redis.call('DEL', KEYS[i]) end
+  return { will, 0 }
+end
+local expiry = tonumber(redis.call('HGET', KEYS[1], 'expiry_ms') or '0')
+if expiry > 0 then
+  for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], expiry) end
+  if delay > expiry then delay = expiry end
+end
+if will ~= '' and delay == 0 then redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms') end
+return { will, delay }
+"#,
+    )
+});
+
+/// KEYS: session. Takes the will of a session without a connection, exactly once: nil if the
+/// session has an owner again (a reconnect cancels the will) or the will was taken.
+pub static TAKE_WILL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HEXISTS', KEYS[1], 'owner') == 1 then return false end
+local will = redis.call('HGET', KEYS[1], 'will')
+if not will then return false end
+redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms')
+return will
+"#,
+    )
+});
+
 /// KEYS: the client's six keys. ARGV: proxy id. Takes ownership of a client id for a new
-/// connection: bumps the epoch, records the owner, stops the session from expiring.
+/// connection: bumps the epoch, records the owner, stops the session from expiring, cancels a
+/// pending will (the client is back, MQTT 5 §3.1.2.5).
 /// Returns { previous owner or '', new epoch, has record (0/1) }.
 pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -81,6 +160,7 @@ pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
 local previous = redis.call('HGET', KEYS[1], 'owner') or ''
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms')
 for i = 1, 6 do redis.call('PERSIST', KEYS[i]) end
 return { previous, epoch, redis.call('HEXISTS', KEYS[1], 'rec') }
 "#,
@@ -127,6 +207,48 @@ redis.call('SADD', KEYS[2], ARGV[1])
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return 1
+"#,
+    )
+});
+
+// === membership (keys tagged {m}: one slot) ===
+
+/// KEYS: members hash. ARGV: member, value suffix ('' for proxies, the link address for shards).
+/// Records a heartbeat as "<Redis time in ms>|<suffix>": liveness is judged by one clock,
+/// Redis's, whatever the members' clocks say.
+pub static BEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now .. '|' .. ARGV[2])
+return now
+"#,
+    )
+});
+
+/// KEYS: members hash. ARGV: silence in ms after which a member is dead, remove (1: delete the
+/// dead ones and return them, each to exactly one caller; 0: return the live ones).
+/// Returns a flat list of member, suffix.
+pub static MEMBERS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local beat, suffix = string.match(all[i + 1], '^(%d+)|(.*)$')
+  local dead = beat == nil or now - tonumber(beat) > limit
+  if ARGV[2] == '1' and dead then
+    redis.call('HDEL', KEYS[1], all[i])
+    table.insert(out, all[i]); table.insert(out, suffix or '')
+  elseif ARGV[2] == '0' and not dead then
+    table.insert(out, all[i]); table.insert(out, suffix)
+  end
+end
+return out
 "#,
     )
 });

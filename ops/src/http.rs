@@ -3,7 +3,7 @@
 //! | path      | answer                                                              |
 //! |-----------|---------------------------------------------------------------------|
 //! | `/livez`  | 200 while the process serves HTTP at all                            |
-//! | `/readyz` | 200 once sessions are restored and listeners bound; 503 when draining |
+//! | `/readyz` | 200 once the process serves; 503 while starting or draining         |
 //! | `/metrics`| Prometheus text exposition format                                   |
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,12 +18,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
-pub struct AdminState {
+pub struct HttpState {
     pub ready: Arc<AtomicBool>,
     pub prometheus: Arc<prometheus_client::registry::Registry>,
 }
 
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+/// Serves the endpoints until `shutdown`.
+pub async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -35,7 +36,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
     }
 }
 
-async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     if s.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready\n")
     } else {
@@ -43,7 +44,7 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &s.prometheus) {
         Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body),

@@ -1,0 +1,184 @@
+//! The `mqfleet-shard` process: its disk, its link listener, its place in the cluster, its HTTP
+//! endpoint, and an orderly stop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use session_store::{EmbeddedConfig, EmbeddedStore, RedisStore, Store};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::link::server::{serve, ServerConfig};
+use crate::restore::Restored;
+use crate::{spawn_clustered, Clustered, ShardConfig, ShardMetrics};
+
+/// Why the shard could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("shard store in {dir}: {source}")]
+    Store { dir: PathBuf, source: session_store::Error },
+    #[error("log id file {path}: {source}")]
+    LogId { path: PathBuf, source: std::io::Error },
+    #[error("sessions' store (Redis): {0}")]
+    Redis(session_store::Error),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running shard.
+pub struct Node {
+    /// Where proxies link (port 0 resolved).
+    pub link_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    pub name: String,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    ready: Arc<AtomicBool>,
+    router: JoinHandle<()>,
+    local: EmbeddedStore,
+    grace: Duration,
+}
+
+/// Opens the disk, restores the shard, joins the cluster, listens.
+pub async fn start(settings: Settings) -> Result<Node, StartError> {
+    let dir = settings.data_dir.clone();
+    let mut store_config = EmbeddedConfig::new(&dir);
+    store_config.sync = settings.fsync;
+    let local = EmbeddedStore::open(store_config).map_err(|source| StartError::Store { dir: dir.clone(), source })?;
+    let log_id = log_id(&dir)?;
+    let redis = RedisStore::connect(settings.store.clone(), settings.raw.max_queued_messages, settings.redis_timeout)
+        .await
+        .map_err(StartError::Redis)?;
+    let restored = Restored::load(&local).await.map_err(|source| StartError::Store { dir: dir.clone(), source })?;
+    let expected = match redis.live_proxies(settings.proxy_dead_after).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list live proxies; not waiting for any");
+            Vec::new()
+        }
+    };
+    tracing::info!(
+        shard = %settings.name,
+        dir = %dir.display(),
+        retained = restored.retained.len(),
+        subscriptions = restored.subscriptions.len(),
+        log_entries = restored.log.len(),
+        expected_proxies = expected.len(),
+        "shard store opened"
+    );
+
+    let metrics = ShardMetrics::default();
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    metrics.register(&mut prometheus);
+    let mut config = ShardConfig::new(settings.name.clone());
+    config.queue_qos0_offline = settings.raw.queue_qos0_offline;
+    config.resync_wait = settings.resync_wait;
+    config.proxy_grace = settings.proxy_grace;
+    let clustered =
+        Clustered { sessions: Store::Redis(redis.clone()), local: Store::Embedded(local.clone()), restored, expected_proxies: expected };
+    let (handle, router) = spawn_clustered(config, clustered, metrics);
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let bind = |what, addr| async move {
+        let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })?;
+        let bound = l.local_addr().map_err(|source| StartError::Bind { what, addr, source })?;
+        Ok::<_, StartError>((l, bound))
+    };
+    let (listener, link_addr) = bind("link", settings.link).await?;
+    tracing::info!(address = %link_addr, "link listener bound");
+    let mut server = ServerConfig::new(settings.name.clone());
+    server.log_id = log_id;
+    tracker.spawn(serve(listener, handle, server, Arc::new(AtomicU64::new(0)), shutdown.clone()));
+
+    let advertise = settings.advertise.clone().unwrap_or_else(|| link_addr.to_string());
+    redis.shard_beat(&settings.name, &advertise).await.map_err(StartError::Redis)?;
+    tracker.spawn(heartbeat(redis, settings.name.clone(), advertise, settings.heartbeat, shutdown.clone()));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_addr = match settings.http {
+        Some(addr) => {
+            let (l, bound) = bind("http", addr).await?;
+            tracing::info!(address = %bound, "HTTP listener bound");
+            let state = mqfleet_ops::http::HttpState { ready: ready.clone(), prometheus: Arc::new(prometheus) };
+            tracker.spawn(mqfleet_ops::http::serve(l, state, shutdown.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
+    ready.store(true, Ordering::SeqCst);
+    Ok(Node { link_addr, http_addr, name: settings.name, shutdown, tracker, ready, router, local, grace: settings.shutdown_grace })
+}
+
+impl Node {
+    /// Stops taking links, lets the router finish what it accepted, makes the disk durable.
+    /// The shard stays in the cluster's membership: a restart (rolling upgrade) keeps its
+    /// topics. Returns false if the grace period ran out first.
+    pub async fn shutdown(self) -> bool {
+        self.ready.store(false, Ordering::SeqCst);
+        self.shutdown.cancel();
+        self.tracker.close();
+        let finished = tokio::time::timeout(self.grace, async {
+            self.tracker.wait().await;
+            // The router stops once the last link let go of it, after its pipeline drained.
+            let _ = self.router.await;
+        })
+        .await
+        .is_ok();
+        if !finished {
+            tracing::warn!(grace = ?self.grace, "grace period over with work in flight; the log replays it at the next start");
+        }
+        if let Err(e) = self.local.flush().await {
+            tracing::error!(error = %e, "final flush of the shard store failed");
+        }
+        finished
+    }
+}
+
+/// Tells Redis this shard is alive (and where), every `every`.
+async fn heartbeat(redis: RedisStore, name: String, addr: String, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match redis.shard_beat(&name, &addr).await {
+            Ok(()) if failing => {
+                tracing::info!("heartbeats reach Redis again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "cannot send heartbeats to Redis; retrying");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The identity of this shard's log, kept next to it: a new disk gets a new id, and proxies
+/// then stop comparing positions with the old log's.
+fn log_id(dir: &Path) -> Result<u64, StartError> {
+    let path = dir.join("log-id");
+    let err = |source| StartError::LogId { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{s:?} is not a number")))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = crate::link::tcp::process_incarnation() | 1;
+            let tmp = dir.join("log-id.tmp");
+            std::fs::write(&tmp, id.to_string()).map_err(err)?;
+            std::fs::rename(&tmp, &path).map_err(err)?;
+            Ok(id)
+        }
+        Err(e) => Err(err(e)),
+    }
+}

@@ -1,0 +1,229 @@
+//! A proxy's part in a cluster (session store in Redis, shards in their own processes):
+//! heartbeats, takeover notices from other proxies, settling what dead proxies left, delayed
+//! wills that any proxy may fire, and re-sending subscriptions to a shard that relinks.
+//!
+//! # Exactly-once wills
+//! A connection's will is in Redis from CONNECT on. Whoever settles the session takes it out
+//! atomically ([`RedisStore::orphan`], [`RedisStore::take_will`]) before publishing, so a will
+//! is published by one proxy only — its own proxy at disconnect, the proxy that reaped a dead
+//! one, or whichever proxy's timer sees a delayed will come due. A reconnect cancels it (the
+//! claim removes it).
+
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use broker_shard::link::client::LinkEvents;
+use broker_shard::link::{Request, SubscribeItem};
+use broker_shard::now_ms;
+use mqfleet_codec::topic::parse_shared;
+use session_store::RedisStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::lifecycle::will_from_store;
+use crate::registry::ConnMsg;
+use crate::routing::ShardSet;
+use crate::Context;
+
+/// Who this proxy is in the cluster, and where the cluster keeps its state.
+pub struct Cluster {
+    pub id: String,
+    pub redis: RedisStore,
+    pub heartbeat: Duration,
+    pub dead_after: Duration,
+    pub redis_timeout: Duration,
+}
+
+/// Due wills handled per timer turn.
+const WILLS_PER_TURN: usize = 256;
+
+impl Cluster {
+    /// Starts the background work; it holds the context weakly and ends with `shutdown`
+    /// (after the drain: heartbeats go on while sessions are being saved).
+    pub fn spawn(ctx: &Arc<Context>, shutdown: &CancellationToken) {
+        tokio::spawn(heartbeats(Arc::downgrade(ctx), shutdown.clone()));
+        tokio::spawn(takeover_notices(Arc::downgrade(ctx), shutdown.clone()));
+        tokio::spawn(settle(Arc::downgrade(ctx), shutdown.clone()));
+    }
+}
+
+fn cluster(ctx: &Context) -> &Cluster {
+    ctx.cluster.as_ref().expect("cluster tasks run only in a cluster")
+}
+
+/// Tells Redis this proxy is alive.
+async fn heartbeats(ctx: Weak<Context>, shutdown: CancellationToken) {
+    let Some(every) = ctx.upgrade().map(|c| cluster(&c).heartbeat) else { return };
+    let mut tick = tokio::time::interval(every);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Some(ctx) = ctx.upgrade() else { return };
+        let c = cluster(&ctx);
+        match c.redis.proxy_beat(&c.id).await {
+            Ok(()) if failing => {
+                tracing::info!("heartbeats reach Redis again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "cannot send heartbeats to Redis; other proxies will take this one for dead if it lasts");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Closes our connections that a newer connection on another proxy took over (5.0:
+/// DISCONNECT 0x8E).
+async fn takeover_notices(ctx: Weak<Context>, shutdown: CancellationToken) {
+    let mut inbox = None;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let Some(ctx) = ctx.upgrade() else { return };
+        let c = cluster(&ctx);
+        if inbox.is_none() {
+            match c.redis.inbox(&c.id, c.redis_timeout).await {
+                Ok(i) => inbox = Some(i),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the takeover inbox; retrying");
+                    drop(ctx);
+                    pause(&shutdown, Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(i) = inbox.as_mut() else { continue };
+        let next = tokio::select! {
+            r = i.next() => r,
+            () = shutdown.cancelled() => return,
+        };
+        match next {
+            Ok(Some(t)) => {
+                if let Some(mailbox) = ctx.registry.taken_over_elsewhere(&t.client_id, t.epoch) {
+                    tracing::debug!(client_id = %t.client_id, epoch = t.epoch, "connection taken over on another proxy");
+                    let _ = mailbox.send(ConnMsg::TakenOver);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "reading takeover notices failed; reconnecting");
+                inbox = None;
+                drop(ctx);
+                pause(&shutdown, Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn pause(shutdown: &CancellationToken, d: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(d) => {}
+        () = shutdown.cancelled() => {}
+    }
+}
+
+/// Every heartbeat: settle proxies that died, fire delayed wills that came due.
+async fn settle(ctx: Weak<Context>, shutdown: CancellationToken) {
+    let Some(every) = ctx.upgrade().map(|c| cluster(&c).heartbeat) else { return };
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Some(ctx) = ctx.upgrade() else { return };
+        if let Err(e) = reap(&ctx).await {
+            tracing::warn!(error = %e, "settling dead proxies failed; retrying");
+        }
+        if let Err(e) = due_wills(&ctx).await {
+            tracing::warn!(error = %e, "firing delayed wills failed; retrying");
+        }
+    }
+}
+
+/// Settles every proxy that stopped beating: its sessions lose their connection (persistent
+/// ones go offline and start expiring, so shards queue for them), its clients' wills are
+/// published or scheduled.
+async fn reap(ctx: &Arc<Context>) -> Result<(), session_store::Error> {
+    let c = cluster(ctx);
+    for dead in c.redis.reap_dead_proxies(c.dead_after).await? {
+        let clients = c.redis.claimed_by(&dead).await?;
+        tracing::warn!(proxy = %dead, clients = clients.len(), "proxy stopped beating; settling its sessions");
+        let (mut wills, mut offline) = (0usize, 0usize);
+        for client_id in clients {
+            let Some(orphaned) = c.redis.orphan(&client_id, &dead).await? else { continue };
+            offline += 1;
+            let Some(will) = orphaned.will else { continue };
+            if orphaned.will_delay.is_zero() {
+                if let Some(w) = will_from_store(&will) {
+                    ctx.publish_will(w).await;
+                    wills += 1;
+                }
+            } else {
+                c.redis.schedule_will(&client_id, now_ms() + orphaned.will_delay.as_millis() as u64).await?;
+            }
+        }
+        c.redis.forget_proxy(&dead).await?;
+        tracing::info!(proxy = %dead, sessions = offline, wills_published = wills, "dead proxy settled");
+    }
+    Ok(())
+}
+
+async fn due_wills(ctx: &Arc<Context>) -> Result<(), session_store::Error> {
+    let c = cluster(ctx);
+    for client_id in c.redis.due_wills(now_ms(), WILLS_PER_TURN).await? {
+        if let Some(w) = c.redis.take_will(&client_id).await?.as_ref().and_then(will_from_store) {
+            ctx.publish_will(w).await;
+        }
+    }
+    Ok(())
+}
+
+/// What a link to one shard asks of this proxy: the subscriptions to re-send after a
+/// (re)connect.
+pub struct LinkState {
+    /// The shard's ring key.
+    key: String,
+    ctx: OnceLock<Weak<Context>>,
+}
+
+impl LinkState {
+    pub fn new(key: String) -> Arc<LinkState> {
+        Arc::new(LinkState { key, ctx: OnceLock::new() })
+    }
+
+    /// Called once the context exists (links are made before it).
+    pub fn attach(&self, ctx: &Arc<Context>) {
+        let _ = self.ctx.set(Arc::downgrade(ctx));
+    }
+}
+
+impl LinkEvents for LinkState {
+    fn resync(&self) -> Vec<Request> {
+        let Some(ctx) = self.ctx.get().and_then(Weak::upgrade) else { return Vec::new() };
+        let shards = ctx.shards.now();
+        let Some(index) = shards.index_of(&self.key) else { return Vec::new() };
+        ctx.registry.resync(|item: &SubscribeItem| {
+            let inner = match parse_shared(&item.filter) {
+                Ok(Some(s)) => s.filter,
+                _ => &item.filter,
+            };
+            match shards.ring().shards_for_filter(inner) {
+                ShardSet::All => true,
+                ShardSet::One(i) => i == index,
+            }
+        })
+    }
+
+    fn linked(&self, again: bool) {
+        if again {
+            tracing::info!(shard = %self.key, "shard link restored; subscriptions re-sent");
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The cluster's moving parts in Redis: which proxies and shards are alive, what a dead proxy
+//! leaves behind (its clients' sessions and wills), delayed wills any proxy can fire, and the
+//! notices by which one proxy tells another that a client moved.
+//!
+//! Liveness is judged by Redis's clock ([`scripts::BEAT`]); "exactly once" comes from Lua
+//! scripts that remove what they hand out in the same step ([`scripts::MEMBERS`] for dead
+//! proxies, [`scripts::ORPHAN`] and [`scripts::TAKE_WILL`] for wills).
+
+use std::time::Duration;
+
+use super::keys::{self, ClientKeys};
+use super::{scripts, Conn, RedisStore};
+use crate::record::{decode, encode};
+use crate::{Error, StoredWill};
+
+/// What a dead proxy's client left: its will, and how long after now it is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphaned {
+    pub will: Option<StoredWill>,
+    pub will_delay: Duration,
+}
+
+/// A connection of ours was taken over by a newer one elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    pub client_id: String,
+    /// The epoch of the new connection: ours is older.
+    pub epoch: u64,
+}
+
+/// How long an unread takeover notice is kept (its proxy may be dead).
+const NOTICE_TTL_MS: u64 = 60_000;
+
+impl RedisStore {
+    async fn beat(&self, members: &str, member: &str, suffix: &str) -> Result<(), Error> {
+        let _: u64 = scripts::BEAT
+            .key(members)
+            .arg(member)
+            .arg(suffix)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("heartbeat", e))?;
+        Ok(())
+    }
+
+    async fn members(&self, members: &str, dead_after: Duration, reap: bool) -> Result<Vec<(String, String)>, Error> {
+        let flat: Vec<String> = scripts::MEMBERS
+            .key(members)
+            .arg(dead_after.as_millis() as u64)
+            .arg(if reap { "1" } else { "0" })
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("reading cluster members", e))?;
+        Ok(flat.chunks_exact(2).map(|c| (c[0].clone(), c[1].clone())).collect())
+    }
+
+    /// This proxy is alive.
+    pub async fn proxy_beat(&self, proxy: &str) -> Result<(), Error> {
+        self.beat(keys::PROXIES, proxy, "").await
+    }
+
+    /// Proxies that beat within `dead_after`.
+    pub async fn live_proxies(&self, dead_after: Duration) -> Result<Vec<String>, Error> {
+        Ok(self.members(keys::PROXIES, dead_after, false).await?.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// Proxies silent for longer than `dead_after`, removed from the membership: each dead
+    /// proxy is returned to exactly one caller, which then settles what it left.
+    pub async fn reap_dead_proxies(&self, dead_after: Duration) -> Result<Vec<String>, Error> {
+        Ok(self.members(keys::PROXIES, dead_after, true).await?.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// A proxy leaves the cluster (graceful shutdown, after its sessions are saved).
+    pub async fn proxy_leave(&self, proxy: &str) -> Result<(), Error> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HDEL").arg(keys::PROXIES).arg(proxy).ignore();
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(|e| Error::redis("leaving the cluster", e))?;
+        self.forget_proxy(proxy).await
+    }
+
+    /// This shard is alive and takes links at `addr`.
+    pub async fn shard_beat(&self, shard: &str, addr: &str) -> Result<(), Error> {
+        self.beat(keys::SHARDS, shard, addr).await
+    }
+
+    /// Live shards: (name, link address), by name.
+    pub async fn live_shards(&self, dead_after: Duration) -> Result<Vec<(String, String)>, Error> {
+        let mut v = self.members(keys::SHARDS, dead_after, false).await?;
+        v.sort();
+        Ok(v)
+    }
+
+    pub async fn shard_leave(&self, shard: &str) -> Result<(), Error> {
+        redis::cmd("HDEL")
+            .arg(keys::SHARDS)
+            .arg(shard)
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("leaving the cluster", e))
+    }
+
+    /// Client ids `proxy` claimed.
+    pub async fn claimed_by(&self, proxy: &str) -> Result<Vec<String>, Error> {
+        redis::cmd("SMEMBERS")
+            .arg(keys::proxy_clients(proxy))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("listing claims", e))
+    }
+
+    /// The session of `client_id` lost its connection with `dead_proxy`; `None` if another
+    /// connection owns it now.
+    pub async fn orphan(&self, client_id: &str, dead_proxy: &str) -> Result<Option<Orphaned>, Error> {
+        let k = ClientKeys::new(client_id);
+        let mut inv = scripts::ORPHAN.prepare_invoke();
+        for key in k.all() {
+            inv.key(key);
+        }
+        let (will, delay): (Vec<u8>, i64) =
+            inv.arg(dead_proxy).invoke_async(&mut self.conn()).await.map_err(|e| Error::redis("settling a dead proxy's session", e))?;
+        if delay < 0 {
+            return Ok(None);
+        }
+        let delay = delay as u64;
+        let will = if will.is_empty() { None } else { Some(decode("will", &will)?) };
+        Ok(Some(Orphaned { will, will_delay: Duration::from_millis(delay) }))
+    }
+
+    /// Removes what is left of a proxy that is gone: its claims and its takeover notices.
+    pub async fn forget_proxy(&self, proxy: &str) -> Result<(), Error> {
+        redis::cmd("DEL")
+            .arg(keys::proxy_clients(proxy))
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("forgetting a proxy", e))?;
+        redis::cmd("DEL")
+            .arg(keys::proxy_inbox(proxy))
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("forgetting a proxy", e))
+    }
+
+    /// Records (or, with `None`, removes) the will of the connection with `epoch`, so that any
+    /// proxy can publish it if this one dies. False if a newer connection owns the session.
+    pub async fn set_will(&self, client_id: &str, epoch: u64, will: Option<&StoredWill>) -> Result<bool, Error> {
+        let k = ClientKeys::new(client_id);
+        let (blob, delay) = match will {
+            Some(w) => (encode(w), u64::from(w.delay_interval) * 1000),
+            None => (Vec::new(), 0),
+        };
+        let done: u8 = scripts::SET_WILL
+            .key(&k.session)
+            .arg(epoch)
+            .arg(blob)
+            .arg(delay)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("recording a will", e))?;
+        Ok(done == 1)
+    }
+
+    /// The will of `client_id` is due at `due_ms` (Unix ms) unless the client comes back.
+    pub async fn schedule_will(&self, client_id: &str, due_ms: u64) -> Result<(), Error> {
+        redis::cmd("ZADD")
+            .arg(keys::WILLS)
+            .arg(due_ms)
+            .arg(client_id)
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("scheduling a will", e))
+    }
+
+    /// Client ids whose will is due by `now_ms`, oldest first.
+    pub async fn due_wills(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, Error> {
+        redis::cmd("ZRANGE")
+            .arg(keys::WILLS)
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("reading due wills", e))
+    }
+
+    /// Takes a due will, exactly once across all proxies; `None` if the client came back or
+    /// another proxy took it. The schedule entry is removed either way.
+    pub async fn take_will(&self, client_id: &str) -> Result<Option<StoredWill>, Error> {
+        let k = ClientKeys::new(client_id);
+        let will: Option<Vec<u8>> =
+            scripts::TAKE_WILL.key(&k.session).invoke_async(&mut self.conn()).await.map_err(|e| Error::redis("taking a will", e))?;
+        redis::cmd("ZREM")
+            .arg(keys::WILLS)
+            .arg(client_id)
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("taking a will", e))?;
+        will.map(|w| decode("will", &w)).transpose()
+    }
+
+    /// Tells `proxy` that its connection of `client_id` was taken over by the connection with
+    /// `epoch`.
+    pub async fn notify_takeover(&self, proxy: &str, client_id: &str, epoch: u64) -> Result<(), Error> {
+        let key = keys::proxy_inbox(proxy);
+        let mut pipe = redis::pipe();
+        pipe.cmd("RPUSH").arg(&key).arg(format!("{epoch}\n{client_id}")).ignore();
+        pipe.cmd("PEXPIRE").arg(&key).arg(NOTICE_TTL_MS).ignore();
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(|e| Error::redis("notifying a takeover", e))
+    }
+
+    /// A dedicated connection on which `proxy` waits for takeover notices (a blocking read
+    /// must not hold up the shared connection).
+    pub async fn inbox(&self, proxy: &str, timeout: Duration) -> Result<Inbox, Error> {
+        let conn = Conn::connect_with(self.target(), timeout, timeout + INBOX_WAIT).await?;
+        Ok(Inbox { conn, key: keys::proxy_inbox(proxy) })
+    }
+}
+
+/// How long one blocking read of the inbox waits.
+const INBOX_WAIT: Duration = Duration::from_secs(1);
+
+/// Takeover notices for one proxy.
+pub struct Inbox {
+    conn: Conn,
+    key: String,
+}
+
+impl Inbox {
+    /// The next notice, waiting up to a second; `None` if there was none.
+    pub async fn next(&mut self) -> Result<Option<Takeover>, Error> {
+        let r: Option<(String, String)> = redis::cmd("BLPOP")
+            .arg(&self.key)
+            .arg(INBOX_WAIT.as_secs_f64())
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| Error::redis("reading takeover notices", e))?;
+        Ok(r.and_then(|(_, v)| {
+            let (epoch, client_id) = v.split_once('\n')?;
+            Some(Takeover { client_id: client_id.to_string(), epoch: epoch.parse().ok()? })
+        }))
+    }
+}
