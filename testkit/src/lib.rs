@@ -7,7 +7,9 @@
 // deadlines, so std::time::Instant is the right clock here.
 #![allow(clippy::disallowed_types)]
 
+pub mod local_cluster;
 pub mod relay;
+pub mod service;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

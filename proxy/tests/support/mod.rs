@@ -263,6 +263,8 @@ macro_rules! rumqttc_client {
             pub struct Client {
                 pub client: AsyncClient,
                 pub events: mpsc::UnboundedReceiver<Packet>,
+                /// From the CONNACK.
+                pub session_present: bool,
             }
 
             pub fn options(addr: SocketAddr, id: &str) -> MqttOptions {
@@ -288,9 +290,12 @@ macro_rules! rumqttc_client {
                         }
                     }
                 });
-                let mut c = Client { client, events: rx };
+                let mut c = Client { client, events: rx, session_present: false };
                 match c.next().await {
-                    Packet::ConnAck(_) => c,
+                    Packet::ConnAck(a) => {
+                        c.session_present = a.session_present;
+                        c
+                    }
                     other => panic!("expected CONNACK, got {other:?}"),
                 }
             }

@@ -1,0 +1,301 @@
+//! The distributed deployment, for real: `redis-server` (standalone, and a 3-master Redis
+//! Cluster), `mqfleet-shard` and `mqfleet-proxy` processes on loopback, devices as real MQTT
+//! clients (rumqttc, and the raw client where a test must see exact packets). Every scenario
+//! runs against both kinds of Redis.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqfleet_codec::{Connect, Packet, PacketId, Protocol, Publish, QoS as CodecQoS, ReasonCode};
+use session_store::redis::keys::ClientKeys;
+use support::{v4, Raw, PATIENCE};
+use testkit::local_cluster::{LocalCluster, Redis, RedisKind};
+
+/// Runs an async scenario against standalone Redis and against a Redis Cluster.
+macro_rules! on_both_redis {
+    ($scenario:ident: $standalone:ident, $cluster:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $standalone() {
+            $scenario(RedisKind::Standalone).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $cluster() {
+            $scenario(RedisKind::Cluster).await;
+        }
+    };
+}
+
+/// Starts a cluster off the async worker (process starts block).
+async fn cluster(kind: RedisKind, shards: usize, proxies: usize) -> LocalCluster {
+    tokio::task::spawn_blocking(move || LocalCluster::start(kind, shards, proxies)).await.unwrap()
+}
+
+fn persistent(addr: std::net::SocketAddr, id: &str) -> rumqttc::MqttOptions {
+    let mut o = v4::options(addr, id);
+    o.set_clean_session(false);
+    o
+}
+
+async fn publish_acked(c: &mut v4::Client, topic: &str, payloads: impl IntoIterator<Item = String>) {
+    let mut sent = 0;
+    for p in payloads {
+        c.client.publish(topic, v4::QoS::AtLeastOnce, false, p).await.unwrap();
+        sent += 1;
+    }
+    let mut acked = 0;
+    while acked < sent {
+        if let v4::Packet::PubAck(_) = c.next().await {
+            acked += 1;
+        }
+    }
+}
+
+// === a device's session follows it from proxy to proxy ===
+
+async fn persistent_session_follows_the_device(kind: RedisKind) {
+    let c = cluster(kind, 2, 2).await;
+    let mut device = v4::connect(persistent(c.proxy(0), "dev-1")).await;
+    device.subscribe("cmd/dev-1", v4::QoS::AtLeastOnce).await;
+    device.client.disconnect().await.unwrap();
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Published through the other proxy while the device is away.
+    let mut backend = v4::connect(v4::options(c.proxy(1), "backend")).await;
+    publish_acked(&mut backend, "cmd/dev-1", (0..20).map(|i| format!("m{i}"))).await;
+
+    let mut device = v4::connect(persistent(c.proxy(1), "dev-1")).await;
+    assert!(device.session_present, "the session was found through Redis on another proxy");
+    for i in 0..20 {
+        let p = device.next_publish().await;
+        assert_eq!(p.payload, Bytes::from(format!("m{i}")), "queued messages arrive in order");
+    }
+    device.expect_no_publish().await;
+}
+
+on_both_redis!(persistent_session_follows_the_device: a_persistent_session_follows_the_device_to_another_proxy, a_persistent_session_follows_the_device_to_another_proxy_on_redis_cluster);
+
+// === one owner per client id ===
+
+fn owner_in_redis(redis: &Redis, client_id: &str) -> String {
+    let key = ClientKeys::new(client_id).session;
+    let out = std::process::Command::new("redis-cli")
+        .args(match redis {
+            Redis::Standalone(r) => vec!["-p".to_string(), r.port.to_string()],
+            Redis::Cluster(c) => vec!["-c".to_string(), "-p".to_string(), c.nodes[0].port.to_string()],
+        })
+        .args(["HGET", &key, "owner"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits until the server closes the connection; true if it said DISCONNECT 0x8E first.
+async fn taken_over(c: &mut Raw) -> bool {
+    matches!(c.until_closed().await, Some(Packet::Disconnect(d)) if d.reason == ReasonCode::SessionTakenOver)
+}
+
+/// Whether a raw connection is still served (answers PINGREQ).
+async fn alive(c: &mut Raw) -> bool {
+    c.send_bytes(&[0xC0, 0x00]).await;
+    loop {
+        match c.recv_within(Duration::from_secs(3)).await {
+            Ok(Some(Packet::PingResp)) => return true,
+            Ok(Some(_)) => continue,
+            _ => return false,
+        }
+    }
+}
+
+async fn concurrent_connects_leave_one_owner(kind: RedisKind) {
+    let c = cluster(kind, 1, 2).await;
+    for i in 0..100 {
+        let id = format!("twin-{i}");
+        let connect = || {
+            let mut k = Connect::new(Protocol::V5, id.as_str());
+            k.keep_alive = 60; // only a takeover, not the keep-alive, may close the loser
+            k
+        };
+        let ((mut a, ack_a), (mut b, ack_b)) = tokio::join!(Raw::session(c.proxy(0), connect()), Raw::session(c.proxy(1), connect()));
+        assert_eq!((ack_a.reason, ack_b.reason), (ReasonCode::Success, ReasonCode::Success));
+        // The older of the two is told it was taken over (0x8E) and closed; the other stays.
+        let closed = tokio::select! {
+            p = taken_over(&mut a) => { assert!(p, "round {i}: proxy 0 closed its connection without 0x8E"); 0 }
+            p = taken_over(&mut b) => { assert!(p, "round {i}: proxy 1 closed its connection without 0x8E"); 1 }
+            () = tokio::time::sleep(PATIENCE) => panic!("round {i}: both connections survived"),
+        };
+        let survivor = 1 - closed;
+        assert!(alive(if survivor == 0 { &mut a } else { &mut b }).await, "round {i}: the newer connection must survive");
+        assert_eq!(owner_in_redis(&c.redis, &id), format!("proxy-{survivor}"), "round {i}: Redis names the surviving proxy");
+    }
+}
+
+on_both_redis!(concurrent_connects_leave_one_owner: the_same_client_id_on_two_proxies_leaves_one_owner_100_times, the_same_client_id_on_two_proxies_leaves_one_owner_100_times_on_redis_cluster);
+
+async fn takeover_across_proxies(kind: RedisKind) {
+    let c = cluster(kind, 1, 2).await;
+    let mut k = Connect::new(Protocol::V5, "roamer");
+    k.keep_alive = 600;
+    let (mut first, _) = Raw::session(c.proxy(0), k.clone()).await;
+    let (mut second, _) = Raw::session(c.proxy(1), k).await;
+    // MQTT-3.1.4-3: the existing connection is told (5.0: 0x8E) and closed.
+    match first.recv_within(Duration::from_secs(5)).await {
+        Ok(Some(Packet::Disconnect(d))) => assert_eq!(d.reason, ReasonCode::SessionTakenOver),
+        other => panic!("expected DISCONNECT 0x8E on the first proxy, got {other:?}"),
+    }
+    assert!(alive(&mut second).await);
+}
+
+on_both_redis!(takeover_across_proxies: a_connect_on_another_proxy_takes_the_session_over_with_0x8e, a_connect_on_another_proxy_takes_the_session_over_with_0x8e_on_redis_cluster);
+
+// === a shard crashes in the middle of a QoS 1 stream ===
+
+fn payload_number(p: &[u8]) -> u32 {
+    std::str::from_utf8(p).unwrap().parse().unwrap()
+}
+
+async fn shard_crash_loses_nothing_acknowledged(kind: RedisKind) {
+    let c = Arc::new(Mutex::new(cluster(kind, 2, 2).await));
+    let (p0, p1, shard_keys) = {
+        let c = c.lock().unwrap();
+        (c.proxy(0), c.proxy(1), c.shard_addrs())
+    };
+    // A topic owned by shard 0, the one that dies.
+    let ring = proxy::routing::Ring::new(&shard_keys);
+    let topic = (0..).map(|i| format!("stream/{i}")).find(|t| ring.owner(t) == 0).unwrap();
+
+    let mut sub = v4::connect(v4::options(p1, "subscriber")).await;
+    sub.subscribe(&topic, v4::QoS::AtLeastOnce).await;
+    let mut publisher = Raw::v4(p0, "publisher").await;
+    const N: u32 = 300;
+    let mut acked = Vec::new();
+    for seq in 1..=N {
+        if seq == 100 {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.lock().unwrap().shards[0].service.kill9();
+                std::thread::sleep(Duration::from_millis(700));
+                c.lock().unwrap().restart_shard(0);
+            });
+        }
+        let pkid = PacketId::new((seq % 60_000) as u16 + 1);
+        publisher.send(Packet::Publish(Publish::new(topic.as_str(), CodecQoS::AtLeastOnce, Bytes::from(seq.to_string()), pkid))).await;
+        // The proxy holds the PUBACK while the shard is away; the device stays connected.
+        match publisher.recv_within(Duration::from_secs(30)).await {
+            Ok(Some(Packet::PubAck(a))) if Some(a.pkid) == pkid => acked.push(seq),
+            other => panic!("message {seq}: expected its PUBACK, got {other:?}\n{}", c.lock().unwrap().logs()),
+        }
+    }
+    let mut seen = Vec::new();
+    while seen.len() < N as usize {
+        let p = tokio::time::timeout(Duration::from_secs(30), sub.next_publish()).await.expect("every acknowledged message arrives");
+        let n = payload_number(&p.payload);
+        if !seen.contains(&n) {
+            seen.push(n);
+        }
+    }
+    assert_eq!(seen, acked, "every PUBACKed message delivered, in publishing order");
+    assert!(alive(&mut publisher).await, "the publisher was never disconnected");
+}
+
+on_both_redis!(shard_crash_loses_nothing_acknowledged: killing_a_shard_mid_stream_loses_no_acknowledged_message, killing_a_shard_mid_stream_loses_no_acknowledged_message_on_redis_cluster);
+
+// === a proxy crashes ===
+
+async fn dead_proxy_is_settled_by_another(kind: RedisKind) {
+    let mut c = cluster(kind, 1, 2).await;
+    let mut observer = v4::connect(v4::options(c.proxy(1), "observer")).await;
+    observer.subscribe("wills/#", v4::QoS::AtLeastOnce).await;
+    let mut o = v4::options(c.proxy(0), "w");
+    o.set_last_will(rumqttc::LastWill::new("wills/w", "gone", v4::QoS::AtLeastOnce, false));
+    let _w = v4::connect(o).await;
+    let mut p = v4::connect(persistent(c.proxy(0), "p")).await;
+    p.subscribe("inbox/p", v4::QoS::AtLeastOnce).await;
+
+    tokio::task::block_in_place(|| c.proxies[0].service.kill9());
+    let will =
+        tokio::time::timeout(Duration::from_secs(10), observer.next_publish()).await.expect("the will of a client of the dead proxy");
+    assert_eq!((will.topic.as_str(), &will.payload[..]), ("wills/w", &b"gone"[..]));
+    observer.expect_no_publish().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    observer.expect_no_publish().await;
+
+    // The persistent session lives on: what is published meanwhile waits for it.
+    let mut backend = v4::connect(v4::options(c.proxy(1), "backend")).await;
+    publish_acked(&mut backend, "inbox/p", ["queued".to_string()]).await;
+    drop(p);
+    let mut p = v4::connect(persistent(c.proxy(1), "p")).await;
+    assert!(p.session_present);
+    assert_eq!(&p.next_publish().await.payload[..], b"queued");
+    assert!(c.proxies[1].service.log_text().contains("dead proxy settled"), "{}", c.logs());
+}
+
+on_both_redis!(dead_proxy_is_settled_by_another: a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere, a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere_on_redis_cluster);
+
+// === Redis goes away ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_connects_are_refused_quickly_and_qos0_keeps_flowing() {
+    let mut c = cluster(RedisKind::Standalone, 1, 0).await;
+    tokio::task::block_in_place(|| c.add_proxy(&["--redis-timeout-ms", "500"]));
+    let addr = c.proxy(0);
+    let mut sub = v4::connect(v4::options(addr, "sub")).await;
+    sub.subscribe("t", v4::QoS::AtMostOnce).await;
+    let publisher = v4::connect(v4::options(addr, "pub")).await;
+
+    let Redis::Standalone(redis) = &mut c.redis else { unreachable!() };
+    redis.kill();
+    // A new device cannot get a session: refused, not left hanging (5.0 0x88, 3.1.1 0x03).
+    let (_, ack) = Raw::session(addr, Connect::new(Protocol::V5, "late-5")).await;
+    assert_eq!(ack.reason, ReasonCode::ServerUnavailable);
+    let (_, ack) = Raw::session(addr, Connect::new(Protocol::V3_1_1, "late-3")).await;
+    assert_eq!(ack.reason, ReasonCode::ServerUnavailable, "encoded as 3.1.1 return code 0x03");
+    // Connected devices keep moving QoS 0.
+    publisher.client.publish("t", v4::QoS::AtMostOnce, false, "still here").await.unwrap();
+    assert_eq!(&sub.next_publish().await.payload[..], b"still here");
+
+    // Redis returns: everything recovers by itself.
+    tokio::task::block_in_place(|| redis.restart(&[]));
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    loop {
+        let (_, ack) = Raw::session(addr, Connect::new(Protocol::V5, "back")).await;
+        if ack.reason == ReasonCode::Success {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "connects still refused after Redis returned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// === QoS 2 exactly once across a takeover ===
+
+async fn qos2_exactly_once_across_proxies(kind: RedisKind) {
+    let c = cluster(kind, 1, 2).await;
+    let mut sub = v4::connect(v4::options(c.proxy(1), "sub2")).await;
+    sub.subscribe("q2", v4::QoS::ExactlyOnce).await;
+    // A persistent publisher sends a QoS 2 PUBLISH on proxy 0 and loses the connection before
+    // PUBREL; it resends the same packet (DUP) through proxy 1.
+    let mut k = Connect::new(Protocol::V3_1_1, "pub2");
+    k.clean_start = false;
+    let (mut a, _) = Raw::session(c.proxy(0), k.clone()).await;
+    let mut p = Publish::new("q2", CodecQoS::ExactlyOnce, Bytes::from_static(b"once"), PacketId::new(7));
+    a.send(Packet::Publish(p.clone())).await;
+    assert!(matches!(a.recv().await, Some(Packet::PubRec(_))));
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut b, ack) = Raw::session(c.proxy(1), k).await;
+    assert!(ack.session_present);
+    p.dup = true;
+    b.send(Packet::Publish(p)).await;
+    assert!(matches!(b.recv().await, Some(Packet::PubRec(_))), "the resend is acknowledged");
+    b.send(Packet::PubRel(mqfleet_codec::Ack::new(PacketId::new(7).unwrap()))).await;
+    assert!(matches!(b.recv().await, Some(Packet::PubComp(_))));
+    assert_eq!(&sub.next_publish().await.payload[..], b"once");
+    sub.expect_no_publish().await;
+}
+
+on_both_redis!(qos2_exactly_once_across_proxies: a_qos2_message_resent_through_another_proxy_is_delivered_once, a_qos2_message_resent_through_another_proxy_is_delivered_once_on_redis_cluster);
