@@ -24,6 +24,7 @@ pub mod node;
 mod pipeline;
 pub mod restore;
 pub mod retained;
+pub mod ring;
 pub mod router;
 pub mod topic;
 

@@ -70,6 +70,7 @@ async fn start_shard(dir: &Path, redis: &RedisServer, addr: Option<SocketAddr>, 
         local: Store::Embedded(local),
         restored,
         expected_proxies: expected.iter().map(|s| s.to_string()).collect(),
+        forward: None,
     };
     let (handle, task) = spawn_clustered(config, clustered, metrics.clone());
     let listener = TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).await.unwrap();
@@ -108,7 +109,7 @@ fn subscribe(client: &str, conn: u64, persistent: bool, filter: &str) -> Request
         id: RequestId(0),
         session: SessionInfo { client_id: client.into(), conn: Some(ConnId(conn)), persistent },
         items: vec![SubscribeItem { filter: filter.into(), options: SubscriptionOptions::qos(QoS::AtLeastOnce), id: None }],
-        deliver_retained: false,
+        deliver_retained: None,
     }
 }
 

@@ -67,7 +67,7 @@ fn request() -> impl Strategy<Value = Request> {
             message,
             qos2_marker
         }),
-        (any::<u64>(), session(), vec((text(), options(), option::of(any::<u32>())), 0..4), any::<bool>()).prop_map(
+        (any::<u64>(), session(), vec((text(), options(), option::of(any::<u32>())), 0..4), option::of(any::<u64>())).prop_map(
             |(id, session, items, deliver_retained)| {
                 Request::Subscribe {
                     id: RequestId(id),
@@ -89,7 +89,17 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::ResyncDone),
         (any::<u64>(), any::<u64>()).prop_map(|(accepted, queued)| Request::Received { accepted, queued }),
         any::<u64>().prop_map(|id| Request::Flush { id: RequestId(id) }),
-        (any::<u64>(), vec(message(), 0..3)).prop_map(|(id, messages)| Request::AdoptRetained { id: RequestId(id), messages }),
+        (any::<u64>(), vec(message(), 0..3), vec(text(), 0..3)).prop_map(|(id, messages, removed)| Request::AdoptRetained {
+            id: RequestId(id),
+            messages,
+            removed
+        }),
+        (any::<u64>(), vec((text(), text(), options(), option::of(any::<u32>())), 0..3)).prop_map(|(id, items)| {
+            Request::AdoptSubscriptions {
+                id: RequestId(id),
+                items: items.into_iter().map(|(c, filter, options, id)| (c, SubscribeItem { filter, options, id })).collect(),
+            }
+        }),
     ]
 }
 

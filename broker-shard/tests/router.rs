@@ -62,7 +62,7 @@ fn item(filter: &str, qos: QoS) -> SubscribeItem {
 
 impl Harness {
     async fn subscribe(&self, s: SessionInfo, items: Vec<SubscribeItem>) -> Reply {
-        self.client.call(|id| Request::Subscribe { id, session: s, items, deliver_retained: true }).await.unwrap()
+        self.client.call(|id| Request::Subscribe { id, session: s, items, deliver_retained: Some(0) }).await.unwrap()
     }
 
     async fn publish(&self, m: Arc<Message>) {

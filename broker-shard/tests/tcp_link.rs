@@ -71,7 +71,7 @@ fn subscribe(id: u64) -> Request {
         id: RequestId(id),
         session: SessionInfo { client_id: "c".into(), conn: Some(ConnId(7)), persistent: false },
         items: vec![SubscribeItem { filter: "t/#".into(), options: SubscriptionOptions::qos(QoS::AtLeastOnce), id: None }],
-        deliver_retained: true,
+        deliver_retained: Some(0),
     }
 }
 

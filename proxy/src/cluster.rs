@@ -9,19 +9,23 @@
 //! one, or whichever proxy's timer sees a delayed will come due. A reconnect cancels it (the
 //! claim removes it).
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use broker_shard::link::client::LinkEvents;
+use broker_shard::link::client::{Client, DeliverySink, LinkEvents};
+use broker_shard::link::tcp::TcpConfig;
 use broker_shard::link::{Request, SubscribeItem};
 use broker_shard::now_ms;
+use broker_shard::ring::{Ring, ShardSet};
+use futures::future::join_all;
 use mqfleet_codec::topic::parse_shared;
 use session_store::RedisStore;
 use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::will_from_store;
 use crate::registry::ConnMsg;
-use crate::routing::ShardSet;
+use crate::shards::Topology;
 use crate::Context;
 
 /// Who this proxy is in the cluster, and where the cluster keeps its state.
@@ -31,6 +35,22 @@ pub struct Cluster {
     pub heartbeat: Duration,
     pub dead_after: Duration,
     pub redis_timeout: Duration,
+    /// `shards = discover`: the ring is read from Redis and followed through changes.
+    pub dynamic: bool,
+    /// For links made while running (a shard joined).
+    pub sink: Arc<dyn DeliverySink>,
+    pub links_stop: CancellationToken,
+}
+
+/// Shard addresses are looked up among all registered shards, live or not: a link to a shard
+/// that is down waits for it.
+pub const REGISTERED: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A link to shard `key` at `addr`, re-sending this proxy's subscriptions whenever it (re)connects.
+pub fn shard_link(id: &str, key: &str, addr: &str, sink: &Arc<dyn DeliverySink>, stop: &CancellationToken) -> (Client, Arc<LinkState>) {
+    let state = LinkState::new(key.to_string());
+    let client = Client::connect_tcp(TcpConfig::new(addr, id), sink.clone(), state.clone(), stop.clone());
+    (client, state)
 }
 
 /// Due wills handled per timer turn.
@@ -43,6 +63,9 @@ impl Cluster {
         tokio::spawn(heartbeats(Arc::downgrade(ctx), shutdown.clone()));
         tokio::spawn(takeover_notices(Arc::downgrade(ctx), shutdown.clone()));
         tokio::spawn(settle(Arc::downgrade(ctx), shutdown.clone()));
+        if ctx.cluster.as_ref().is_some_and(|c| c.dynamic) {
+            tokio::spawn(follow_ring(Arc::downgrade(ctx), shutdown.clone()));
+        }
     }
 }
 
@@ -185,6 +208,113 @@ async fn due_wills(ctx: &Arc<Context>) -> Result<(), session_store::Error> {
     Ok(())
 }
 
+/// Discover mode: follows the ring in Redis — prepares for a change (links to joining shards,
+/// subscriptions at the next owners), acknowledges it, and switches once it is committed.
+async fn follow_ring(ctx: Weak<Context>, shutdown: CancellationToken) {
+    let Some(every) = ctx.upgrade().map(|c| cluster(&c).heartbeat) else { return };
+    let mut tick = tokio::time::interval(every);
+    let mut prepared = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Some(ctx) = ctx.upgrade() else { return };
+        if let Err(e) = ring_turn(&ctx, &mut prepared).await {
+            tracing::warn!(error = %e, "following the ring failed; retrying");
+        }
+    }
+}
+
+async fn ring_turn(ctx: &Arc<Context>, prepared: &mut u64) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let c = cluster(ctx);
+    let state = c.redis.ring().await?;
+    match &state.next {
+        Some(next) if *prepared != next.epoch => {
+            ctx.shards.set_next(Some(topology(ctx, &next.members, next.epoch).await?));
+            subscribe_at_next_owners(ctx).await?;
+            c.redis.ring_ready(next.epoch, &format!("proxy:{}", c.id)).await?;
+            *prepared = next.epoch;
+            tracing::info!(epoch = next.epoch, members = ?next.members, "prepared for the ring change");
+        }
+        None if ctx.shards.next().is_some() && state.epoch == ctx.shards.now().epoch => {
+            tracing::info!("ring change aborted");
+            ctx.shards.set_next(None);
+        }
+        _ => {}
+    }
+    if state.epoch != ctx.shards.now().epoch && !state.members.is_empty() {
+        let t = topology(ctx, &state.members, state.epoch).await?;
+        ctx.shards.switch(t).await;
+        tracing::info!(epoch = state.epoch, members = ?state.members, "switched to the new ring");
+    }
+    Ok(())
+}
+
+/// A topology over `members`, reusing this proxy's links and making the missing ones.
+async fn topology(ctx: &Arc<Context>, members: &[String], epoch: u64) -> Result<Topology, Box<dyn std::error::Error + Send + Sync>> {
+    let c = cluster(ctx);
+    let addrs: HashMap<String, String> = c.redis.live_shards(REGISTERED).await?.into_iter().collect();
+    let (now, next) = (ctx.shards.now(), ctx.shards.next());
+    let mut links = Vec::with_capacity(members.len());
+    for key in members {
+        let existing = now.link_by_key(key).or_else(|| next.as_ref().and_then(|n| n.link_by_key(key))).cloned();
+        let link = match existing {
+            Some(l) => l,
+            None => {
+                let addr = addrs.get(key).ok_or_else(|| format!("shard {key} is in the ring but not registered"))?;
+                let (link, state) = shard_link(&c.id, key, addr, &c.sink, &c.links_stop);
+                state.attach(ctx);
+                link
+            }
+        };
+        links.push(link);
+    }
+    Ok(Topology::new(members.to_vec(), links, epoch))
+}
+
+/// Subscribes this proxy's connections at the shards that own their filters under the next
+/// ring but not under the current one.
+async fn subscribe_at_next_owners(ctx: &Arc<Context>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (now, Some(next)) = (ctx.shards.now(), ctx.shards.next()) else { return Ok(()) };
+    let mut calls = Vec::new();
+    for (i, key) in next.keys().iter().enumerate() {
+        let new_shard = now.index_of(key).is_none();
+        let requests = ctx.registry.resync(|item| {
+            let inner = inner_filter(item);
+            match next.ring().shards_for_filter(inner) {
+                ShardSet::All => new_shard,
+                ShardSet::One(owner) => owner == i && now.ring().owner_name(inner) != key,
+            }
+        });
+        for r in requests {
+            let link = next.link(i).clone();
+            calls.push(async move {
+                link.call(|id| match r {
+                    Request::Subscribe { session, items, .. } => Request::Subscribe { id, session, items, deliver_retained: None },
+                    other => other,
+                })
+                .await
+            });
+        }
+    }
+    let n = calls.len();
+    for r in join_all(calls).await {
+        r?;
+    }
+    if n > 0 {
+        tracing::info!(connections = n, "subscriptions placed at their next owners");
+    }
+    Ok(())
+}
+
+fn inner_filter(item: &SubscribeItem) -> &str {
+    match parse_shared(&item.filter) {
+        Ok(Some(s)) => s.filter,
+        _ => &item.filter,
+    }
+}
+
 /// What a link to one shard asks of this proxy: the subscriptions to re-send after a
 /// (re)connect.
 pub struct LinkState {
@@ -205,20 +335,18 @@ impl LinkState {
 }
 
 impl LinkEvents for LinkState {
+    /// Every subscription this shard holds under the current ring or a next one.
     fn resync(&self) -> Vec<Request> {
         let Some(ctx) = self.ctx.get().and_then(Weak::upgrade) else { return Vec::new() };
-        let shards = ctx.shards.now();
-        let Some(index) = shards.index_of(&self.key) else { return Vec::new() };
-        ctx.registry.resync(|item: &SubscribeItem| {
-            let inner = match parse_shared(&item.filter) {
-                Ok(Some(s)) => s.filter,
-                _ => &item.filter,
-            };
-            match shards.ring().shards_for_filter(inner) {
-                ShardSet::All => true,
-                ShardSet::One(i) => i == index,
-            }
-        })
+        let rings: Vec<Arc<Topology>> = std::iter::once(ctx.shards.now()).chain(ctx.shards.next()).collect();
+        let holds = |ring: &Ring, item: &SubscribeItem| {
+            ring.contains(&self.key)
+                && match ring.shards_for_filter(inner_filter(item)) {
+                    ShardSet::All => true,
+                    ShardSet::One(i) => ring.names()[i] == self.key,
+                }
+        };
+        ctx.registry.resync(|item| rings.iter().any(|t| holds(t.ring(), item)))
     }
 
     fn linked(&self, again: bool) {

@@ -5,7 +5,7 @@
 //! - [`server`]: accept loops (connection limit, spawn) and graceful drain.
 //! - [`connection`]: one task per connection; [`session`]: the MQTT logic it drives, without I/O.
 //! - [`registry`]: which connection owns which client id; mailboxes for deliveries.
-//! - [`routing`] and [`shards`]: the consistent-hash ring and the links to the shards.
+//! - [`shards`]: the links to the shards and the consistent-hash ring (`broker_shard::ring`) that chooses among them.
 //! - [`lifecycle`]: delayed wills and session expiry for sessions without a connection (single
 //!   node; in a cluster Redis keeps both, see [`cluster`]).
 //! - [`cluster`]: heartbeats, takeover notices, dead proxies, delayed wills, link resync.
@@ -18,7 +18,7 @@
 //!
 //! # Path of a PUBLISH
 //! The connection decodes it, resolves its topic alias and checks it, then sends it over the link
-//! to the shard owning its topic (`routing`). For QoS 1/2 it waits — without blocking other
+//! to the shard owning its topic (`broker_shard::ring`). For QoS 1/2 it waits — without blocking other
 //! packets — for the shard's reply, which comes once the message is durable, and only then
 //! sends PUBACK/PUBREC. The shard fans the message out; deliveries for this proxy come back on
 //! the link as one batch per message, and the dispatcher puts each into its connection's mailbox.
@@ -31,7 +31,6 @@ pub mod connection;
 pub mod lifecycle;
 pub mod metrics;
 pub mod registry;
-pub mod routing;
 pub mod server;
 pub mod session;
 pub mod shards;
@@ -43,7 +42,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker_shard::link::client::{Client, DeliverySink};
-use broker_shard::link::tcp::TcpConfig;
 use broker_shard::link::{ProxyId, Request, SessionInfo, SubscribeItem};
 use broker_shard::{now_ms, Message, ShardConfig, ShardMetrics};
 use mqfleet_codec::{ByteString, QoS, RetainHandling, SubscriptionOptions};
@@ -57,9 +55,9 @@ use crate::config::{Settings, ShardSpec, StoreSpec};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::routing::Ring;
 use crate::session::Limits;
 use crate::shards::{Dispatcher, Shards, Topology};
+use broker_shard::ring::Ring;
 
 /// Everything connections share.
 pub struct Context {
@@ -137,7 +135,7 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
         settings: settings.clone(),
         limits,
         store,
-        shards: Shards::new(topology),
+        shards: Shards::new(topology, matches!(settings.shards, ShardSpec::Discover)),
         registry,
         metrics,
         lifecycle,
@@ -214,7 +212,7 @@ async fn single_node(
     Ok((store, Topology::new(names, links, 0)))
 }
 
-/// How long a proxy with `shards = discover` waits for the first shard to register.
+/// How long a proxy with `shards = discover` waits for the ring to have a first shard.
 const FIRST_SHARD_WAIT: Duration = Duration::from_secs(60);
 
 /// Redis and links to the shard processes.
@@ -227,39 +225,53 @@ async fn join_cluster(
     background: &CancellationToken,
 ) -> Result<(Cluster, Topology, Vec<Arc<LinkState>>), StartError> {
     let redis = RedisStore::connect(target.clone(), limits.max_queued_messages, settings.redis_timeout).await?;
-    let shards: Vec<(String, String)> = match &settings.shards {
-        ShardSpec::Static(addrs) => addrs.iter().map(|a| (a.clone(), a.clone())).collect(),
-        ShardSpec::Discover => discover_shards(&redis, settings.dead_after).await?,
+    let dynamic = matches!(settings.shards, ShardSpec::Discover);
+    let (shards, epoch): (Vec<(String, String)>, u64) = match &settings.shards {
+        ShardSpec::Static(addrs) => (addrs.iter().map(|a| (a.clone(), a.clone())).collect(), 0),
+        ShardSpec::Discover => ring_members(&redis).await?,
         ShardSpec::Local(_) => unreachable!("validated: Redis goes with shard processes"),
     };
     let mut keys = Vec::with_capacity(shards.len());
     let mut links = Vec::with_capacity(shards.len());
     let mut states = Vec::with_capacity(shards.len());
     for (key, addr) in shards {
-        let state = LinkState::new(key.clone());
-        let config = TcpConfig::new(addr, id.clone());
-        links.push(Client::connect_tcp(config, sink.clone(), state.clone(), background.clone()));
+        let (link, state) = cluster::shard_link(&id, &key, &addr, sink, background);
         keys.push(key);
+        links.push(link);
         states.push(state);
     }
-    let cluster =
-        Cluster { id, redis, heartbeat: settings.heartbeat, dead_after: settings.dead_after, redis_timeout: settings.redis_timeout };
-    Ok((cluster, Topology::new(keys, links, 0), states))
+    let cluster = Cluster {
+        id,
+        redis,
+        heartbeat: settings.heartbeat,
+        dead_after: settings.dead_after,
+        redis_timeout: settings.redis_timeout,
+        dynamic,
+        sink: sink.clone(),
+        links_stop: background.clone(),
+    };
+    Ok((cluster, Topology::new(keys, links, epoch), states))
 }
 
-/// The registered shards, by name; waits for the first one.
-async fn discover_shards(redis: &RedisStore, dead_after: Duration) -> Result<Vec<(String, String)>, StartError> {
+/// The ring's shards with their link addresses, and its epoch; waits for the first shard.
+async fn ring_members(redis: &RedisStore) -> Result<(Vec<(String, String)>, u64), StartError> {
     let deadline = tokio::time::Instant::now() + FIRST_SHARD_WAIT;
     loop {
-        let shards = redis.live_shards(dead_after).await?;
-        if !shards.is_empty() {
-            return Ok(shards);
+        let ring = redis.ring().await?;
+        if !ring.members.is_empty() {
+            let addrs: HashMap<String, String> = redis.live_shards(cluster::REGISTERED).await?.into_iter().collect();
+            if let Some(missing) = ring.members.iter().find(|m| !addrs.contains_key(*m)) {
+                tracing::warn!(shard = %missing, "shard in the ring is not registered; waiting");
+            } else {
+                let shards = ring.members.iter().map(|m| (m.clone(), addrs[m].clone())).collect();
+                return Ok((shards, ring.epoch));
+            }
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(StartError::NoShards(FIRST_SHARD_WAIT));
         }
-        tracing::info!("waiting for a shard to register in Redis");
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tracing::info!("waiting for a shard to join the ring");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -372,7 +384,7 @@ async fn restore_subscriptions(ctx: &Context, client_id: &ByteString, record: &S
     let session = SessionInfo { client_id: client_id.clone(), conn: None, persistent: true };
     for (i, items) in per_shard {
         let session = session.clone();
-        shards.link(i).call(|id| Request::Subscribe { id, session, items, deliver_retained: false }).await?;
+        shards.link(i).call(|id| Request::Subscribe { id, session, items, deliver_retained: None }).await?;
     }
     Ok(())
 }

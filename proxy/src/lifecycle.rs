@@ -18,9 +18,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
 
-use crate::routing::ShardSet;
 use crate::session::connect::WillSpec;
 use crate::Context;
+use broker_shard::ring::ShardSet;
 
 enum Cmd {
     Will { client_id: ByteString, will: Box<WillSpec>, after: Duration, persistent: bool },

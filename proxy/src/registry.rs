@@ -130,7 +130,7 @@ impl Registry {
                     id: RequestId(0),
                     session: s.session.clone(),
                     items,
-                    deliver_retained: false,
+                    deliver_retained: None,
                 })
             })
             .collect()

@@ -165,7 +165,7 @@ async fn shard_crash_loses_nothing_acknowledged(kind: RedisKind) {
         (c.proxy(0), c.proxy(1), c.shard_addrs())
     };
     // A topic owned by shard 0, the one that dies.
-    let ring = proxy::routing::Ring::new(&shard_keys);
+    let ring = broker_shard::ring::Ring::new(&shard_keys);
     let topic = (0..).map(|i| format!("stream/{i}")).find(|t| ring.owner(t) == 0).unwrap();
 
     let mut sub = v4::connect(v4::options(p1, "subscriber")).await;
@@ -299,3 +299,110 @@ async fn qos2_exactly_once_across_proxies(kind: RedisKind) {
 }
 
 on_both_redis!(qos2_exactly_once_across_proxies: a_qos2_message_resent_through_another_proxy_is_delivered_once, a_qos2_message_resent_through_another_proxy_is_delivered_once_on_redis_cluster);
+
+// === a shard joins under load ===
+
+async fn adding_a_shard_under_load(kind: RedisKind) {
+    let c = tokio::task::spawn_blocking(move || LocalCluster::start_discovering(kind, 2, 2)).await.unwrap();
+    let c = Arc::new(Mutex::new(c));
+    let (p0, p1) = {
+        let c = c.lock().unwrap();
+        (c.proxy(0), c.proxy(1))
+    };
+
+    // Retained messages on many topics: about a third must move to the new shard.
+    const RETAINED: usize = 300;
+    let mut backend = v4::connect(v4::options(p0, "backend")).await;
+    for i in 0..RETAINED {
+        backend.client.publish(format!("retained/{i}"), v4::QoS::AtLeastOnce, true, format!("r{i}")).await.unwrap();
+    }
+    let mut acked = 0;
+    while acked < RETAINED {
+        if let v4::Packet::PubAck(_) = backend.next().await {
+            acked += 1;
+        }
+    }
+
+    // A subscriber on exact topics, and a publisher streaming QoS 1 to them.
+    const TOPICS: u32 = 40;
+    let mut sub = v4::connect(v4::options(p1, "watcher")).await;
+    for t in 0..TOPICS {
+        sub.subscribe(&format!("load/{t}"), v4::QoS::AtLeastOnce).await;
+    }
+    let mut publisher = Raw::v4(p0, "streamer").await;
+    let mut sent: Vec<(u32, u32)> = Vec::new();
+    let mut seq = 0u32;
+    let mut joined = false;
+    let mut after_join = 0;
+    while after_join < 200 {
+        seq += 1;
+        let topic = seq % TOPICS;
+        let pkid = PacketId::new((seq % 60_000) as u16 + 1);
+        let payload = Bytes::from(format!("{topic}:{seq}"));
+        publisher.send(Packet::Publish(Publish::new(format!("load/{topic}").as_str(), CodecQoS::AtLeastOnce, payload, pkid))).await;
+        match publisher.recv_within(Duration::from_secs(30)).await {
+            Ok(Some(Packet::PubAck(a))) if Some(a.pkid) == pkid => sent.push((topic, seq)),
+            other => panic!("message {seq}: expected its PUBACK, got {other:?}"),
+        }
+        if seq == 150 {
+            let c = c.clone();
+            tokio::task::spawn_blocking(move || c.lock().unwrap().add_shard());
+        }
+        if !joined && seq > 150 && seq.is_multiple_of(20) {
+            let c2 = c.clone();
+            joined = tokio::task::spawn_blocking(move || {
+                let c = c2.lock().unwrap();
+                c.shards.len() == 3
+                    && c.redis.ring_members().len() == 3
+                    && c.proxies.iter().all(|p| p.service.log_text().contains("switched to the new ring"))
+            })
+            .await
+            .unwrap();
+        }
+        if joined {
+            after_join += 1;
+        }
+        assert!(seq < 20_000, "the ring change did not complete:\n{}", c.lock().unwrap().logs());
+    }
+
+    // Every acknowledged message arrived, each topic in publishing order.
+    let mut seen: std::collections::HashMap<u32, Vec<u32>> = std::collections::HashMap::new();
+    let mut distinct = 0;
+    while distinct < sent.len() {
+        let p = tokio::time::timeout(Duration::from_secs(30), sub.next_publish()).await.expect("every acknowledged message arrives");
+        let (topic, n) = std::str::from_utf8(&p.payload).unwrap().split_once(':').unwrap();
+        let list = seen.entry(topic.parse().unwrap()).or_default();
+        let n: u32 = n.parse().unwrap();
+        if !list.contains(&n) {
+            list.push(n);
+            distinct += 1;
+        }
+    }
+    for t in 0..TOPICS {
+        let expected: Vec<u32> = sent.iter().filter(|(topic, _)| *topic == t).map(|(_, s)| *s).collect();
+        assert_eq!(seen.get(&t).cloned().unwrap_or_default(), expected, "topic load/{t}: all delivered, in order");
+    }
+
+    // About 1/S of the topics moved: the new shard holds about a third of the retained
+    // messages (tolerance ±40 %), and every retained message is still served exactly once.
+    let moved = {
+        let c = c.lock().unwrap();
+        c.shards[2].service.metric("mqfleet_shard_retained_messages").unwrap_or(0.0)
+    };
+    let expected = RETAINED as f64 / 3.0;
+    assert!(
+        (expected * 0.6..=expected * 1.4).contains(&moved),
+        "the new shard took {moved} of {RETAINED} retained messages; expected about {expected}"
+    );
+    let mut reader = v4::connect(v4::options(p1, "reader")).await;
+    reader.client.subscribe("retained/#", v4::QoS::AtMostOnce).await.unwrap();
+    let mut topics = std::collections::HashSet::new();
+    let mut copies = 0;
+    while let Ok(p) = tokio::time::timeout(Duration::from_secs(2), reader.next_publish()).await {
+        topics.insert(p.topic.clone());
+        copies += 1;
+    }
+    assert_eq!((topics.len(), copies), (RETAINED, RETAINED), "every retained message, once");
+}
+
+on_both_redis!(adding_a_shard_under_load: adding_a_shard_under_load_loses_nothing_keeps_order_and_moves_a_third, adding_a_shard_under_load_loses_nothing_keeps_order_and_moves_a_third_on_redis_cluster);

@@ -30,7 +30,7 @@ mod error;
 mod record;
 pub mod redis;
 
-pub use self::redis::{Claim, Inbox, Orphaned, RedisStore, RedisTarget, Takeover};
+pub use self::redis::{Claim, Inbox, Orphaned, RedisStore, RedisTarget, RingChange, RingState, Takeover};
 pub use embedded::{EmbeddedConfig, EmbeddedStore, SyncPolicy};
 pub use error::Error;
 pub use record::*;

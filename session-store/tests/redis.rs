@@ -351,3 +351,28 @@ async fn shards_register_with_their_link_address() {
     r.shard_leave("shard-a").await.unwrap();
     assert_eq!(r.live_shards(Duration::from_secs(10)).await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn ring_changes_are_proposed_once_and_committed_by_epoch() {
+    let redis = RedisServer::start();
+    let r = redis_store(&redis.url()).await;
+    assert_eq!(r.ring().await.unwrap(), RingState::default());
+    let e = r.propose_ring(0, &["shard-b".into(), "shard-a".into()]).await.unwrap();
+    assert_eq!(e, Some(1));
+    assert_eq!(r.propose_ring(0, &["shard-c".into()]).await.unwrap(), None, "one change at a time");
+    let state = r.ring().await.unwrap();
+    assert_eq!(state.next.as_ref().map(|n| (n.epoch, n.members.clone())), Some((1, vec!["shard-a".to_string(), "shard-b".to_string()])));
+    r.ring_ready(1, "shard:shard-a").await.unwrap();
+    r.ring_ready(1, "proxy:p").await.unwrap();
+    let mut ready = r.ring_ready_set(1).await.unwrap();
+    ready.sort();
+    assert_eq!(ready, ["proxy:p", "shard:shard-a"]);
+    assert!(!r.end_ring_change(2, true).await.unwrap(), "not the change under way");
+    assert!(r.end_ring_change(1, true).await.unwrap());
+    let state = r.ring().await.unwrap();
+    assert_eq!((state.epoch, state.members.clone(), state.next), (1, vec!["shard-a".to_string(), "shard-b".to_string()], None));
+    assert_eq!(r.propose_ring(0, &["x".into()]).await.unwrap(), None, "proposals must start from the current epoch");
+    let e = r.propose_ring(1, &["x".into()]).await.unwrap().unwrap();
+    assert!(r.end_ring_change(e, false).await.unwrap(), "aborted");
+    assert_eq!(r.ring().await.unwrap().members, ["shard-a", "shard-b"]);
+}

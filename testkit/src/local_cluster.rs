@@ -36,6 +36,25 @@ impl Redis {
             Redis::Cluster(c) => c.url(),
         }
     }
+
+    /// Runs a redis-cli command (following Cluster redirections).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let (port, cluster) = match self {
+            Redis::Standalone(r) => (r.port, false),
+            Redis::Cluster(c) => (c.nodes[0].port, true),
+        };
+        let mut cmd = std::process::Command::new("redis-cli");
+        if cluster {
+            cmd.arg("-c");
+        }
+        let out = cmd.args(["-p", &port.to_string()]).args(args).output().expect("redis-cli is installed");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The ring's members (empty before the first shard joined).
+    pub fn ring_members(&self) -> Vec<String> {
+        self.cli(&["HGET", "mqf:{m}:ring", "members"]).split(',').filter(|s| !s.is_empty()).map(String::from).collect()
+    }
 }
 
 pub struct Shard {
@@ -54,6 +73,9 @@ pub struct LocalCluster {
     pub redis: Redis,
     pub shards: Vec<Shard>,
     pub proxies: Vec<Proxy>,
+    /// Proxies find the shards through the ring in Redis (and follow its changes) instead of a
+    /// fixed list.
+    pub discover: bool,
 }
 
 /// Heartbeat of every process in a test cluster.
@@ -65,10 +87,22 @@ impl LocalCluster {
     /// Starts Redis, `shards` shards and `proxies` proxies (proxies know the shards by their
     /// static list of addresses).
     pub fn start(kind: RedisKind, shards: usize, proxies: usize) -> LocalCluster {
+        LocalCluster::start_with(kind, shards, proxies, false)
+    }
+
+    /// Like [`LocalCluster::start`], with proxies that discover the shards through the ring.
+    pub fn start_discovering(kind: RedisKind, shards: usize, proxies: usize) -> LocalCluster {
+        LocalCluster::start_with(kind, shards, proxies, true)
+    }
+
+    fn start_with(kind: RedisKind, shards: usize, proxies: usize, discover: bool) -> LocalCluster {
         let redis = Redis::start(kind);
-        let mut c = LocalCluster { redis, shards: Vec::new(), proxies: Vec::new() };
+        let mut c = LocalCluster { redis, shards: Vec::new(), proxies: Vec::new(), discover };
         for _ in 0..shards {
             c.add_shard();
+            if discover {
+                c.wait_for_ring(c.shards.len());
+            }
         }
         for _ in 0..proxies {
             c.add_proxy(&[]);
@@ -125,7 +159,7 @@ impl LocalCluster {
             "--store",
             &self.redis.url(),
             "--shards",
-            &self.shard_addrs().join(","),
+            &if self.discover { "discover".to_string() } else { self.shard_addrs().join(",") },
             "--heartbeat-ms",
             &HEARTBEAT_MS.to_string(),
             "--dead-after-ms",
@@ -138,6 +172,15 @@ impl LocalCluster {
         let service = Service::start(&id, binary("mqfleet-proxy"), args, &["MQTT", "HTTP"]);
         self.proxies.push(Proxy { service, mqtt, id });
         i
+    }
+
+    /// Waits until the ring has `n` members.
+    pub fn wait_for_ring(&self, n: usize) {
+        assert!(
+            eventually(Duration::from_secs(30), || self.redis.ring_members().len() == n),
+            "the ring did not reach {n} members:\n{}",
+            self.logs()
+        );
     }
 
     pub fn proxy(&self, i: usize) -> SocketAddr {

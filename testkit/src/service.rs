@@ -1,6 +1,7 @@
 //! An mqfleet process started by a test: built from this workspace, run on chosen ports, its
 //! log captured, and stopped the way the test needs — SIGTERM, `kill -9`, SIGSTOP.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,13 +44,15 @@ pub struct Service {
     args: Vec<String>,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
+    /// Bound addresses by listener ("MQTT", "HTTP", "link"), from the log.
+    pub addrs: HashMap<String, SocketAddr>,
 }
 
 impl Service {
     /// Starts `bin` with `args` and waits until it logged "<what> listener bound" for each of
     /// `listeners` (e.g. "MQTT", "link").
     pub fn start(name: &str, bin: PathBuf, args: Vec<String>, listeners: &[&str]) -> Service {
-        let mut s = Service { name: name.into(), bin, args, child: None, log: Arc::default() };
+        let mut s = Service { name: name.into(), bin, args, child: None, log: Arc::default(), addrs: HashMap::new() };
         s.spawn(listeners);
         s
     }
@@ -85,7 +88,16 @@ impl Service {
         while !missing.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) => missing.retain(|l| !line.contains(&format!("{l} listener bound"))),
+                Ok(line) => {
+                    for l in listeners {
+                        if line.contains(&format!("{l} listener bound")) {
+                            if let Some(addr) = line.split("address=").nth(1).and_then(|a| a.split_whitespace().next()?.parse().ok()) {
+                                self.addrs.insert(l.to_string(), addr);
+                            }
+                        }
+                    }
+                    missing.retain(|l| !line.contains(&format!("{l} listener bound")));
+                }
                 Err(_) => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -94,6 +106,26 @@ impl Service {
             }
         }
         self.child = Some(child);
+    }
+
+    /// GET `path` on the process's HTTP listener; the body, or `None` if it did not answer.
+    pub fn http_get(&self, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let addr = self.addrs.get("HTTP")?;
+        let mut s = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(5)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    }
+
+    /// The value of a Prometheus gauge or counter (the first sample of `name`).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let body = self.http_get("/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
     }
 
     pub fn pid(&self) -> u32 {

@@ -195,7 +195,7 @@ fn encode_request(r: &Request, b: &mut BytesMut) {
             b.put_u8(1);
             b.put_u64(id.0);
             put_session(b, session);
-            b.put_u8(u8::from(*deliver_retained));
+            put_opt_u64(b, *deliver_retained);
             b.put_u32(items.len() as u32);
             for i in items {
                 put_str(b, &i.filter);
@@ -243,12 +243,27 @@ fn encode_request(r: &Request, b: &mut BytesMut) {
             b.put_u8(9);
             b.put_u64(id.0);
         }
-        Request::AdoptRetained { id, messages } => {
+        Request::AdoptRetained { id, messages, removed } => {
             b.put_u8(10);
             b.put_u64(id.0);
             b.put_u32(messages.len() as u32);
             for m in messages {
                 put_message(b, m);
+            }
+            b.put_u32(removed.len() as u32);
+            for t in removed {
+                put_str(b, t);
+            }
+        }
+        Request::AdoptSubscriptions { id, items } => {
+            b.put_u8(11);
+            b.put_u64(id.0);
+            b.put_u32(items.len() as u32);
+            for (client, i) in items {
+                put_str(b, client);
+                put_str(b, &i.filter);
+                put_options(b, &i.options);
+                put_opt_u32(b, i.id);
             }
         }
     }
@@ -482,7 +497,7 @@ fn decode_request(r: &mut Rd) -> Result<Request, FrameError> {
         1 => {
             let id = RequestId(r.u64("request id")?);
             let session = r.session()?;
-            let deliver_retained = r.bool("deliver retained")?;
+            let deliver_retained = r.opt_u64("deliver retained")?;
             let n = r.count("subscriptions", 4)?;
             let mut items = Vec::with_capacity(n);
             for _ in 0..n {
@@ -508,7 +523,22 @@ fn decode_request(r: &mut Rd) -> Result<Request, FrameError> {
             let id = RequestId(r.u64("request id")?);
             let n = r.count("retained messages", 4)?;
             let messages = (0..n).map(|_| r.message()).collect::<Result<_, _>>()?;
-            Request::AdoptRetained { id, messages }
+            let n = r.count("removed topics", 2)?;
+            let removed = (0..n).map(|_| r.string("removed topic")).collect::<Result<_, _>>()?;
+            Request::AdoptRetained { id, messages, removed }
+        }
+        11 => {
+            let id = RequestId(r.u64("request id")?);
+            let n = r.count("subscriptions", 6)?;
+            let mut items = Vec::with_capacity(n);
+            for _ in 0..n {
+                let client = r.string("client id")?;
+                items.push((
+                    client,
+                    SubscribeItem { filter: r.string("filter")?, options: r.options()?, id: r.opt_u32("subscription id")? },
+                ));
+            }
+            Request::AdoptSubscriptions { id, items }
         }
         tag => return Err(FrameError::UnknownTag { what: "request", tag }),
     })

@@ -25,6 +25,17 @@ pub(crate) enum Inbound {
     Disconnect {
         proxy: ProxyId,
     },
+    /// From the shard's process: the ring (clustered mode).
+    Ring {
+        me: String,
+        current: Option<crate::router::RingMembers>,
+        next: Option<crate::router::RingMembers>,
+    },
+    /// From the shard's process: compute the hand-over to the ring `next`.
+    Handover {
+        next: crate::router::RingMembers,
+        reply: tokio::sync::oneshot::Sender<crate::router::Handover>,
+    },
 }
 
 /// Capacity of a proxy's event channel. Bounded so that a proxy that stops reading slows its

@@ -75,12 +75,14 @@ pub enum Request {
         qos2_marker: Option<(ByteString, u16)>,
     },
     /// Add or replace subscriptions; the reply says which existed and carries the retained
-    /// messages to send (when `deliver_retained`).
+    /// messages to send: with `deliver_retained`, those of the topics this shard owns under the
+    /// ring of that epoch (0: a fixed ring), so that during a ring change exactly one shard
+    /// answers for each topic.
     Subscribe {
         id: RequestId,
         session: SessionInfo,
         items: Vec<SubscribeItem>,
-        deliver_retained: bool,
+        deliver_retained: Option<u64>,
     },
     Unsubscribe {
         id: RequestId,
@@ -126,12 +128,20 @@ pub enum Request {
     Flush {
         id: RequestId,
     },
-    /// Retained messages of topics this shard now owns, handed over by their previous owner.
-    /// Each is kept only if the topic has no retained message here yet (a newer one, published
-    /// since the hand-over started, wins). Replies once durable.
+    /// Retained messages of topics this shard takes over in a ring change, from their previous
+    /// owner: each replaces what this shard has for its topic, and `removed` topics lose
+    /// theirs. The previous owner sends its whole set when the change is prepared, then every
+    /// change it still receives for those topics, in order. Replies once durable.
     AdoptRetained {
         id: RequestId,
         messages: Vec<Arc<Message>>,
+        removed: Vec<ByteString>,
+    },
+    /// Subscriptions of persistent sessions for topics this shard takes over, from their
+    /// previous owner. A session this shard already knows keeps its route. Replies once durable.
+    AdoptSubscriptions {
+        id: RequestId,
+        items: Vec<(ByteString, SubscribeItem)>,
     },
 }
 

@@ -20,7 +20,10 @@
 
 mod log_book;
 mod peers;
+mod rebalance;
 mod sessions;
+
+pub use rebalance::{Forward, Handover, RingMembers, CLEANUP_AFTER};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,12 +32,13 @@ use std::time::Duration;
 use mqfleet_codec::topic::parse_shared;
 use mqfleet_codec::{ByteString, QoS, RetainHandling};
 use session_store::{Delivery, Op, Store};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use self::log_book::LogBook;
 use self::peers::Peer;
+use self::rebalance::RingView;
 use self::sessions::Sessions;
 use crate::link::local::Inbound;
 use crate::link::{ConnId, DeliveryOptions, Event, ProxyId, Recipient, Reply, Request, RequestId, SessionInfo, SubscribeItem};
@@ -88,6 +92,20 @@ impl ShardHandle {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Tells the shard the ring: its own name, the current ring (`None`: not known yet) and a
+    /// change being prepared.
+    pub async fn set_ring(&self, me: String, current: Option<RingMembers>, next: Option<RingMembers>) {
+        let _ = self.tx.send(Inbound::Ring { me, current, next }).await;
+    }
+
+    /// What leaves this shard under the ring `next`; from now on its retained changes for
+    /// those topics are forwarded (see `Clustered::forward`).
+    pub async fn handover(&self, next: RingMembers) -> Option<Handover> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Inbound::Handover { next, reply }).await.ok()?;
+        rx.await.ok()
+    }
 }
 
 /// Starts a shard of a single-node broker, with the retained messages it owns; `store` holds
@@ -95,7 +113,7 @@ impl ShardHandle {
 pub fn spawn(config: ShardConfig, store: Store, retained: Vec<Arc<Message>>, metrics: ShardMetrics) -> (ShardHandle, JoinHandle<()>) {
     let pipeline = Pipeline::new(config.name.as_str().into(), store, None, metrics.clone());
     let restored = Restored { retained, ..Restored::default() };
-    start(config, pipeline, restored, None, metrics)
+    start(config, pipeline, restored, None, None, metrics)
 }
 
 /// What a clustered shard needs besides its settings.
@@ -109,6 +127,8 @@ pub struct Clustered {
     /// Proxies that were alive when the shard started: it waits for them to re-send their
     /// subscriptions (up to `resync_wait`) before replaying its log.
     pub expected_proxies: Vec<String>,
+    /// Where retained changes for topics owned elsewhere go (to be sent to their owner).
+    pub forward: Option<mpsc::UnboundedSender<Forward>>,
 }
 
 /// Starts a shard of a clustered deployment.
@@ -116,7 +136,7 @@ pub fn spawn_clustered(config: ShardConfig, c: Clustered, metrics: ShardMetrics)
     let pipeline = Pipeline::new(config.name.as_str().into(), c.sessions, Some(c.local), metrics.clone());
     let hold =
         Hold { deadline: Instant::now() + config.resync_wait, waiting_for: c.expected_proxies.into_iter().collect(), stash: Vec::new() };
-    start(config, pipeline, c.restored, Some(hold), metrics)
+    start(config, pipeline, c.restored, Some(hold), c.forward, metrics)
 }
 
 fn start(
@@ -124,6 +144,7 @@ fn start(
     pipeline: Pipeline,
     restored: Restored,
     hold: Option<Hold>,
+    forward: Option<mpsc::UnboundedSender<Forward>>,
     metrics: ShardMetrics,
 ) -> (ShardHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(config.inbox_capacity);
@@ -147,10 +168,12 @@ fn start(
         book: clustered.then(|| LogBook::new(last_position)),
         hold,
         replay: log,
+        ring: None,
+        forward,
     };
     for (client_id, item) in subscriptions {
         let session = SessionInfo { client_id, conn: None, persistent: true };
-        router.subscribe_items(&session, ProxyId(u32::MAX), vec![item], false);
+        router.subscribe_items(&session, NO_PROXY, vec![item], None);
     }
     if router.hold.as_ref().is_some_and(|h| h.waiting_for.is_empty()) {
         router.end_hold("no proxies to wait for");
@@ -168,6 +191,9 @@ struct Hold {
     /// Requests held meanwhile, in arrival order.
     stash: Vec<(ProxyId, Request)>,
 }
+
+/// The route of sessions known from disk, without a proxy (their route is `None` anyway).
+const NO_PROXY: ProxyId = ProxyId(u32::MAX);
 
 /// Held requests beyond which the shard stops waiting for late proxies.
 const MAX_STASH: usize = 100_000;
@@ -192,6 +218,9 @@ struct Router {
     hold: Option<Hold>,
     /// Log entries to replay when the hold ends.
     replay: Vec<(u64, log::Entry)>,
+    /// Clustered: the ring, once the shard's process told it.
+    ring: Option<RingView>,
+    forward: Option<mpsc::UnboundedSender<Forward>>,
 }
 
 impl Router {
@@ -251,6 +280,10 @@ impl Router {
             tracing::info!(shard = %self.name, proxy = %self.peers[&proxy].name, "proxy away longer than the grace period; its connections are gone");
             self.drop_peer(proxy);
         }
+        let ops = self.clean_up_if_due(now);
+        if !ops.is_empty() {
+            self.pipeline.write_local_then_emit(ops, Vec::new());
+        }
         self.write_trims();
     }
 
@@ -280,6 +313,10 @@ impl Router {
             Inbound::Connect { proxy, name, incarnation, events } => self.on_proxy_linked(proxy, name, incarnation, events).await,
             Inbound::Disconnect { proxy } => self.on_proxy_unlinked(proxy),
             Inbound::Request { proxy, request } => self.on_request(proxy, request),
+            Inbound::Ring { me, current, next } => self.on_ring(me, current, next),
+            Inbound::Handover { next, reply } => {
+                let _ = reply.send(self.on_handover(next));
+            }
         }
     }
 
@@ -325,15 +362,12 @@ impl Router {
                 peer.confirm(accepted, queued, |p| book.confirmed(p));
             }
             Request::Flush { id } => self.pipeline.emit_after_queueing(vec![(proxy, Event::Reply { id, result: Ok(Reply::Done) })]),
-            Request::AdoptRetained { id, messages } => {
-                let mut ops = Vec::new();
-                for m in messages {
-                    if self.retained.get(&m.topic).is_none() && !m.is_expired(now_ms()) {
-                        ops.push(Op::PutRetained { topic: m.topic.to_string(), message: m.encode(), expires_at_ms: m.expires_at_ms });
-                        self.retained.set(m);
-                        self.metrics.retained_messages.inc();
-                    }
-                }
+            Request::AdoptRetained { id, messages, removed } => {
+                let ops = self.adopt_retained(messages, removed);
+                self.pipeline.write_local_then_reply(ops, (proxy, id));
+            }
+            Request::AdoptSubscriptions { id, items } => {
+                let ops = self.adopt_subscriptions(items);
                 self.pipeline.write_local_then_reply(ops, (proxy, id));
             }
         }
@@ -449,8 +483,8 @@ impl Router {
 
     fn forget(&mut self, slot: SessionSlot) {
         let entry = self.sessions.remove(slot);
-        for filter in &entry.filters {
-            let (group, f) = split_filter(filter);
+        for item in &entry.subscriptions {
+            let (group, f) = split_filter(&item.filter);
             if self.index.remove(f, group, slot) {
                 self.metrics.subscriptions.dec();
             }
@@ -466,7 +500,7 @@ impl Router {
         session: &SessionInfo,
         proxy: ProxyId,
         items: Vec<SubscribeItem>,
-        deliver_retained: bool,
+        deliver_retained: Option<u64>,
     ) -> (Reply, Vec<Op>) {
         let (slot, was_persistent) = self.sessions.upsert(session, proxy);
         let clustered = self.book.is_some();
@@ -481,13 +515,17 @@ impl Router {
             let (group, filter) = split_filter(&item.filter);
             let opts = SubOptions { options: item.options, id: item.id };
             let was = self.index.insert(filter, group, slot, opts);
-            if !was {
-                self.sessions.get_mut(slot).filters.push(item.filter.clone());
-                self.metrics.subscriptions.inc();
+            let subs = &mut self.sessions.get_mut(slot).subscriptions;
+            match subs.iter_mut().find(|s| s.filter == item.filter) {
+                Some(s) => *s = item.clone(),
+                None => {
+                    subs.push(item.clone());
+                    self.metrics.subscriptions.inc();
+                }
             }
             existed.push(was);
             // A resync re-sends what the shard has: write only what a client changed.
-            if clustered && session.persistent && (deliver_retained || !was) {
+            if clustered && session.persistent && (deliver_retained.is_some() || !was) {
                 ops.push(Op::PutSubscription {
                     client_id: session.client_id.to_string(),
                     filter: item.filter.to_string(),
@@ -500,9 +538,9 @@ impl Router {
                 RetainHandling::OnNewSubscription => !was,
                 RetainHandling::Never => false,
             };
-            if deliver_retained && send && group.is_none() && session.conn.is_some() {
+            if let (Some(epoch), true, None, Some(_)) = (deliver_retained, send, group, session.conn) {
                 for m in self.retained.matching(filter) {
-                    if m.is_expired(now) {
+                    if m.is_expired(now) || !self.owns(&m.topic, epoch) {
                         continue;
                     }
                     let delivery = DeliveryOptions {
@@ -530,7 +568,7 @@ impl Router {
             let removed = self.index.remove(filter, group, slot);
             if removed {
                 self.metrics.subscriptions.dec();
-                self.sessions.get_mut(slot).filters.retain(|f| f != full);
+                self.sessions.get_mut(slot).subscriptions.retain(|s| s.filter != *full);
                 if persist {
                     ops.push(Op::RemoveSubscription { client_id: client_id.to_string(), filter: Some(full.to_string()) });
                 }
@@ -567,9 +605,11 @@ impl Router {
             if message.payload.is_empty() {
                 self.retained.remove(&topic);
                 retained_ops.push(Op::RemoveRetained { topic });
+                self.forward_retained(&message.topic, None);
             } else {
                 self.retained.set(message.clone());
                 retained_ops.push(Op::PutRetained { topic, message: message.encode(), expires_at_ms: message.expires_at_ms });
+                self.forward_retained(&message.topic, Some(message.clone()));
             }
             self.metrics.retained_messages.inc_by(self.retained.len() as i64 - before);
         }

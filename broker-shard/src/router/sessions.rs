@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use mqfleet_codec::ByteString;
 
-use crate::link::{ConnId, ProxyId, SessionInfo};
+use crate::link::{ConnId, ProxyId, SessionInfo, SubscribeItem};
 use crate::topic::SessionSlot;
 
 pub(super) struct SessionEntry {
@@ -12,8 +12,8 @@ pub(super) struct SessionEntry {
     pub persistent: bool,
     /// Where the session's connection is; `None` while it has none.
     pub route: Option<(ProxyId, ConnId)>,
-    /// Its subscriptions on this shard, as written by the client.
-    pub filters: Vec<ByteString>,
+    /// Its subscriptions on this shard, filters as written by the client.
+    pub subscriptions: Vec<SubscribeItem>,
 }
 
 /// Sessions in slots, so the trie stores a `u32` per subscriber.
@@ -52,7 +52,7 @@ impl Sessions {
             e.route = route;
             return (slot, was_persistent);
         }
-        let entry = SessionEntry { client_id: info.client_id.clone(), persistent: info.persistent, route, filters: Vec::new() };
+        let entry = SessionEntry { client_id: info.client_id.clone(), persistent: info.persistent, route, subscriptions: Vec::new() };
         let slot = match self.free.pop() {
             Some(i) => {
                 self.entries[i as usize] = Some(entry);
@@ -72,6 +72,11 @@ impl Sessions {
         self.by_client.remove(&entry.client_id);
         self.free.push(slot.0);
         entry
+    }
+
+    /// Every live slot.
+    pub fn slots(&self) -> impl Iterator<Item = SessionSlot> + '_ {
+        self.entries.iter().enumerate().filter_map(|(i, e)| e.as_ref().map(|_| SessionSlot(i as u32)))
     }
 
     pub fn routed_to(&self, proxy: ProxyId) -> impl Iterator<Item = SessionSlot> + '_ {

@@ -122,10 +122,10 @@ where
         if let Err(e) = self.ctx.store.write(ops).await {
             tracing::error!(error = %e, "could not save the session at disconnect");
         }
-        let shards = self.ctx.shards.now();
-        let set = shards.shard_set(self.session.subscriptions.keys());
         let (client_id, conn) = (self.client_id.clone(), self.conn);
-        let _ = shards.send_to(set, || Request::Detach { client_id: client_id.clone(), conn }).await;
+        for link in self.ctx.shards.links_for(self.session.subscriptions.keys()) {
+            let _ = link.send(Request::Detach { client_id: client_id.clone(), conn }).await;
+        }
         match &self.ctx.cluster {
             None => {
                 if let Some((w, delay)) = will_pending {
@@ -160,10 +160,11 @@ where
                 tracing::error!(error = %e, "could not remove the ended session");
             }
         }
-        let shards = self.ctx.shards.now();
-        let set = shards.shard_set(self.session.subscriptions.keys());
         let (client_id, conn) = (self.client_id.clone(), self.conn);
-        let _ = shards.send_to(set, || Request::Forget { client_id: client_id.clone(), conn: Some(conn) }).await;
+        for link in self.ctx.shards.links_for(self.session.subscriptions.keys()) {
+            let _ = link.send(Request::Forget { client_id: client_id.clone(), conn: Some(conn) }).await;
+        }
+        let shards = self.ctx.shards.now();
 
         // Messages of shared subscriptions this client never acknowledged go to another
         // member (MQTT 5 §4.8.2).

@@ -281,9 +281,11 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId, claimed: Optio
     // between the read and the attach until the next reconnect.
     if !state.subscriptions.is_empty() {
         let session = SessionInfo { client_id: n.client_id.clone(), conn: Some(conn), persistent };
-        let shards = ctx.shards.now();
-        let set = shards.shard_set(state.subscriptions.keys());
-        let replies = shards.call_each(set, |id| Request::Attach { id, session: session.clone() }).await.map_err(|e| e.to_string())?;
+        let calls = ctx.shards.links_for(state.subscriptions.keys()).into_iter().map(|link| {
+            let session = session.clone();
+            async move { link.call(|id| Request::Attach { id, session }).await }
+        });
+        let replies = futures::future::join_all(calls).await.into_iter().collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
         debug_assert!(replies.iter().all(|r| *r == Reply::Done));
     }
     let (queue, inbound) = match &existing {

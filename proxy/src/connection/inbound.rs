@@ -90,7 +90,10 @@ where
         };
         let pkid = p.pkid;
         let message = Arc::new(Message::from_publish(p, Some(self.client_id.clone()), now_ms()));
-        let link = self.ctx.shards.now().owner(&message.topic).clone();
+        // Held until the request is on its link: a ring switch waits for it (see `shards`).
+        let ctx = self.ctx.clone();
+        let _gate = ctx.shards.publish_gate().await;
+        let link = ctx.shards.now().owner(&message.topic).clone();
         match pkid {
             None => link.send(Request::Publish { id: None, message, qos2_marker: None }).await.map_err(link_down)?,
             Some(pkid) => {
@@ -214,11 +217,10 @@ where
 
     async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
         let sub_id = s.properties.id();
-        let shards = self.ctx.shards.now();
-        let mut per_shard: Vec<Vec<SubscribeItem>> = vec![Vec::new(); shards.len()];
+        let mut items = Vec::with_capacity(s.filters.len());
         let mut reasons = Vec::with_capacity(s.filters.len());
         for (filter, options) in &s.filters {
-            let Some((group, inner)) = split_filter(filter, &self.ctx.limits.topic) else {
+            let Some((group, _)) = split_filter(filter, &self.ctx.limits.topic) else {
                 reasons.push(ReasonCode::TopicFilterInvalid);
                 continue;
             };
@@ -246,22 +248,16 @@ where
                 QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
                 QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
             });
-            let item = SubscribeItem { filter: filter.clone(), options: *options, id: sub_id };
-            for i in shards.indices(shards.ring().shards_for_filter(inner)) {
-                per_shard[i].push(item.clone());
-            }
+            items.push(SubscribeItem { filter: filter.clone(), options: *options, id: sub_id });
         }
 
         let session = SessionInfo { client_id: self.client_id.clone(), conn: Some(self.conn), persistent: self.session.persistent() };
         self.track_subscriptions();
         let mut replies = Vec::new();
-        for (i, items) in per_shard.into_iter().enumerate() {
-            if items.is_empty() {
-                continue;
-            }
+        for t in self.ctx.shards.subscription_targets(&items) {
             let session = session.clone();
-            let reply =
-                shards.link(i).start(|id| Request::Subscribe { id, session, items, deliver_retained: true }).await.map_err(link_down)?;
+            let (items, deliver_retained) = (t.items, t.deliver_retained);
+            let reply = t.link.start(|id| Request::Subscribe { id, session, items, deliver_retained }).await.map_err(link_down)?;
             replies.push(reply);
         }
         let save = self.record_op();
@@ -291,32 +287,26 @@ where
     }
 
     async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), End> {
-        let shards = self.ctx.shards.now();
-        let mut per_shard: Vec<Vec<mqfleet_codec::ByteString>> = vec![Vec::new(); shards.len()];
+        let mut removed = Vec::new();
         let mut reasons = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
-            let Some((_, inner)) = split_filter(filter, &self.ctx.limits.topic) else {
+            if split_filter(filter, &self.ctx.limits.topic).is_none() {
                 reasons.push(ReasonCode::TopicFilterInvalid);
                 continue;
-            };
+            }
             let existed = self.session.subscriptions.remove(filter).is_some();
             reasons.push(if existed { ReasonCode::Success } else { ReasonCode::NoSubscriptionExisted });
             if existed {
-                for i in shards.indices(shards.ring().shards_for_filter(inner)) {
-                    per_shard[i].push(filter.clone());
-                }
+                removed.push(filter.clone());
             }
         }
         self.track_subscriptions();
-        let client_id = self.client_id.clone();
         let mut replies = Vec::new();
-        for (i, filters) in per_shard.into_iter().enumerate() {
-            if filters.is_empty() {
-                continue;
+        if !removed.is_empty() {
+            for link in self.ctx.shards.links_for(removed.iter()) {
+                let (client_id, filters) = (self.client_id.clone(), removed.clone());
+                replies.push(link.start(|id| Request::Unsubscribe { id, client_id, filters }).await.map_err(link_down)?);
             }
-            let client_id = client_id.clone();
-            let reply = shards.link(i).start(|id| Request::Unsubscribe { id, client_id, filters }).await.map_err(link_down)?;
-            replies.push(reply);
         }
         let save = self.record_op();
         let store = self.ctx.store.clone();

@@ -16,7 +16,8 @@
 //! | `mqf:{H}:w:<id>` | hash | shard → "log position:queue position" of its last enqueue (replay is idempotent) |
 //! | `mqf:{m}:proxies` | hash | proxy id → "last heartbeat ms\|" (Redis clock) |
 //! | `mqf:{m}:shards` | hash | shard name → "last heartbeat ms\|link address" |
-//! | `mqf:{m}:ring` | hash | `epoch`, `members` (the shard set the ring was built from) |
+//! | `mqf:{m}:ring` | hash | `epoch`, `members` (the shard set the ring is built from); during a change `next`, `next_epoch`, `next_since` |
+//! | `mqf:{m}:ring:ready:<epoch>` | set | `proxy:<id>` / `shard:<name>` of participants ready for that change |
 //! | `mqf:{m}:wills` | sorted set | client id, scored by when its delayed will is due |
 //! | `mqf:{pH}:inbox:<proxy>` | list | takeover notices for the proxy's connections |
 //! | `mqf:{pH}:clients:<proxy>` | set | client ids the proxy claimed |
@@ -71,6 +72,11 @@ pub const PROXIES: &str = "mqf:{m}:proxies";
 pub const SHARDS: &str = "mqf:{m}:shards";
 pub const RING: &str = "mqf:{m}:ring";
 pub const WILLS: &str = "mqf:{m}:wills";
+
+/// Participants ready for the ring change to `epoch` (a set).
+pub fn ring_ready(epoch: u64) -> String {
+    format!("mqf:{{m}}:ring:ready:{epoch}")
+}
 
 /// The tag of one proxy's keys: a hash of its id, for the reason client tags are hashed.
 fn proxy_tag(proxy: &str) -> String {

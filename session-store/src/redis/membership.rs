@@ -28,6 +28,27 @@ pub struct Takeover {
     pub epoch: u64,
 }
 
+/// The ring as Redis holds it: the shard names topics are placed on, and a change under way.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RingState {
+    pub epoch: u64,
+    /// Sorted shard names.
+    pub members: Vec<String>,
+    /// A change being prepared: its epoch, its members, and since when (Redis clock, seconds).
+    pub next: Option<RingChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingChange {
+    pub epoch: u64,
+    pub members: Vec<String>,
+    pub since_secs: u64,
+}
+
+fn names(csv: &str) -> Vec<String> {
+    csv.split(',').filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
 /// How long an unread takeover notice is kept (its proxy may be dead).
 const NOTICE_TTL_MS: u64 = 60_000;
 
@@ -198,6 +219,61 @@ impl RedisStore {
             .await
             .map_err(|e| Error::redis("taking a will", e))?;
         will.map(|w| decode("will", &w)).transpose()
+    }
+
+    /// The ring and any change under way.
+    pub async fn ring(&self) -> Result<RingState, Error> {
+        let fields: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg(keys::RING).query_async(&mut self.conn()).await.map_err(|e| Error::redis("reading the ring", e))?;
+        let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let next = fields.get("next").map(|n| RingChange { epoch: num("next_epoch"), members: names(n), since_secs: num("next_since") });
+        Ok(RingState { epoch: num("epoch"), members: fields.get("members").map(|m| names(m)).unwrap_or_default(), next })
+    }
+
+    /// Proposes `members` as the next ring; the epoch of the change, or `None` if the ring is
+    /// not at `seen_epoch` or a change is already under way.
+    pub async fn propose_ring(&self, seen_epoch: u64, members: &[String]) -> Result<Option<u64>, Error> {
+        let mut sorted = members.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        let e: u64 = scripts::RING_PROPOSE
+            .key(keys::RING)
+            .arg(seen_epoch)
+            .arg(sorted.join(","))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("proposing a ring change", e))?;
+        Ok((e > 0).then_some(e))
+    }
+
+    /// `participant` (`proxy:<id>` or `shard:<name>`) has prepared for the change to `epoch`.
+    pub async fn ring_ready(&self, epoch: u64, participant: &str) -> Result<(), Error> {
+        let key = keys::ring_ready(epoch);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD").arg(&key).arg(participant).ignore();
+        pipe.cmd("EXPIRE").arg(&key).arg(3600).ignore();
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(|e| Error::redis("acknowledging a ring change", e))
+    }
+
+    /// Who has prepared for the change to `epoch`.
+    pub async fn ring_ready_set(&self, epoch: u64) -> Result<Vec<String>, Error> {
+        redis::cmd("SMEMBERS")
+            .arg(keys::ring_ready(epoch))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("reading ring acknowledgements", e))
+    }
+
+    /// Commits (or aborts) the change to `epoch`; false if it is not the one under way.
+    pub async fn end_ring_change(&self, epoch: u64, commit: bool) -> Result<bool, Error> {
+        let done: u8 = scripts::RING_END
+            .key(keys::RING)
+            .arg(epoch)
+            .arg(if commit { "1" } else { "0" })
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("ending a ring change", e))?;
+        Ok(done == 1)
     }
 
     /// Tells `proxy` that its connection of `client_id` was taken over by the connection with

@@ -14,7 +14,7 @@ pub mod keys;
 mod membership;
 mod scripts;
 
-pub use membership::{Inbox, Orphaned, Takeover};
+pub use membership::{Inbox, Orphaned, RingChange, RingState, Takeover};
 
 use std::time::Duration;
 

@@ -252,3 +252,36 @@ return out
 "#,
     )
 });
+
+// === the ring (key tagged {m}) ===
+
+/// KEYS: ring. ARGV: the epoch the proposer saw, the proposed members (comma-separated).
+/// Starts a change of membership unless another is under way or the ring moved on; returns the
+/// epoch the change will have, or 0.
+pub static RING_PROPOSE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if epoch ~= tonumber(ARGV[1]) then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'next') == 1 then return 0 end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'next', ARGV[2], 'next_epoch', epoch + 1, 'next_since', t[1])
+return epoch + 1
+"#,
+    )
+});
+
+/// KEYS: ring. ARGV: the epoch of the change, commit (1) or abort (0).
+/// Ends the change under way with that epoch; returns 1 if it did.
+pub static RING_END: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if tonumber(redis.call('HGET', KEYS[1], 'next_epoch') or '-1') ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'members', redis.call('HGET', KEYS[1], 'next'), 'epoch', ARGV[1])
+end
+redis.call('HDEL', KEYS[1], 'next', 'next_epoch', 'next_since')
+return 1
+"#,
+    )
+});

@@ -1,5 +1,8 @@
-//! The `mqfleet-shard` process: its disk, its link listener, its place in the cluster, its HTTP
-//! endpoint, and an orderly stop.
+//! The `mqfleet-shard` process: its disk, its link listener, its place in the cluster (heartbeats,
+//! the ring: [`ring`]), its HTTP endpoint, and an orderly stop.
+
+mod peers;
+mod ring;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,6 +41,7 @@ pub struct Node {
     pub http_addr: Option<SocketAddr>,
     pub name: String,
     shutdown: CancellationToken,
+    peers_stop: CancellationToken,
     tracker: TaskTracker,
     ready: Arc<AtomicBool>,
     router: JoinHandle<()>,
@@ -80,12 +84,22 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     config.queue_qos0_offline = settings.raw.queue_qos0_offline;
     config.resync_wait = settings.resync_wait;
     config.proxy_grace = settings.proxy_grace;
-    let clustered =
-        Clustered { sessions: Store::Redis(redis.clone()), local: Store::Embedded(local.clone()), restored, expected_proxies: expected };
+    let (forward_tx, forward_rx) = tokio::sync::mpsc::unbounded_channel();
+    let clustered = Clustered {
+        sessions: Store::Redis(redis.clone()),
+        local: Store::Embedded(local.clone()),
+        restored,
+        expected_proxies: expected,
+        forward: Some(forward_tx),
+    };
     let (handle, router) = spawn_clustered(config, clustered, metrics);
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // Hand-overs outlive the drain of links (a peer may be mid-hand-over); they end with the
+    // process.
+    let peers_stop = CancellationToken::new();
+    let peers = peers::ShardPeers::new(settings.name.clone(), redis.clone(), peers_stop.clone());
     let bind = |what, addr| async move {
         let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })?;
         let bound = l.local_addr().map_err(|source| StartError::Bind { what, addr, source })?;
@@ -95,11 +109,22 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     tracing::info!(address = %link_addr, "link listener bound");
     let mut server = ServerConfig::new(settings.name.clone());
     server.log_id = log_id;
-    tracker.spawn(serve(listener, handle, server, Arc::new(AtomicU64::new(0)), shutdown.clone()));
+    tracker.spawn(serve(listener, handle.clone(), server, Arc::new(AtomicU64::new(0)), shutdown.clone()));
 
     let advertise = settings.advertise.clone().unwrap_or_else(|| link_addr.to_string());
     redis.shard_beat(&settings.name, &advertise).await.map_err(StartError::Redis)?;
-    tracker.spawn(heartbeat(redis, settings.name.clone(), advertise, settings.heartbeat, shutdown.clone()));
+    tracker.spawn(heartbeat(redis.clone(), settings.name.clone(), advertise, settings.heartbeat, shutdown.clone()));
+    let watch = ring::RingWatch {
+        me: settings.name.clone(),
+        redis,
+        shard: handle,
+        peers: peers.clone(),
+        every: settings.heartbeat,
+        proxy_dead_after: settings.proxy_dead_after,
+        shard_dead_after: settings.proxy_dead_after,
+    };
+    tracker.spawn(watch.run(shutdown.clone()));
+    tokio::spawn(ring::forward(forward_rx, peers, peers_stop.clone()));
 
     let ready = Arc::new(AtomicBool::new(false));
     let http_addr = match settings.http {
@@ -113,7 +138,18 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         None => None,
     };
     ready.store(true, Ordering::SeqCst);
-    Ok(Node { link_addr, http_addr, name: settings.name, shutdown, tracker, ready, router, local, grace: settings.shutdown_grace })
+    Ok(Node {
+        link_addr,
+        http_addr,
+        name: settings.name,
+        shutdown,
+        peers_stop,
+        tracker,
+        ready,
+        router,
+        local,
+        grace: settings.shutdown_grace,
+    })
 }
 
 impl Node {
@@ -134,6 +170,7 @@ impl Node {
         if !finished {
             tracing::warn!(grace = ?self.grace, "grace period over with work in flight; the log replays it at the next start");
         }
+        self.peers_stop.cancel();
         if let Err(e) = self.local.flush().await {
             tracing::error!(error = %e, "final flush of the shard store failed");
         }

@@ -1,8 +1,8 @@
 //! Topic → shard: a consistent-hash ring over the shard set.
 //!
-//! Every proxy builds the same ring from the same shard names, so all proxies send a topic to
-//! the same shard. The hash must not change between releases: `tests/ring_golden.rs` pins
-//! placements; changing them is a decision that needs a migration (a rebalance).
+//! Every proxy and shard builds the same ring from the same shard names, so all proxies send a
+//! topic to the same shard. The hash must not change between releases: `tests/ring_golden.rs`
+//! pins placements; changing them is a decision that needs a migration (a rebalance).
 //!
 //! Hash inputs are written as raw bytes only (never `usize` lengths or native integers), so
 //! placement does not depend on the platform's word size. The ring's own vnode chaining hashes
@@ -39,27 +39,46 @@ impl Hash for Key<'_> {
 /// The placement of topics on shards.
 pub struct Ring {
     ring: HashRing<Node>,
-    len: usize,
+    names: Vec<String>,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Ring").field(&self.names).finish()
+    }
 }
 
 impl Ring {
     /// A ring over shards named `names`; `owner` answers with indices into `names`.
     pub fn new(names: &[String]) -> Ring {
         let nodes: Vec<Node> = names.iter().enumerate().map(|(index, name)| Node { name: name.clone(), index }).collect();
-        Ring { ring: RingBuilder::default().vnodes(VNODES).nodes_iter(nodes).build(), len: names.len() }
+        Ring { ring: RingBuilder::default().vnodes(VNODES).nodes_iter(nodes).build(), names: names.to_vec() }
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The name of the shard owning `topic`.
+    pub fn owner_name(&self, topic: &str) -> &str {
+        &self.names[self.owner(topic)]
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.names.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.names.is_empty()
     }
 
-    /// The shard owning `topic`.
+    /// The shard owning `topic` (an index into the names; 0 for an empty ring).
     pub fn owner(&self, topic: &str) -> usize {
-        if self.len == 1 {
+        if self.names.len() <= 1 {
             return 0;
         }
         self.ring.try_get(Key(topic)).map(|n| n.index).unwrap_or(0)
