@@ -53,6 +53,10 @@ mqfleet_ops::settings! {
     log_level: String = "info".into(), env "MQFLEET_SHARD_LOG_LEVEL";
     /// On SIGTERM, time given to finish accepted work and close the store, in ms.
     shutdown_grace_ms: u64 = 10_000, env "MQFLEET_SHARD_SHUTDOWN_GRACE_MS";
+    /// On SIGTERM, leave the ring first (a scale-down): hand this shard's topics, retained
+    /// messages and subscriptions to the others, then stop. Leave it off for restarts and
+    /// rolling upgrades, which keep the shard's topics.
+    leave_on_shutdown: bool = false, env "MQFLEET_SHARD_LEAVE_ON_SHUTDOWN";
 }
 
 /// `mqfleet-shard` command line.

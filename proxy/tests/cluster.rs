@@ -300,41 +300,59 @@ async fn qos2_exactly_once_across_proxies(kind: RedisKind) {
 
 on_both_redis!(qos2_exactly_once_across_proxies: a_qos2_message_resent_through_another_proxy_is_delivered_once, a_qos2_message_resent_through_another_proxy_is_delivered_once_on_redis_cluster);
 
-// === a shard joins under load ===
+// === shards join and leave under load ===
 
-async fn adding_a_shard_under_load(kind: RedisKind) {
-    let c = tokio::task::spawn_blocking(move || LocalCluster::start_discovering(kind, 2, 2)).await.unwrap();
-    let c = Arc::new(Mutex::new(c));
-    let (p0, p1) = {
-        let c = c.lock().unwrap();
-        (c.proxy(0), c.proxy(1))
-    };
-
-    // Retained messages on many topics: about a third must move to the new shard.
-    const RETAINED: usize = 300;
-    let mut backend = v4::connect(v4::options(p0, "backend")).await;
-    for i in 0..RETAINED {
+/// Publishes `n` retained messages `retained/<i>` through `addr`, acknowledged.
+async fn retain_many(addr: std::net::SocketAddr, n: usize) {
+    let mut backend = v4::connect(v4::options(addr, "backend")).await;
+    for i in 0..n {
         backend.client.publish(format!("retained/{i}"), v4::QoS::AtLeastOnce, true, format!("r{i}")).await.unwrap();
     }
     let mut acked = 0;
-    while acked < RETAINED {
+    while acked < n {
         if let v4::Packet::PubAck(_) = backend.next().await {
             acked += 1;
         }
     }
+}
 
-    // A subscriber on exact topics, and a publisher streaming QoS 1 to them.
-    const TOPICS: u32 = 40;
+/// Every retained message is served, each exactly once.
+async fn assert_retained_once(addr: std::net::SocketAddr, n: usize) {
+    let mut reader = v4::connect(v4::options(addr, "reader")).await;
+    reader.client.subscribe("retained/#", v4::QoS::AtMostOnce).await.unwrap();
+    let mut topics = std::collections::HashSet::new();
+    let mut copies = 0;
+    while let Ok(p) = tokio::time::timeout(Duration::from_secs(2), reader.next_publish()).await {
+        topics.insert(p.topic.clone());
+        copies += 1;
+    }
+    assert_eq!((topics.len(), copies), (n, n), "every retained message, once");
+}
+
+const TOPICS: u32 = 40;
+
+/// Streams QoS 1 messages over `TOPICS` exact topics from proxy 0 to a subscriber on proxy 1;
+/// starts `change` after 150 messages and keeps streaming until `done` holds, then 200 more.
+/// Asserts every acknowledged message arrived, each topic in publishing order.
+async fn stream_across(
+    c: Arc<Mutex<LocalCluster>>,
+    change: impl FnOnce(&mut LocalCluster) + Send + 'static,
+    done: impl Fn(&LocalCluster) -> bool + Send + Sync + 'static,
+) {
+    let (p0, p1) = {
+        let c = c.lock().unwrap();
+        (c.proxy(0), c.proxy(1))
+    };
     let mut sub = v4::connect(v4::options(p1, "watcher")).await;
     for t in 0..TOPICS {
         sub.subscribe(&format!("load/{t}"), v4::QoS::AtLeastOnce).await;
     }
     let mut publisher = Raw::v4(p0, "streamer").await;
     let mut sent: Vec<(u32, u32)> = Vec::new();
-    let mut seq = 0u32;
-    let mut joined = false;
-    let mut after_join = 0;
-    while after_join < 200 {
+    let (mut seq, mut changed, mut after) = (0u32, false, 0);
+    let done = Arc::new(done);
+    let mut change = Some(change);
+    while after < 200 {
         seq += 1;
         let topic = seq % TOPICS;
         let pkid = PacketId::new((seq % 60_000) as u16 + 1);
@@ -345,27 +363,19 @@ async fn adding_a_shard_under_load(kind: RedisKind) {
             other => panic!("message {seq}: expected its PUBACK, got {other:?}"),
         }
         if seq == 150 {
-            let c = c.clone();
-            tokio::task::spawn_blocking(move || c.lock().unwrap().add_shard());
+            let (c, change) = (c.clone(), change.take().expect("once"));
+            tokio::task::spawn_blocking(move || change(&mut c.lock().unwrap()));
         }
-        if !joined && seq > 150 && seq.is_multiple_of(20) {
-            let c2 = c.clone();
-            joined = tokio::task::spawn_blocking(move || {
-                let c = c2.lock().unwrap();
-                c.shards.len() == 3
-                    && c.redis.ring_members().len() == 3
-                    && c.proxies.iter().all(|p| p.service.log_text().contains("switched to the new ring"))
-            })
-            .await
-            .unwrap();
+        if !changed && seq > 150 && seq.is_multiple_of(20) {
+            let (c, done) = (c.clone(), done.clone());
+            // try_lock: the change holds the cluster while it runs.
+            changed = tokio::task::spawn_blocking(move || c.try_lock().map(|c| done(&c)).unwrap_or(false)).await.unwrap();
         }
-        if joined {
-            after_join += 1;
+        if changed {
+            after += 1;
         }
         assert!(seq < 20_000, "the ring change did not complete:\n{}", c.lock().unwrap().logs());
     }
-
-    // Every acknowledged message arrived, each topic in publishing order.
     let mut seen: std::collections::HashMap<u32, Vec<u32>> = std::collections::HashMap::new();
     let mut distinct = 0;
     while distinct < sent.len() {
@@ -382,27 +392,69 @@ async fn adding_a_shard_under_load(kind: RedisKind) {
         let expected: Vec<u32> = sent.iter().filter(|(topic, _)| *topic == t).map(|(_, s)| *s).collect();
         assert_eq!(seen.get(&t).cloned().unwrap_or_default(), expected, "topic load/{t}: all delivered, in order");
     }
+}
 
+fn switched(c: &LocalCluster, times: usize) -> bool {
+    c.proxies.iter().all(|p| p.service.log_text().matches("switched to the new ring").count() >= times)
+}
+
+async fn adding_a_shard_under_load(kind: RedisKind) {
+    let c = tokio::task::spawn_blocking(move || LocalCluster::start_discovering(kind, 2, 2)).await.unwrap();
+    const RETAINED: usize = 300;
+    retain_many(c.proxy(0), RETAINED).await;
+    let c = Arc::new(Mutex::new(c));
+    stream_across(
+        c.clone(),
+        |c| {
+            c.add_shard();
+        },
+        |c| c.redis.ring_members().len() == 3 && switched(c, 1),
+    )
+    .await;
     // About 1/S of the topics moved: the new shard holds about a third of the retained
     // messages (tolerance ±40 %), and every retained message is still served exactly once.
-    let moved = {
+    let (moved, p1) = {
         let c = c.lock().unwrap();
-        c.shards[2].service.metric("mqfleet_shard_retained_messages").unwrap_or(0.0)
+        (c.shards[2].service.metric("mqfleet_shard_retained_messages").unwrap_or(0.0), c.proxy(1))
     };
     let expected = RETAINED as f64 / 3.0;
     assert!(
         (expected * 0.6..=expected * 1.4).contains(&moved),
         "the new shard took {moved} of {RETAINED} retained messages; expected about {expected}"
     );
-    let mut reader = v4::connect(v4::options(p1, "reader")).await;
-    reader.client.subscribe("retained/#", v4::QoS::AtMostOnce).await.unwrap();
-    let mut topics = std::collections::HashSet::new();
-    let mut copies = 0;
-    while let Ok(p) = tokio::time::timeout(Duration::from_secs(2), reader.next_publish()).await {
-        topics.insert(p.topic.clone());
-        copies += 1;
-    }
-    assert_eq!((topics.len(), copies), (RETAINED, RETAINED), "every retained message, once");
+    assert_retained_once(p1, RETAINED).await;
 }
 
 on_both_redis!(adding_a_shard_under_load: adding_a_shard_under_load_loses_nothing_keeps_order_and_moves_a_third, adding_a_shard_under_load_loses_nothing_keeps_order_and_moves_a_third_on_redis_cluster);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_leaving_under_load_hands_everything_over() {
+    let c = tokio::task::spawn_blocking(|| {
+        let mut c = LocalCluster::start_discovering(RedisKind::Standalone, 2, 0);
+        c.add_shard_with(&["--leave-on-shutdown", "true"]);
+        c.wait_for_ring(3);
+        c.add_proxy(&[]);
+        c.add_proxy(&[]);
+        c
+    })
+    .await
+    .unwrap();
+    const RETAINED: usize = 150;
+    retain_many(c.proxy(0), RETAINED).await;
+    let c = Arc::new(Mutex::new(c));
+    stream_across(
+        c.clone(),
+        |c| {
+            let status = c.shards[2].service.terminate();
+            assert!(status.is_some_and(|s| s.success()), "the leaving shard exits cleanly:\n{}", c.logs());
+        },
+        |c| c.redis.ring_members().len() == 2 && switched(c, 1),
+    )
+    .await;
+    let p1 = {
+        let c = c.lock().unwrap();
+        assert!(c.shards[2].service.log_text().contains("left the ring"), "{}", c.logs());
+        c.proxy(1)
+    };
+    assert_retained_once(p1, RETAINED).await;
+}

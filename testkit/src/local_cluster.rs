@@ -115,6 +115,11 @@ impl LocalCluster {
     }
 
     pub fn add_shard(&mut self) -> usize {
+        self.add_shard_with(&[])
+    }
+
+    /// A shard named `shard-<i>`; `extra` arguments come last (they win).
+    pub fn add_shard_with(&mut self, extra: &[&str]) -> usize {
         let i = self.shards.len();
         let dir = tempfile::tempdir().expect("temp dir");
         let link = local(free_port());
@@ -137,6 +142,7 @@ impl LocalCluster {
             "3000",
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
         let service = Service::start(&format!("shard-{i}"), binary("mqfleet-shard"), args, &["link", "HTTP"]);

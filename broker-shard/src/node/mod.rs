@@ -47,6 +47,16 @@ pub struct Node {
     router: JoinHandle<()>,
     local: EmbeddedStore,
     grace: Duration,
+    /// Set with `leave_on_shutdown`.
+    leave: Option<Leave>,
+}
+
+/// What leaving the ring at shutdown needs.
+struct Leave {
+    redis: RedisStore,
+    leaving: Arc<AtomicBool>,
+    metrics: ShardMetrics,
+    heartbeat: Duration,
 }
 
 /// Opens the disk, restores the shard, joins the cluster, listens.
@@ -78,6 +88,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     );
 
     let metrics = ShardMetrics::default();
+    let metrics_view = metrics.clone();
     let mut prometheus = prometheus_client::registry::Registry::default();
     metrics.register(&mut prometheus);
     let mut config = ShardConfig::new(settings.name.clone());
@@ -114,14 +125,16 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     let advertise = settings.advertise.clone().unwrap_or_else(|| link_addr.to_string());
     redis.shard_beat(&settings.name, &advertise).await.map_err(StartError::Redis)?;
     tracker.spawn(heartbeat(redis.clone(), settings.name.clone(), advertise, settings.heartbeat, shutdown.clone()));
+    let leaving = Arc::new(AtomicBool::new(false));
     let watch = ring::RingWatch {
         me: settings.name.clone(),
-        redis,
+        redis: redis.clone(),
         shard: handle,
         peers: peers.clone(),
         every: settings.heartbeat,
         proxy_dead_after: settings.proxy_dead_after,
         shard_dead_after: settings.proxy_dead_after,
+        leaving: leaving.clone(),
     };
     tracker.spawn(watch.run(shutdown.clone()));
     tokio::spawn(ring::forward(forward_rx, peers, peers_stop.clone()));
@@ -138,6 +151,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         None => None,
     };
     ready.store(true, Ordering::SeqCst);
+    let leave = settings.raw.leave_on_shutdown.then(|| Leave { redis, leaving, metrics: metrics_view, heartbeat: settings.heartbeat });
     Ok(Node {
         link_addr,
         http_addr,
@@ -149,6 +163,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         router,
         local,
         grace: settings.shutdown_grace,
+        leave,
     })
 }
 
@@ -158,6 +173,9 @@ impl Node {
     /// topics. Returns false if the grace period ran out first.
     pub async fn shutdown(self) -> bool {
         self.ready.store(false, Ordering::SeqCst);
+        if let Some(leave) = &self.leave {
+            self.leave_ring(leave).await;
+        }
         self.shutdown.cancel();
         self.tracker.close();
         let finished = tokio::time::timeout(self.grace, async {
@@ -177,6 +195,51 @@ impl Node {
         finished
     }
 }
+
+impl Node {
+    /// Scale-down: asks the ring to drop this shard, waits until the change is committed (the
+    /// ring watch hands everything over meanwhile), then until the proxies have switched and
+    /// every message this shard accepted is delivered or queued.
+    async fn leave_ring(&self, leave: &Leave) {
+        leave.leaving.store(true, Ordering::SeqCst);
+        tracing::info!(shard = %self.name, "leaving the ring");
+        let left = async {
+            loop {
+                match leave.redis.ring().await {
+                    Ok(r) if !r.members.contains(&self.name) && r.next.is_none() => break,
+                    Ok(r) if r.members == [self.name.clone()] => {
+                        tracing::warn!("the last shard of the ring stays in it");
+                        return false;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot read the ring; retrying"),
+                }
+                tokio::time::sleep(leave.heartbeat).await;
+            }
+            // Proxies switch within a heartbeat of the commit, after draining this shard.
+            tokio::time::sleep(leave.heartbeat * 3).await;
+            while leave.metrics.log_entries.get() > 0 {
+                tokio::time::sleep(leave.heartbeat).await;
+            }
+            true
+        };
+        match tokio::time::timeout(LEAVE_TIMEOUT, left).await {
+            Ok(true) => {
+                tracing::info!(shard = %self.name, "left the ring");
+                if let Err(e) = leave.redis.shard_leave(&self.name).await {
+                    tracing::warn!(error = %e, "could not deregister");
+                }
+            }
+            Ok(false) => {}
+            Err(_) => {
+                tracing::warn!(shard = %self.name, timeout = ?LEAVE_TIMEOUT, "could not leave the ring in time; stopping as a member")
+            }
+        }
+    }
+}
+
+/// Longest wait for a ring change that removes this shard.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Tells Redis this shard is alive (and where), every `every`.
 async fn heartbeat(redis: RedisStore, name: String, addr: String, every: Duration, shutdown: CancellationToken) {

@@ -3,6 +3,8 @@
 //! retained changes for topics that moved. See `router::rebalance` for the procedure.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use session_store::{RedisStore, RingChange, RingState};
@@ -27,6 +29,8 @@ pub struct RingWatch {
     pub every: Duration,
     pub proxy_dead_after: Duration,
     pub shard_dead_after: Duration,
+    /// Set when the shard is leaving the ring (scale-down).
+    pub leaving: Arc<AtomicBool>,
 }
 
 impl RingWatch {
@@ -48,12 +52,22 @@ impl RingWatch {
         let state = self.redis.ring().await?;
         let current = (!state.members.is_empty()).then(|| (state.epoch, state.members.clone()));
         self.shard.set_ring(self.me.clone(), current, state.next.as_ref().map(|n| (n.epoch, n.members.clone()))).await;
+        let member = state.members.contains(&self.me);
+        let leaving = self.leaving.load(Ordering::SeqCst);
         match &state.next {
-            None if !state.members.contains(&self.me) => {
+            None if !member && !leaving => {
                 let mut members = state.members.clone();
                 members.push(self.me.clone());
                 if let Some(epoch) = self.redis.propose_ring(state.epoch, &members).await? {
                     tracing::info!(shard = %self.me, epoch, "asked to join the ring");
+                }
+            }
+            None if member && leaving => {
+                let members: Vec<String> = state.members.iter().filter(|m| **m != self.me).cloned().collect();
+                if members.is_empty() {
+                    tracing::warn!(shard = %self.me, "the last shard cannot leave the ring");
+                } else if let Some(epoch) = self.redis.propose_ring(state.epoch, &members).await? {
+                    tracing::info!(shard = %self.me, epoch, "asked to leave the ring");
                 }
             }
             None => {}
