@@ -27,8 +27,8 @@ mqfleet_ops::settings! {
     /// one fsync; acknowledged only after it) or `interval:MS` (acknowledged before the fsync,
     /// which follows at least every MS: a machine crash can lose that much).
     fsync: String = "group:2".into(), env "MQFLEET_SHARD_FSYNC";
-    /// The sessions' store shared with the proxies: `redis://HOST:PORT[/DB]`, `rediss://…` or
-    /// `redis+cluster://H1:P1,H2:P2,…`. Required.
+    /// The sessions' store shared with the proxies: `redis://HOST:PORT[/DB]`, `rediss://…`,
+    /// `redis+cluster://H1:P1,H2:P2,…` or `redis+sentinel://H1:P1,H2:P2,…/MASTER`. Required.
     store: String = String::new(), env "MQFLEET_SHARD_STORE";
     /// Longest wait for Redis before an operation fails, in ms.
     redis_timeout_ms: u64 = 2_000, env "MQFLEET_SHARD_REDIS_TIMEOUT_MS";
@@ -42,9 +42,12 @@ mqfleet_ops::settings! {
     /// How long a proxy whose link dropped keeps its routes here (its logged deliveries are
     /// kept for it), in ms.
     proxy_grace_ms: u64 = 30_000, env "MQFLEET_SHARD_PROXY_GRACE_MS";
-    /// Messages queued per persistent session, at most (the proxies' setting of the same
-    /// name should match).
+    /// Messages queued per persistent session beyond its in-flight window: the durable queue
+    /// holds `max_inflight` plus this many (the proxies' settings of the same names should
+    /// match).
     max_queued_messages: u32 = 1000, env "MQFLEET_SHARD_MAX_QUEUED_MESSAGES";
+    /// The proxies' `max_inflight`: QoS 1/2 messages a client may have unacknowledged.
+    max_inflight: u16 = 1024, env "MQFLEET_SHARD_MAX_INFLIGHT";
     /// Also queue QoS 0 messages for offline persistent sessions.
     queue_qos0_offline: bool = false, env "MQFLEET_SHARD_QUEUE_QOS0_OFFLINE";
     /// Log format: `text` or `json`. The level comes from RUST_LOG, else `log_level`.
@@ -112,7 +115,7 @@ impl Config {
         let http = p.check("http", parse_optional_addr(&self.http));
         let fsync = p.check("fsync", self.fsync.parse::<SyncPolicy>());
         let store = if self.store.is_empty() {
-            p.add("store", "required: the Redis the proxies use (redis://HOST:PORT or redis+cluster://H1:P1,H2:P2)");
+            p.add("store", "required: the Redis the proxies use (redis://HOST:PORT, redis+cluster://H1:P1,H2:P2 or redis+sentinel://H1:P1,H2:P2/MASTER)");
             None
         } else {
             p.check("store", RedisTarget::parse(&self.store))
@@ -130,6 +133,7 @@ impl Config {
                 ("proxy_dead_after_ms", self.proxy_dead_after_ms),
                 ("proxy_grace_ms", self.proxy_grace_ms),
                 ("max_queued_messages", u64::from(self.max_queued_messages)),
+                ("max_inflight", u64::from(self.max_inflight)),
             ],
         );
         p.into_result()?;

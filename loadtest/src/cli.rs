@@ -92,6 +92,11 @@ pub struct Options {
     /// Keep-alive seconds.
     #[arg(long)]
     pub keepalive: Option<u16>,
+    /// Persistent sessions for every client (Clean Start 0, Session Expiry 1 h): the broker
+    /// then queues QoS 1/2 messages durably for subscribers. Default: clean sessions, except the
+    /// reconnect storm, which is about persistent sessions.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub persistent: Option<bool>,
     /// Client id template: %i = index, %r = run id, %s = role.
     #[arg(long)]
     pub client_id: Option<String>,
@@ -194,6 +199,7 @@ impl Options {
             connect_inflight,
             connect_timeout,
             keepalive,
+            persistent,
             client_id,
             username,
             password,
@@ -311,8 +317,13 @@ pub fn prepare(scenario: &str, o: &Options) -> Result<Prepared, String> {
         let mut r = rand::rng();
         (0..6).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[r.random_range(0..36)])).collect()
     };
-    let names =
-        Names { client_id: o.client_id.clone().unwrap_or_else(|| "lt-%r-%s-%i".into()), username: o.username.clone(), run_id, sub_qos };
+    let names = Names {
+        client_id: o.client_id.clone().unwrap_or_else(|| "lt-%r-%s-%i".into()),
+        username: o.username.clone(),
+        run_id,
+        sub_qos,
+        persistent: o.persistent.unwrap_or(false),
+    };
     let topic = |default: &str| o.topic.clone().unwrap_or_else(|| default.into());
     let hold = duration;
     let plan = match scenario {
@@ -375,6 +386,7 @@ pub fn prepare(scenario: &str, o: &Options) -> Result<Prepared, String> {
     put("duration_s", duration.as_secs_f64().into());
     put("payload_size", settings.payload_size.into());
     put("seed", seed.into());
+    put("persistent", (names.persistent || scenario == "reconnect").into());
     put("connect_rate", settings.connect_rate.into());
     put("connect_inflight", settings.connect_inflight.into());
     Ok(Prepared { plan, settings, echo })

@@ -50,9 +50,23 @@ impl Mosquitto {
         Mosquitto { child, _dir: dir }
     }
 
+    /// Still running a moment after its port answered: a port taken between choosing it and
+    /// Mosquitto binding it (tests run in parallel) makes Mosquitto exit, while the port answers
+    /// for whoever took it.
+    async fn alive(&mut self) -> bool {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     async fn plain() -> (Mosquitto, u16) {
-        let port = free_port();
-        (Mosquitto::start(|_| (format!("listener {port} 127.0.0.1\nallow_anonymous true\n"), port)).await, port)
+        for _ in 0..5 {
+            let port = free_port();
+            let mut m = Mosquitto::start(|_| (format!("listener {port} 127.0.0.1\nallow_anonymous true\n"), port)).await;
+            if m.alive().await {
+                return (m, port);
+            }
+        }
+        panic!("mosquitto did not stay up on any of 5 free ports");
     }
 }
 

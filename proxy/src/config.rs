@@ -21,7 +21,8 @@ mqfleet_ops::settings! {
     /// HTTP listener for /livez, /readyz and /metrics; empty disables it.
     http: String = "127.0.0.1:18083".into(), env "MQFLEET_PROXY_HTTP";
     /// Session store: `embedded:DIR` (single node), or Redis for a cluster of proxies:
-    /// `redis://HOST:PORT[/DB]`, `rediss://…` (TLS), `redis+cluster://H1:P1,H2:P2,…`.
+    /// `redis://HOST:PORT[/DB]`, `rediss://…` (TLS), `redis+cluster://H1:P1,H2:P2,…`,
+    /// `redis+sentinel://H1:P1,H2:P2,…/MASTER` (the master Sentinel names, followed across failovers).
     store: String = "embedded:./mqfleet-data".into(), env "MQFLEET_PROXY_STORE";
     /// When durable writes reach the disk (embedded store): `batch` (fsync every commit,
     /// nothing acknowledged is lost), `group:MS` (collect MS then fsync) or `interval:MS`
@@ -59,8 +60,9 @@ mqfleet_ops::settings! {
     /// QoS 1/2 messages sent to a client and not yet acknowledged, at most (also bounded by
     /// the client's Receive Maximum).
     max_inflight: u16 = 1024, env "MQFLEET_PROXY_MAX_INFLIGHT";
-    /// Messages waiting for a client beyond its in-flight window, and queued for an offline
-    /// persistent session; further ones are dropped and counted.
+    /// Messages waiting for a client beyond its in-flight window; further ones are dropped and
+    /// counted. A persistent session's durable queue holds `max_inflight` plus this many (in
+    /// flight and waiting, or all waiting while it is offline).
     max_queued_messages: u32 = 1000, env "MQFLEET_PROXY_MAX_QUEUED_MESSAGES";
     /// Bytes waiting to be written to a client's socket beyond which QoS 0 messages for it are
     /// dropped (slow consumer).
@@ -248,8 +250,8 @@ impl Settings {
 fn parse_store(s: &str) -> Result<StoreSpec, String> {
     match s.split_once(':') {
         Some(("embedded", dir)) if !dir.is_empty() => Ok(StoreSpec::Embedded(dir.into())),
-        Some(("redis" | "rediss" | "redis+cluster", _)) => RedisTarget::parse(s).map(StoreSpec::Redis),
-        _ => Err(format!("{s:?} is not a store; expected embedded:DIR, redis://HOST:PORT or redis+cluster://H1:P1,H2:P2")),
+        Some(("redis" | "rediss" | "redis+cluster" | "redis+sentinel", _)) => RedisTarget::parse(s).map(StoreSpec::Redis),
+        _ => Err(format!("{s:?} is not a store; expected embedded:DIR, redis://HOST:PORT, redis+cluster://H1:P1,H2:P2 or redis+sentinel://H1:P1,H2:P2/MASTER")),
     }
 }
 

@@ -186,7 +186,7 @@ async fn single_node(
 ) -> Result<(Store, Topology), StartError> {
     let mut store_config = EmbeddedConfig::new(dir);
     store_config.sync = settings.store_sync;
-    store_config.max_queue_len = limits.max_queued_messages;
+    store_config.max_queue_len = limits.session_queue_capacity();
     let store = Store::Embedded(EmbeddedStore::open(store_config)?);
     tracing::info!(dir = %dir.display(), "session store opened");
 
@@ -224,7 +224,7 @@ async fn join_cluster(
     sink: &Arc<dyn DeliverySink>,
     background: &CancellationToken,
 ) -> Result<(Cluster, Topology, Vec<Arc<LinkState>>), StartError> {
-    let redis = RedisStore::connect(target.clone(), limits.max_queued_messages, settings.redis_timeout).await?;
+    let redis = RedisStore::connect(target.clone(), limits.session_queue_capacity(), settings.redis_timeout).await?;
     let dynamic = matches!(settings.shards, ShardSpec::Discover);
     let (shards, epoch): (Vec<(String, String)>, u64) = match &settings.shards {
         ShardSpec::Static(addrs) => (addrs.iter().map(|a| (a.clone(), a.clone())).collect(), 0),

@@ -255,23 +255,56 @@ async fn takeover_keeps_the_persistent_session_and_its_subscriptions() {
 
 #[tokio::test]
 async fn offline_queue_is_bounded_and_drops_are_counted() {
-    let b = TestBroker::with(|c| c.max_queued_messages = 3).await;
+    // Offline, a session holds its in-flight window plus the waiting queue: 2 + 3.
+    let b = TestBroker::with(|c| {
+        c.max_queued_messages = 3;
+        c.max_inflight = 2;
+    })
+    .await;
     let (mut c, _) = Raw::session(b.addr, persistent_v5("bounded", 600)).await;
     subscribe(&mut c, "bq", QoS::AtLeastOnce).await;
     drop(c);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    publish(b.addr, "bq", &["1", "2", "3", "4", "5"]).await;
+    publish(b.addr, "bq", &["1", "2", "3", "4", "5", "6", "7"]).await;
     let (mut c, _) = Raw::session(b.addr, persistent_v5("bounded", 600)).await;
     let mut got = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         let m = next_publish(&mut c).await;
         c.send(Packet::PubAck(Ack::new(m.pkid.unwrap()))).await;
         got.push(String::from_utf8(m.payload.to_vec()).unwrap());
     }
-    assert_eq!(got, ["1", "2", "3"]);
+    assert_eq!(got, ["1", "2", "3", "4", "5"]);
     c.expect_silence().await;
     let (_, metrics) = b.http_get("/metrics").await;
     assert!(metrics.contains(r#"mqfleet_shard_dropped_messages_total{reason="queue_full"} 2"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_connected_client_with_a_full_window_still_gets_its_whole_queue() {
+    // 2 in flight (unacknowledged) and 3 waiting behind them: nothing is dropped, although the
+    // durable queue then holds 5 copies and max_queued_messages is 3.
+    let b = TestBroker::with(|c| {
+        c.max_queued_messages = 3;
+        c.max_inflight = 2;
+    })
+    .await;
+    let (mut c, _) = Raw::session(b.addr, persistent_v5("busy", 600)).await;
+    subscribe(&mut c, "full", QoS::AtLeastOnce).await;
+    publish(b.addr, "full", &["1", "2", "3", "4", "5"]).await;
+    let mut window = std::collections::VecDeque::from([next_publish(&mut c).await, next_publish(&mut c).await]);
+    c.expect_silence().await; // the window is full: the other three wait
+    let mut got = Vec::new();
+    while let Some(m) = window.pop_front() {
+        got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+        c.send(Packet::PubAck(Ack::new(m.pkid.unwrap()))).await;
+        if got.len() + window.len() < 5 {
+            window.push_back(next_publish(&mut c).await);
+        }
+    }
+    assert_eq!(got, ["1", "2", "3", "4", "5"]);
+    let (_, metrics) = b.http_get("/metrics").await;
+    let dropped = metrics.lines().find_map(|l| l.strip_prefix(r#"mqfleet_shard_dropped_messages_total{reason="queue_full"} "#));
+    assert!(dropped.is_none_or(|n| n == "0"), "{metrics}");
 }
 
 #[tokio::test]

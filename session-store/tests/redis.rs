@@ -1,12 +1,13 @@
-//! The Redis backend against real `redis-server` processes: standalone, and a 3-master Redis
-//! Cluster where per-client keys must stay in one slot.
+//! The Redis backend against real `redis-server` processes: standalone, a 3-master Redis
+//! Cluster where per-client keys must stay in one slot, and a master with a replica under three
+//! Sentinels, failed over for real.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use session_store::redis::keys::ClientKeys;
 use session_store::*;
-use testkit::{RedisCluster, RedisServer};
+use testkit::{RedisCluster, RedisSentinel, RedisServer};
 
 fn record(id: &str, epoch: u64, connected: bool, expiry: u32) -> SessionRecord {
     SessionRecord {
@@ -94,6 +95,41 @@ async fn standalone_redis_behaves_like_a_session_store() {
 async fn redis_cluster_behaves_like_a_session_store() {
     let cluster = RedisCluster::start();
     behaves_like_a_session_store(store(&cluster.url(), 2).await).await;
+}
+
+#[tokio::test]
+async fn redis_under_sentinel_behaves_like_a_session_store() {
+    let sentinel = tokio::task::spawn_blocking(RedisSentinel::start).await.unwrap();
+    behaves_like_a_session_store(store(&sentinel.url(), 2).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_follows_a_sentinel_failover_to_the_new_master() {
+    let mut sentinel = tokio::task::spawn_blocking(RedisSentinel::start).await.unwrap();
+    let s = store(&sentinel.url(), 10).await;
+    let Store::Redis(r) = &s else { unreachable!() };
+    let before = r.claim("dev", "proxy-a").await.unwrap();
+    s.write(vec![Op::PutSession(record("dev", before.epoch, true, 600)), enqueue(b"kept", &["dev"])]).await.unwrap();
+    // Replication is asynchronous: wait until the replica has it, as an operator relying on
+    // Sentinel would (WAIT), so the failover is what is under test, not replication lag.
+    assert_eq!(sentinel.servers[0].cli(&["WAIT", "1", "5000"]), "1");
+    let old_master = sentinel.servers[0].port;
+    sentinel.servers[0].kill();
+    // Operations fail while the Sentinels agree (down-after 1 s), then reach the promoted replica.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        if let Ok(c) = r.claim("dev", "proxy-b").await {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the store never reached the new master");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(sentinel.master_port(), Some(sentinel.servers[1].port), "the replica was promoted (old master {old_master})");
+    assert_eq!(after, Claim { previous_owner: Some("proxy-a".into()), epoch: before.epoch + 1, has_session: true });
+    let queued = s.load_queue("dev", 0).await.unwrap();
+    assert_eq!(queued.len(), 1, "the queued message survived the failover");
+    s.write(vec![Op::PutSession(record("dev", after.epoch, true, 600))]).await.unwrap();
+    assert_eq!(sentinel.servers[1].cli(&["HGET", &ClientKeys::new("dev").session, "owner"]), "proxy-b", "writes land on the new master");
 }
 
 #[tokio::test]
@@ -191,6 +227,47 @@ async fn unreachable_redis_is_a_clear_error_not_a_hang() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(err.to_string().starts_with("Redis failed while connecting"), "{err}");
     assert!(err.is_retryable());
+}
+
+/// A batch of a shard's enqueues is queued in the order given, every one of them: an enqueue
+/// overtaken by a later log position would be taken for a replay and dropped.
+async fn a_large_batch_is_queued_whole_and_in_order(url: &str) {
+    let s = store(url, 1000).await;
+    s.write(vec![Op::PutSession(record("burst", 1, true, 600)), Op::PutSession(record("other", 1, true, 600))]).await.unwrap();
+    let ops: Vec<Op> = (1..=300u64)
+        .map(|pos| Op::Enqueue {
+            message: Bytes::from(pos.to_string()),
+            expires_at_ms: None,
+            to: vec![("burst".into(), Delivery { qos: 1, ..Default::default() }), ("other".into(), Delivery::default())],
+            origin: Some(("shard-0".into(), pos)),
+        })
+        .collect();
+    let results = s.write(ops).await.unwrap();
+    let seqs: Vec<u64> = results
+        .iter()
+        .map(|r| match r {
+            OpResult::Enqueued(v) => v[0].expect("every copy is queued"),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "queue positions follow the batch order: {seqs:?}");
+    for client in ["burst", "other"] {
+        let bodies: Vec<String> =
+            s.load_queue(client, 0).await.unwrap().iter().map(|q| String::from_utf8(q.message.to_vec()).unwrap()).collect();
+        assert_eq!(bodies, (1..=300).map(|p| p.to_string()).collect::<Vec<_>>(), "{client}");
+    }
+}
+
+#[tokio::test]
+async fn a_large_batch_is_queued_whole_and_in_order_standalone() {
+    let redis = RedisServer::start();
+    a_large_batch_is_queued_whole_and_in_order(&redis.url()).await;
+}
+
+#[tokio::test]
+async fn a_large_batch_is_queued_whole_and_in_order_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    a_large_batch_is_queued_whole_and_in_order(&cluster.url()).await;
 }
 
 #[tokio::test]

@@ -153,3 +153,95 @@ impl RedisCluster {
         self.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]).parse().unwrap_or(0)
     }
 }
+
+/// A master, one replica and three Sentinels watching them (quorum 2), as operators run Redis
+/// for failover without a Cluster. The master is known to the Sentinels as `mqfleet`.
+pub struct RedisSentinel {
+    /// Index 0 starts as the master, index 1 as its replica.
+    pub servers: Vec<RedisServer>,
+    sentinels: Vec<SentinelProcess>,
+}
+
+struct SentinelProcess {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub const SENTINEL_MASTER: &str = "mqfleet";
+
+impl RedisSentinel {
+    pub fn start() -> RedisSentinel {
+        let master = RedisServer::start();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        let deadline = Instant::now() + STARTUP;
+        while !replica.cli(&["INFO", "replication"]).contains("master_link_status:up") {
+            assert!(Instant::now() < deadline, "the replica did not sync:\n{}", replica.cli(&["INFO", "replication"]));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let sentinels: Vec<SentinelProcess> = (0..3).map(|_| spawn_sentinel(master.port)).collect();
+        // Ready when every Sentinel has found the replica and the other Sentinels: only then can
+        // they agree on a failover.
+        for s in &sentinels {
+            loop {
+                let info = redis_cli(s.port, &["SENTINEL", "master", SENTINEL_MASTER]).unwrap_or_default();
+                let field = |name: &str| info.lines().skip_while(|l| *l != name).nth(1).map(str::to_string);
+                if field("num-slaves").as_deref() == Some("1") && field("num-other-sentinels").as_deref() == Some("2") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "Sentinel on {} did not see the replica and its peers:\n{info}", s.port);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        RedisSentinel { servers: vec![master, replica], sentinels }
+    }
+
+    /// `redis+sentinel://h1:p1,h2:p2,h3:p3/mqfleet`
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}", nodes.join(","))
+    }
+
+    /// The port of the server the Sentinels currently name as master.
+    pub fn master_port(&self) -> Option<u16> {
+        let reply = redis_cli(self.sentinels[0].port, &["SENTINEL", "get-master-addr-by-name", SENTINEL_MASTER])?;
+        reply.lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+fn spawn_sentinel(master_port: u16) -> SentinelProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {dir}/sentinel.log\n\
+             sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
+             sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+             sentinel failover-timeout {SENTINEL_MASTER} 5000\n",
+            dir = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("redis-server")
+        .arg(&conf)
+        .arg("--sentinel")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed (the README's test command installs it)");
+    let deadline = Instant::now() + STARTUP;
+    while redis_cli(port, &["PING"]).as_deref() != Some("PONG") {
+        assert!(Instant::now() < deadline, "Sentinel on port {port} did not answer PING");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    SentinelProcess { child, port, _dir: dir }
+}

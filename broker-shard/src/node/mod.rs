@@ -66,9 +66,9 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     store_config.sync = settings.fsync;
     let local = EmbeddedStore::open(store_config).map_err(|source| StartError::Store { dir: dir.clone(), source })?;
     let log_id = log_id(&dir)?;
-    let redis = RedisStore::connect(settings.store.clone(), settings.raw.max_queued_messages, settings.redis_timeout)
-        .await
-        .map_err(StartError::Redis)?;
+    // The session queue holds the in-flight window too (see the proxy's `Limits::session_queue_capacity`).
+    let capacity = settings.raw.max_queued_messages.saturating_add(u32::from(settings.raw.max_inflight));
+    let redis = RedisStore::connect(settings.store.clone(), capacity, settings.redis_timeout).await.map_err(StartError::Redis)?;
     let restored = Restored::load(&local).await.map_err(|source| StartError::Store { dir: dir.clone(), source })?;
     let expected = match redis.live_proxies(settings.proxy_dead_after).await {
         Ok(p) => p,

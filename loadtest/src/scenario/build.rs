@@ -15,6 +15,8 @@ pub struct Names {
     pub run_id: String,
     /// Subscriptions ask for this QoS (the highest in the mix).
     pub sub_qos: QoS,
+    /// Every client keeps a persistent session.
+    pub persistent: bool,
 }
 
 impl Names {
@@ -27,6 +29,7 @@ impl Names {
             index: i,
             client_id: self.fill(&self.client_id, i).replace("%s", role),
             username: self.username.as_ref().map(|u| self.fill(u, i)),
+            persistent: self.persistent,
             ..Default::default()
         }
     }
@@ -81,7 +84,7 @@ pub fn command(names: &Names, n: usize, topic: &str, publishers: usize, persiste
         .map(|i| DeviceSpec {
             first_phase: true,
             ramped: true,
-            persistent,
+            persistent: persistent || names.persistent,
             subscribe: names.sub(names.fill(topic, i)),
             ..names.device(i, "dev")
         })
@@ -154,7 +157,15 @@ mod tests {
     use super::*;
 
     fn names() -> Names {
-        Names { client_id: "lt-%r-%s-%i".into(), username: None, run_id: "r1".into(), sub_qos: QoS::AtLeastOnce }
+        Names { client_id: "lt-%r-%s-%i".into(), username: None, run_id: "r1".into(), sub_qos: QoS::AtLeastOnce, persistent: false }
+    }
+
+    #[test]
+    fn persistent_names_make_every_client_persistent() {
+        let persistent = Names { persistent: true, ..names() };
+        assert!(pairs(&persistent, 3, "t/%i").devices.iter().all(|d| d.persistent));
+        assert!(pairs(&names(), 3, "t/%i").devices.iter().all(|d| !d.persistent));
+        assert!(command(&names(), 3, "t/%i", 1, true, "c").devices.iter().filter(|d| !d.subscribe.is_empty()).all(|d| d.persistent));
     }
 
     #[test]

@@ -29,6 +29,14 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// What a persistent session's durable queue may hold: its in-flight window plus the
+    /// messages waiting behind it. The queue keeps every copy until the client acknowledges it,
+    /// so a bound of `max_queued_messages` alone would drop messages for a client that is
+    /// keeping up, whenever its window is full.
+    pub fn session_queue_capacity(&self) -> u32 {
+        self.max_queued_messages.saturating_add(u32::from(self.max_inflight))
+    }
+
     pub fn from_settings(s: &Settings) -> Limits {
         let c = &s.raw;
         Limits {

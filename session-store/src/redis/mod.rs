@@ -1,4 +1,4 @@
-//! The Redis backend (standalone or Cluster): what clustered deployments use so that any proxy
+//! The Redis backend (standalone, Sentinel or Cluster): what clustered deployments use so that any proxy
 //! can serve any client.
 //!
 //! Key schema: [`keys`]. Consistency: every operation on one client's state is one Lua script
@@ -13,6 +13,7 @@
 pub mod keys;
 mod membership;
 mod scripts;
+mod sentinel;
 
 pub use membership::{Inbox, Orphaned, RingChange, RingState, Takeover};
 
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::record::{decode, encode};
 use crate::{Delivery, DeliveryState, Error, Op, OpResult, QueuedMessage, SessionRecord, NEVER_EXPIRES};
 use keys::ClientKeys;
+use sentinel::SentinelConn;
 
 /// Where Redis is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,11 +38,52 @@ pub enum RedisTarget {
     Standalone(String),
     /// Seed nodes of a Redis Cluster.
     Cluster(Vec<String>),
+    /// The master Redis Sentinel names, followed across failovers.
+    Sentinel(SentinelTarget),
+}
+
+/// `redis+sentinel://[user:password@]h1:p1,h2:p2/MASTER[/DB]`: the Sentinels' addresses, the
+/// name they monitor the master by, and what to log in to the master with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelTarget {
+    pub sentinels: Vec<String>,
+    pub master: String,
+    pub db: i64,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl SentinelTarget {
+    fn parse(url: &str, rest: &str) -> Result<SentinelTarget, String> {
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((auth, rest)) => (Some(auth), rest),
+            None => (None, rest),
+        };
+        let (username, password) = match auth.map(|a| a.split_once(':').unwrap_or(("", a))) {
+            Some((user, password)) => ((!user.is_empty()).then(|| user.to_string()), Some(password.to_string())),
+            None => (None, None),
+        };
+        let mut parts = rest.split('/');
+        let sentinels: Vec<String> = parts.next().unwrap_or("").split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        let master = parts.next().unwrap_or("").to_string();
+        let db = match parts.next().filter(|d| !d.is_empty()) {
+            Some(d) => d.parse().map_err(|_| format!("{url:?}: database {d:?} is not a number"))?,
+            None => 0,
+        };
+        if sentinels.is_empty() || master.is_empty() || parts.next().is_some() {
+            return Err(format!("{url:?}: expected redis+sentinel://[user:password@]h1:p1,h2:p2/MASTER[/DB]"));
+        }
+        Ok(SentinelTarget { sentinels, master, db, username, password })
+    }
 }
 
 impl RedisTarget {
-    /// `redis://h:p`, `rediss://h:p`, or `redis+cluster://h1:p1,h2:p2`.
+    /// `redis://h:p`, `rediss://h:p`, `redis+cluster://h1:p1,h2:p2` or
+    /// `redis+sentinel://h1:p1,h2:p2/MASTER`.
     pub fn parse(url: &str) -> Result<RedisTarget, String> {
+        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            return SentinelTarget::parse(url, rest).map(RedisTarget::Sentinel);
+        }
         if let Some(rest) = url.strip_prefix("redis+cluster://") {
             let nodes: Vec<String> = rest.split(',').filter(|s| !s.is_empty()).map(|n| format!("redis://{n}")).collect();
             if nodes.is_empty() {
@@ -51,15 +94,16 @@ impl RedisTarget {
         if url.starts_with("redis://") || url.starts_with("rediss://") {
             return Ok(RedisTarget::Standalone(url.to_string()));
         }
-        Err(format!("{url:?} is not a Redis URL (redis://host:port or redis+cluster://h1:p1,h2:p2)"))
+        Err(format!("{url:?} is not a Redis URL (redis://host:port, redis+cluster://h1:p1,h2:p2 or redis+sentinel://h1:p1,h2:p2/MASTER)"))
     }
 }
 
-/// A connection that reconnects by itself, to one Redis or a Cluster.
+/// A connection that reconnects by itself, to one Redis, a Cluster, or the master Sentinel names.
 #[derive(Clone)]
 pub enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(SentinelConn),
 }
 
 impl ConnectionLike for Conn {
@@ -67,6 +111,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -74,6 +119,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -81,6 +127,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -113,6 +160,12 @@ impl Conn {
                         .map_err(|e| Error::redis("parsing the Redis Cluster nodes", e))?;
                     let c = client.get_async_connection().await.map_err(|e| Error::redis("connecting to the cluster", e))?;
                     Ok(Conn::Cluster(c))
+                }
+                RedisTarget::Sentinel(t) => {
+                    let c = SentinelConn::connect(t, timeout, response_timeout)
+                        .await
+                        .map_err(|e| Error::redis("asking the Sentinels for the master", e))?;
+                    Ok(Conn::Sentinel(c))
                 }
             }
         };
@@ -294,15 +347,183 @@ impl RedisStore {
         Ok(ids)
     }
 
-    /// Applies `ops`. Each op on one client is atomic; ops are issued together and pipelined.
+    /// Applies `ops`. Each op on one client is atomic. Ops on one client apply in the order
+    /// given; different clients' ops are issued concurrently (pipelined on the connection).
+    ///
+    /// Order is kept by construction, not by issuing order: concurrently issued commands do not
+    /// keep it (a future that must wait, e.g. for the runtime's cooperative budget, is overtaken).
+    /// So each client's ops run one after another, and a run of enqueues goes as one pipeline —
+    /// ENQUEUE takes a shard's log position below the last one it queued for a replay, so an
+    /// overtaken enqueue would be taken for one and lost.
     pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, Error> {
-        let futures = ops.into_iter().map(|op| {
+        let mut results: Vec<OpResult> = Vec::with_capacity(ops.len());
+        let mut lanes = Lanes::default();
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Enqueue { message, expires_at_ms, to, origin } => {
+                    results.push(OpResult::Enqueued(vec![None; to.len()]));
+                    for (client_id, item) in queue_items(i, &message, expires_at_ms, to, origin) {
+                        lanes.queue(client_id, item);
+                    }
+                }
+                op => {
+                    results.push(OpResult::Done);
+                    lanes.apply(i, op);
+                }
+            }
+        }
+        let max = self.max_queue_len;
+        let runs = lanes.lanes.into_iter().map(|(client_id, steps)| {
             let mut conn = self.conn.clone();
-            let max = self.max_queue_len;
-            async move { apply(&mut conn, op, max).await }
+            async move {
+                let mut done = Vec::new();
+                for step in steps {
+                    match step {
+                        Step::Queue(items) => {
+                            let seqs = enqueue_in_order(&mut conn, &client_id, items, max).await?;
+                            done.extend(seqs.into_iter().map(|(op, recipient, seq)| Outcome::Queued { op, recipient, seq }));
+                        }
+                        Step::Apply(op, o) => done.push(Outcome::Applied(op, apply(&mut conn, o, max).await?)),
+                    }
+                }
+                Ok::<_, Error>(done)
+            }
         });
-        join_all(futures).await.into_iter().collect()
+        for lane in join_all(runs).await {
+            for outcome in lane? {
+                match outcome {
+                    Outcome::Queued { op, recipient, seq } => {
+                        if let OpResult::Enqueued(seqs) = &mut results[op] {
+                            seqs[recipient] = seq;
+                        }
+                    }
+                    Outcome::Applied(op, r) => results[op] = r,
+                }
+            }
+        }
+        Ok(results)
     }
+}
+
+/// The ops of one `write`, split into lanes that must keep their order: one per client, one per
+/// op that names no client.
+#[derive(Default)]
+struct Lanes {
+    lanes: Vec<(String, Vec<Step>)>,
+    by_client: std::collections::HashMap<String, usize>,
+}
+
+enum Step {
+    /// Consecutive enqueues for the lane's client: one pipeline.
+    Queue(Vec<QueueItem>),
+    Apply(usize, Op),
+}
+
+enum Outcome {
+    Queued { op: usize, recipient: usize, seq: Option<u64> },
+    Applied(usize, OpResult),
+}
+
+/// One copy to queue: which op and recipient it answers, and the ENQUEUE arguments.
+struct QueueItem {
+    op: usize,
+    recipient: usize,
+    entry: Vec<u8>,
+    shard: String,
+    position: u64,
+}
+
+impl Lanes {
+    fn lane(&mut self, client_id: Option<String>) -> &mut Vec<Step> {
+        let slot = match client_id {
+            Some(id) => *self.by_client.entry(id.clone()).or_insert_with(|| {
+                self.lanes.push((id, Vec::new()));
+                self.lanes.len() - 1
+            }),
+            None => {
+                self.lanes.push((String::new(), Vec::new()));
+                self.lanes.len() - 1
+            }
+        };
+        &mut self.lanes[slot].1
+    }
+
+    fn queue(&mut self, client_id: String, item: QueueItem) {
+        let steps = self.lane(Some(client_id));
+        match steps.last_mut() {
+            Some(Step::Queue(items)) => items.push(item),
+            _ => steps.push(Step::Queue(vec![item])),
+        }
+    }
+
+    fn apply(&mut self, i: usize, op: Op) {
+        let client = match &op {
+            Op::PutSession(r) => Some(r.client_id.clone()),
+            Op::RemoveSession { client_id, .. }
+            | Op::SetState { client_id, .. }
+            | Op::Ack { client_id, .. }
+            | Op::MarkInbound { client_id, .. }
+            | Op::ClearInbound { client_id, .. }
+            | Op::PutSubscription { client_id, .. }
+            | Op::RemoveSubscription { client_id, .. } => Some(client_id.clone()),
+            Op::Enqueue { .. } | Op::PutRetained { .. } | Op::RemoveRetained { .. } | Op::AppendLog { .. } | Op::TrimLog { .. } => None,
+        };
+        self.lane(client).push(Step::Apply(i, op));
+    }
+}
+
+/// The copies of enqueue op `op`, one per recipient, with their ENQUEUE arguments.
+fn queue_items(
+    op: usize,
+    message: &Bytes,
+    expires_at_ms: Option<u64>,
+    to: Vec<(String, Delivery)>,
+    origin: Option<(String, u64)>,
+) -> impl Iterator<Item = (String, QueueItem)> {
+    let origin_tag = origin.as_ref().map(|(s, p)| format!("{s}@{p}")).unwrap_or_default();
+    let (shard, position) = origin.unwrap_or_default();
+    let message = message.clone();
+    to.into_iter().enumerate().map(move |(recipient, (client_id, delivery))| {
+        let entry = queue_value(&origin_tag, &Entry { message: message.to_vec(), delivery, expires_at_ms });
+        (client_id, QueueItem { op, recipient, entry, shard: shard.clone(), position })
+    })
+}
+
+/// Queues `items` for one client, in order, in one round trip: (op, recipient, queue position
+/// or `None` when not queued).
+async fn enqueue_in_order(
+    conn: &mut Conn,
+    client_id: &str,
+    items: Vec<QueueItem>,
+    max_queue_len: u32,
+) -> Result<Vec<(usize, usize, Option<u64>)>, Error> {
+    let k = ClientKeys::new(client_id);
+    let mut pipe = redis::pipe();
+    for item in &items {
+        pipe.cmd("EVALSHA")
+            .arg(scripts::ENQUEUE.get_hash())
+            .arg(4)
+            .arg(&k.session)
+            .arg(&k.queue)
+            .arg(&k.counter)
+            .arg(&k.watermark)
+            .arg(max_queue_len)
+            .arg(&item.entry)
+            .arg(&item.shard)
+            .arg(item.position);
+    }
+    let seqs: Vec<i64> = match pipe.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            // A restarted or failed-over Redis has no scripts: load and send again. Whatever the
+            // first attempt queued is recognised by its origin (ENQUEUE is idempotent per shard
+            // and position).
+            scripts::ENQUEUE.load_async(conn).await.map_err(|e| Error::redis("loading the queueing script", e))?;
+            pipe.query_async(conn).await
+        }
+        r => r,
+    }
+    .map_err(|e| Error::redis("queueing a message", e))?;
+    Ok(items.iter().zip(seqs).map(|(item, seq)| (item.op, item.recipient, (seq > 0).then_some(seq as u64))).collect())
 }
 
 async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, Error> {
@@ -351,30 +572,13 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
             Ok(OpResult::Done)
         }
         Op::Enqueue { message, expires_at_ms, to, origin } => {
-            let origin_tag = origin.as_ref().map(|(s, p)| format!("{s}@{p}")).unwrap_or_default();
-            let (shard, position) = origin.unwrap_or_default();
-            let futures = to.into_iter().map(|(client_id, delivery)| {
-                let mut conn = conn.clone();
-                let entry = queue_value(&origin_tag, &Entry { message: message.to_vec(), delivery, expires_at_ms });
-                let shard = shard.clone();
-                async move {
-                    let k = ClientKeys::new(&client_id);
-                    let seq: i64 = scripts::ENQUEUE
-                        .key(&k.session)
-                        .key(&k.queue)
-                        .key(&k.counter)
-                        .key(&k.watermark)
-                        .arg(max_queue_len)
-                        .arg(entry)
-                        .arg(shard)
-                        .arg(position)
-                        .invoke_async(&mut conn)
-                        .await
-                        .map_err(|e| Error::redis("queueing a message", e))?;
-                    Ok::<_, Error>((seq > 0).then_some(seq as u64))
+            // `write` puts enqueues in their clients' lanes; one on its own goes copy by copy.
+            let mut seqs = vec![None; to.len()];
+            for (client_id, item) in queue_items(0, &message, expires_at_ms, to, origin) {
+                for (_, recipient, seq) in enqueue_in_order(conn, &client_id, vec![item], max_queue_len).await? {
+                    seqs[recipient] = seq;
                 }
-            });
-            let seqs = join_all(futures).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+            }
             Ok(OpResult::Enqueued(seqs))
         }
         Op::SetState { client_id, seq, state } => {
@@ -428,4 +632,39 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
 
 fn crate_now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_deployment() {
+        assert_eq!(RedisTarget::parse("redis://h:1/2"), Ok(RedisTarget::Standalone("redis://h:1/2".into())));
+        assert_eq!(
+            RedisTarget::parse("redis+cluster://a:1,b:2"),
+            Ok(RedisTarget::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()]))
+        );
+        let expected = SentinelTarget {
+            sentinels: vec!["a:26379".into(), "b:26379".into()],
+            master: "mymaster".into(),
+            db: 3,
+            username: Some("app".into()),
+            password: Some("p@ss".into()),
+        };
+        assert_eq!(RedisTarget::parse("redis+sentinel://app:p@ss@a:26379,b:26379/mymaster/3"), Ok(RedisTarget::Sentinel(expected)));
+        let plain = RedisTarget::parse("redis+sentinel://a:26379/m").unwrap();
+        assert!(matches!(plain, RedisTarget::Sentinel(SentinelTarget { db: 0, username: None, password: None, .. })));
+        let password_only = RedisTarget::parse("redis+sentinel://:secret@a:1/m").unwrap();
+        assert!(matches!(password_only, RedisTarget::Sentinel(SentinelTarget { username: None, password: Some(p), .. }) if p == "secret"));
+    }
+
+    #[test]
+    fn incomplete_sentinel_urls_say_what_is_expected() {
+        for bad in ["redis+sentinel://a:1", "redis+sentinel:///m", "redis+sentinel://a:1/m/x", "redis+sentinel://a:1/m/0/extra"] {
+            let err = RedisTarget::parse(bad).unwrap_err();
+            assert!(err.contains(bad) && (err.contains("MASTER") || err.contains("not a number")), "{bad}: {err}");
+        }
+        assert!(RedisTarget::parse("http://x").unwrap_err().contains("redis+sentinel://"));
+    }
 }
