@@ -173,14 +173,29 @@ async fn nothing_more(p: &mut Proxy) {
     }
 }
 
-#[tokio::test]
-async fn a_link_cut_loses_nothing_and_duplicates_nothing() {
+/// A shard, a subscriber's proxy linked through a relay that can cut it, a publisher's proxy.
+struct Setup {
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+    shard: ShardProc,
+    relay: Relay,
+    sub: Proxy,
+    publisher: Proxy,
+}
+
+async fn setup() -> Setup {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let shard = start_shard(dir.path(), &redis, None, &[]).await;
     let relay = Relay::start(shard.addr).await;
-    let mut sub = proxy(relay.addr, "proxy-sub", vec![subscribe("c", 7, false, "t/#")]).await;
+    let sub = proxy(relay.addr, "proxy-sub", vec![subscribe("c", 7, false, "t/#")]).await;
     let publisher = proxy(shard.addr, "proxy-pub", vec![]).await;
+    Setup { redis, dir, shard, relay, sub, publisher }
+}
+
+#[tokio::test]
+async fn a_link_cut_loses_nothing_and_duplicates_nothing() {
+    let Setup { redis: _redis, dir: _dir, shard, relay, mut sub, publisher } = setup().await;
 
     for n in 1..=3 {
         assert!(matches!(publish(&publisher, "t/a", n).await, Reply::Accepted { .. }));
@@ -204,12 +219,7 @@ async fn a_link_cut_loses_nothing_and_duplicates_nothing() {
 
 #[tokio::test]
 async fn accepted_messages_survive_a_crash_and_reach_a_proxy_that_was_away() {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let shard = start_shard(dir.path(), &redis, None, &[]).await;
-    let relay = Relay::start(shard.addr).await;
-    let mut sub = proxy(relay.addr, "proxy-sub", vec![subscribe("c", 7, false, "t/#")]).await;
-    let publisher = proxy(shard.addr, "proxy-pub", vec![]).await;
+    let Setup { redis, dir, shard, relay, mut sub, publisher } = setup().await;
 
     for n in 1..=5 {
         publish(&publisher, "t/a", n).await;

@@ -4,11 +4,13 @@
 //!   variable and a flag each; validation that reports every problem with its key;
 //! - [`logging`]: `tracing` as text or JSON, level from `RUST_LOG` or the configuration;
 //! - [`signals`]: SIGTERM / SIGINT;
-//! - [`http`]: `/livez`, `/readyz`, `/metrics`.
+//! - [`http`]: `/livez`, `/readyz`, `/metrics`;
+//! - [`outage::Outage`]: one warning per outage of a recurring operation, not one per attempt.
 
 pub mod config;
 pub mod http;
 pub mod logging;
+pub mod outage;
 pub mod signals;
 
 /// EX_USAGE: the configuration is invalid.

@@ -77,7 +77,7 @@ fn cluster(ctx: &Context) -> &Cluster {
 async fn heartbeats(ctx: Weak<Context>, shutdown: CancellationToken) {
     let Some(every) = ctx.upgrade().map(|c| cluster(&c).heartbeat) else { return };
     let mut tick = tokio::time::interval(every);
-    let mut failing = false;
+    let mut outage = mqfleet_ops::outage::Outage::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -85,18 +85,11 @@ async fn heartbeats(ctx: Weak<Context>, shutdown: CancellationToken) {
         }
         let Some(ctx) = ctx.upgrade() else { return };
         let c = cluster(&ctx);
-        match c.redis.proxy_beat(&c.id).await {
-            Ok(()) if failing => {
-                tracing::info!("heartbeats reach Redis again");
-                failing = false;
-            }
-            Ok(()) => {}
-            Err(e) if !failing => {
-                tracing::warn!(error = %e, "cannot send heartbeats to Redis; other proxies will take this one for dead if it lasts");
-                failing = true;
-            }
-            Err(_) => {}
-        }
+        outage.record(
+            c.redis.proxy_beat(&c.id).await,
+            "heartbeats reach Redis again",
+            "cannot send heartbeats to Redis; other proxies will take this one for dead if it lasts",
+        );
     }
 }
 

@@ -253,14 +253,19 @@ async fn takeover_keeps_the_persistent_session_and_its_subscriptions() {
     assert_eq!(&next_publish(&mut new).await.payload[..], b"here");
 }
 
-#[tokio::test]
-async fn offline_queue_is_bounded_and_drops_are_counted() {
-    // Offline, a session holds its in-flight window plus the waiting queue: 2 + 3.
-    let b = TestBroker::with(|c| {
+/// A broker whose sessions hold 2 messages in flight and 3 waiting.
+async fn tight_queue() -> TestBroker {
+    TestBroker::with(|c| {
         c.max_queued_messages = 3;
         c.max_inflight = 2;
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn offline_queue_is_bounded_and_drops_are_counted() {
+    // Offline, a session holds its in-flight window plus the waiting queue: 2 + 3.
+    let b = tight_queue().await;
     let (mut c, _) = Raw::session(b.addr, persistent_v5("bounded", 600)).await;
     subscribe(&mut c, "bq", QoS::AtLeastOnce).await;
     drop(c);
@@ -283,11 +288,7 @@ async fn offline_queue_is_bounded_and_drops_are_counted() {
 async fn a_connected_client_with_a_full_window_still_gets_its_whole_queue() {
     // 2 in flight (unacknowledged) and 3 waiting behind them: nothing is dropped, although the
     // durable queue then holds 5 copies and max_queued_messages is 3.
-    let b = TestBroker::with(|c| {
-        c.max_queued_messages = 3;
-        c.max_inflight = 2;
-    })
-    .await;
+    let b = tight_queue().await;
     let (mut c, _) = Raw::session(b.addr, persistent_v5("busy", 600)).await;
     subscribe(&mut c, "full", QoS::AtLeastOnce).await;
     publish(b.addr, "full", &["1", "2", "3", "4", "5"]).await;

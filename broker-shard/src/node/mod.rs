@@ -244,24 +244,14 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Tells Redis this shard is alive (and where), every `every`.
 async fn heartbeat(redis: RedisStore, name: String, addr: String, every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
-    let mut failing = false;
+    let mut outage = mqfleet_ops::outage::Outage::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        match redis.shard_beat(&name, &addr).await {
-            Ok(()) if failing => {
-                tracing::info!("heartbeats reach Redis again");
-                failing = false;
-            }
-            Ok(()) => {}
-            Err(e) if !failing => {
-                tracing::warn!(error = %e, "cannot send heartbeats to Redis; retrying");
-                failing = true;
-            }
-            Err(_) => {}
-        }
+        let beat = redis.shard_beat(&name, &addr).await;
+        outage.record(beat, "heartbeats reach Redis again", "cannot send heartbeats to Redis; retrying");
     }
 }
 

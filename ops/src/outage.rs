@@ -1,0 +1,48 @@
+//! Logging a recurring operation's failures once per outage, not once per attempt: a heartbeat
+//! that fails every second for a minute is one warning and one recovery line, not sixty.
+
+use std::fmt::Display;
+
+#[derive(Debug, Default)]
+pub struct Outage {
+    failing: bool,
+}
+
+impl Outage {
+    /// Records one attempt: warns (with `failed`, which should say what follows for the operator)
+    /// on the first failure of an outage, says `recovered` on the first success after one.
+    pub fn record<E: Display>(&mut self, result: Result<(), E>, recovered: &str, failed: &str) {
+        match result {
+            Ok(()) if self.failing => {
+                tracing::info!("{recovered}");
+                self.failing = false;
+            }
+            Err(e) if !self.failing => {
+                tracing::warn!(error = %e, "{failed}");
+                self.failing = true;
+            }
+            Ok(()) | Err(_) => {}
+        }
+    }
+
+    pub fn failing(&self) -> bool {
+        self.failing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_is_entered_and_left_once() {
+        let mut o = Outage::default();
+        o.record(Ok::<(), String>(()), "back", "down");
+        assert!(!o.failing());
+        o.record(Err("refused"), "back", "down");
+        o.record(Err("refused"), "back", "down");
+        assert!(o.failing());
+        o.record(Ok::<(), &str>(()), "back", "down");
+        assert!(!o.failing());
+    }
+}
