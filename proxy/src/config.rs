@@ -8,18 +8,34 @@
 //! caused it; the process then exits with status 64 (EX_USAGE).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mqfleet_ops::config::{parse_addr, parse_optional_addr, require_positive, Problems};
 pub use mqfleet_ops::config::{ConfigError, ConfigErrors};
 use session_store::{RedisTarget, SyncPolicy};
 
+use crate::tls::{server_config, ClientAuth, TlsFiles};
+
 mqfleet_ops::settings! {
     /// MQTT over TCP listener address; port 0 picks a free port (the bound address is logged).
     mqtt: String = "127.0.0.1:1883".into(), env "MQFLEET_PROXY_MQTT";
     /// HTTP listener for /livez, /readyz and /metrics; empty disables it.
     http: String = "127.0.0.1:18083".into(), env "MQFLEET_PROXY_HTTP";
+    /// MQTT over TLS listener address (e.g. `0.0.0.0:8883`); empty disables it. Needs
+    /// `tls_cert` and `tls_key`.
+    mqtts: String = String::new(), env "MQFLEET_PROXY_MQTTS";
+    /// PEM file with the server certificate chain (leaf first) for `mqtts`.
+    tls_cert: String = String::new(), env "MQFLEET_PROXY_TLS_CERT";
+    /// PEM file with the private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1).
+    tls_key: String = String::new(), env "MQFLEET_PROXY_TLS_KEY";
+    /// Client certificates on `mqtts`: `none`, `optional` (verified when presented) or
+    /// `required`.
+    tls_client_auth: String = "none".into(), env "MQFLEET_PROXY_TLS_CLIENT_AUTH";
+    /// PEM bundle of the CAs that sign client certificates (with `tls_client_auth` optional or
+    /// required).
+    tls_client_ca: String = String::new(), env "MQFLEET_PROXY_TLS_CLIENT_CA";
     /// Session store: `embedded:DIR` (single node), or Redis for a cluster of proxies:
     /// `redis://HOST:PORT[/DB]`, `rediss://…` (TLS), `redis+cluster://H1:P1,H2:P2,…`,
     /// `redis+sentinel://H1:P1,H2:P2,…/MASTER` (the master Sentinel names, followed across failovers).
@@ -119,6 +135,8 @@ pub enum ShardSpec {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub mqtt: SocketAddr,
+    /// The MQTT over TLS listener and its configuration.
+    pub mqtts: Option<(SocketAddr, Arc<rustls::ServerConfig>)>,
     pub http: Option<SocketAddr>,
     pub store: StoreSpec,
     pub store_sync: SyncPolicy,
@@ -152,6 +170,7 @@ impl Config {
         let mut p = Problems::default();
         let mqtt = p.check("mqtt", parse_addr(&self.mqtt));
         let http = p.check("http", parse_optional_addr(&self.http));
+        let mqtts = self.tls(&mut p);
         let store = p.check("store", parse_store(&self.store));
         let store_sync = p.check("store_sync", self.store_sync.parse::<SyncPolicy>());
         let shards = p.check("shards", parse_shards(&self.shards));
@@ -215,6 +234,7 @@ impl Config {
         };
         Ok(Settings {
             mqtt,
+            mqtts,
             http,
             store,
             store_sync,
@@ -228,6 +248,35 @@ impl Config {
             dead_after: Duration::from_millis(self.dead_after_ms),
             raw: self,
         })
+    }
+}
+
+impl Config {
+    /// The TLS listener, if configured; its problems go to `p`.
+    fn tls(&self, p: &mut Problems) -> Option<(SocketAddr, Arc<rustls::ServerConfig>)> {
+        let addr = p.check("mqtts", parse_optional_addr(&self.mqtts))??;
+        let client_auth = p.check("tls_client_auth", self.tls_client_auth.parse::<ClientAuth>())?;
+        for (key, value) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
+            if value.is_empty() {
+                p.add(key, "required with mqtts: a PEM file");
+            }
+        }
+        if self.tls_cert.is_empty() || self.tls_key.is_empty() {
+            return None;
+        }
+        let files = TlsFiles {
+            cert: Path::new(&self.tls_cert),
+            key: Path::new(&self.tls_key),
+            client_ca: (!self.tls_client_ca.is_empty()).then(|| Path::new(&self.tls_client_ca)),
+            client_auth,
+        };
+        match server_config(&files) {
+            Ok(config) => Some((addr, config)),
+            Err(e) => {
+                p.add(e.key, e.message);
+                None
+            }
+        }
     }
 }
 

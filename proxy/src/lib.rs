@@ -34,6 +34,7 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod shards;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -89,6 +90,8 @@ pub enum StartError {
 pub struct Broker {
     /// Where MQTT clients connect (the bound address: port 0 resolved).
     pub mqtt_addr: SocketAddr,
+    /// Where MQTT over TLS clients connect, if configured.
+    pub mqtts_addr: Option<SocketAddr>,
     /// Where `/livez`, `/readyz`, `/metrics` are served, if enabled.
     pub http_addr: Option<SocketAddr>,
     ctx: Arc<Context>,
@@ -114,6 +117,14 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     let listener =
         TcpListener::bind(settings.mqtt).await.map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
     let mqtt_addr = listener.local_addr().map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
+    let tls_listener = match &settings.mqtts {
+        Some((addr, config)) => {
+            let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what: "mqtts", addr: *addr, source })?;
+            let bound = l.local_addr().map_err(|source| StartError::Bind { what: "mqtts", addr: *addr, source })?;
+            Some((l, bound, tokio_rustls::TlsAcceptor::from(config.clone())))
+        }
+        None => None,
+    };
 
     let registry = Arc::new(Registry::default());
     let sink: Arc<dyn DeliverySink> = Arc::new(Dispatcher { registry: registry.clone(), metrics: metrics.clone() });
@@ -156,8 +167,15 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
         }
     }
 
+    // One connection budget for every listener.
+    let permits = Arc::new(tokio::sync::Semaphore::new(ctx.settings.raw.max_connections));
     tracing::info!(address = %mqtt_addr, "MQTT listener bound");
-    tracker.spawn(server::accept_loop(listener, ctx.clone(), shutdown.clone(), tracker.clone()));
+    tracker.spawn(server::accept_loop(listener, None, permits.clone(), ctx.clone(), shutdown.clone(), tracker.clone()));
+    let mqtts_addr = tls_listener.map(|(l, bound, acceptor)| {
+        tracing::info!(address = %bound, "MQTT over TLS listener bound");
+        tracker.spawn(server::accept_loop(l, Some(acceptor), permits.clone(), ctx.clone(), shutdown.clone(), tracker.clone()));
+        bound
+    });
 
     let ready = Arc::new(AtomicBool::new(false));
     let http_addr = match settings.http {
@@ -173,7 +191,7 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
         None => None,
     };
     ready.store(true, Ordering::SeqCst);
-    Ok(Broker { mqtt_addr, http_addr, ctx, shutdown, tracker, background, ready })
+    Ok(Broker { mqtt_addr, mqtts_addr, http_addr, ctx, shutdown, tracker, background, ready })
 }
 
 /// The embedded store and in-process shards, each with the retained messages it owns.

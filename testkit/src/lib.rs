@@ -8,6 +8,7 @@
 #![allow(clippy::disallowed_types)]
 
 pub mod local_cluster;
+pub mod pki;
 pub mod relay;
 pub mod service;
 

@@ -25,6 +25,8 @@ pub fn config() -> Config {
 /// A broker in this process, on free ports, with its store in a temporary directory.
 pub struct TestBroker {
     pub addr: SocketAddr,
+    /// The MQTT over TLS listener, when configured.
+    pub tls: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     broker: Option<proxy::Broker>,
     pub dir: tempfile::TempDir,
@@ -45,7 +47,7 @@ impl TestBroker {
         c.store = format!("embedded:{}", dir.path().display());
         tweak(&mut c);
         let broker = proxy::start(c.validate().unwrap()).await.unwrap();
-        TestBroker { addr: broker.mqtt_addr, http: broker.http_addr, broker: Some(broker), dir }
+        TestBroker { addr: broker.mqtt_addr, tls: broker.mqtts_addr, http: broker.http_addr, broker: Some(broker), dir }
     }
 
     pub fn port(&self) -> u16 {
@@ -349,7 +351,7 @@ rumqttc_client! {
 
 // === external clients ===
 
-fn tool(name: &str) -> PathBuf {
+pub fn tool(name: &str) -> PathBuf {
     which(name).unwrap_or_else(|| panic!("{name} is not installed; run the README's test command, which installs it"))
 }
 
