@@ -26,12 +26,18 @@ mqfleet_ops::settings! {
     /// MQTT over TLS listener address (e.g. `0.0.0.0:8883`); empty disables it. Needs
     /// `tls_cert` and `tls_key`.
     mqtts: String = String::new(), env "MQFLEET_PROXY_MQTTS";
-    /// PEM file with the server certificate chain (leaf first) for `mqtts`.
+    /// MQTT over WebSocket listener address (e.g. `0.0.0.0:8083`, any path, subprotocol `mqtt`);
+    /// empty disables it.
+    ws: String = String::new(), env "MQFLEET_PROXY_WS";
+    /// MQTT over secure WebSocket listener address (e.g. `0.0.0.0:8084`); empty disables it.
+    /// Needs `tls_cert` and `tls_key`.
+    wss: String = String::new(), env "MQFLEET_PROXY_WSS";
+    /// PEM file with the server certificate chain (leaf first) for `mqtts` and `wss`.
     tls_cert: String = String::new(), env "MQFLEET_PROXY_TLS_CERT";
     /// PEM file with the private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1).
     tls_key: String = String::new(), env "MQFLEET_PROXY_TLS_KEY";
-    /// Client certificates on `mqtts`: `none`, `optional` (verified when presented) or
-    /// `required`.
+    /// Client certificates on `mqtts` and `wss`: `none`, `optional` (verified when presented)
+    /// or `required`.
     tls_client_auth: String = "none".into(), env "MQFLEET_PROXY_TLS_CLIENT_AUTH";
     /// PEM bundle of the CAs that sign client certificates (with `tls_client_auth` optional or
     /// required).
@@ -131,12 +137,17 @@ pub enum ShardSpec {
     Discover,
 }
 
+/// A listener address with the TLS configuration it serves.
+pub type TlsListener = (SocketAddr, Arc<rustls::ServerConfig>);
+
 /// A checked configuration: what the broker runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub mqtt: SocketAddr,
-    /// The MQTT over TLS listener and its configuration.
-    pub mqtts: Option<(SocketAddr, Arc<rustls::ServerConfig>)>,
+    /// The MQTT over TLS listener.
+    pub mqtts: Option<TlsListener>,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<TlsListener>,
     pub http: Option<SocketAddr>,
     pub store: StoreSpec,
     pub store_sync: SyncPolicy,
@@ -170,7 +181,8 @@ impl Config {
         let mut p = Problems::default();
         let mqtt = p.check("mqtt", parse_addr(&self.mqtt));
         let http = p.check("http", parse_optional_addr(&self.http));
-        let mqtts = self.tls(&mut p);
+        let ws = p.check("ws", parse_optional_addr(&self.ws)).flatten();
+        let (mqtts, wss) = self.tls(&mut p);
         let store = p.check("store", parse_store(&self.store));
         let store_sync = p.check("store_sync", self.store_sync.parse::<SyncPolicy>());
         let shards = p.check("shards", parse_shards(&self.shards));
@@ -235,6 +247,8 @@ impl Config {
         Ok(Settings {
             mqtt,
             mqtts,
+            ws,
+            wss,
             http,
             store,
             store_sync,
@@ -252,13 +266,24 @@ impl Config {
 }
 
 impl Config {
-    /// The TLS listener, if configured; its problems go to `p`.
-    fn tls(&self, p: &mut Problems) -> Option<(SocketAddr, Arc<rustls::ServerConfig>)> {
-        let addr = p.check("mqtts", parse_optional_addr(&self.mqtts))??;
+    /// The TLS listeners (`mqtts`, `wss`), if configured; problems go to `p`.
+    fn tls(&self, p: &mut Problems) -> (Option<TlsListener>, Option<TlsListener>) {
+        let mqtts = p.check("mqtts", parse_optional_addr(&self.mqtts)).flatten();
+        let wss = p.check("wss", parse_optional_addr(&self.wss)).flatten();
+        if mqtts.is_none() && wss.is_none() {
+            return (None, None);
+        }
+        match self.tls_config(p) {
+            Some(config) => (mqtts.map(|a| (a, config.clone())), wss.map(|a| (a, config))),
+            None => (None, None),
+        }
+    }
+
+    fn tls_config(&self, p: &mut Problems) -> Option<Arc<rustls::ServerConfig>> {
         let client_auth = p.check("tls_client_auth", self.tls_client_auth.parse::<ClientAuth>())?;
         for (key, value) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
             if value.is_empty() {
-                p.add(key, "required with mqtts: a PEM file");
+                p.add(key, "required with mqtts or wss: a PEM file");
             }
         }
         if self.tls_cert.is_empty() || self.tls_key.is_empty() {
@@ -271,7 +296,7 @@ impl Config {
             client_auth,
         };
         match server_config(&files) {
-            Ok(config) => Some((addr, config)),
+            Ok(config) => Some(config),
             Err(e) => {
                 p.add(e.key, e.message);
                 None

@@ -35,6 +35,7 @@ pub mod server;
 pub mod session;
 pub mod shards;
 pub mod tls;
+pub mod websocket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,6 +49,7 @@ use broker_shard::{now_ms, Message, ShardConfig, ShardMetrics};
 use mqfleet_codec::{ByteString, QoS, RetainHandling, SubscriptionOptions};
 use session_store::{EmbeddedConfig, EmbeddedStore, Op, RedisStore, RedisTarget, SessionRecord, Store, StoredSubscription};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -56,6 +58,7 @@ use crate::config::{Settings, ShardSpec, StoreSpec};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::server::Transport;
 use crate::session::Limits;
 use crate::shards::{Dispatcher, Shards, Topology};
 use broker_shard::ring::Ring;
@@ -92,6 +95,9 @@ pub struct Broker {
     pub mqtt_addr: SocketAddr,
     /// Where MQTT over TLS clients connect, if configured.
     pub mqtts_addr: Option<SocketAddr>,
+    /// Where MQTT over WebSocket (plain, secure) clients connect, if configured.
+    pub ws_addr: Option<SocketAddr>,
+    pub wss_addr: Option<SocketAddr>,
     /// Where `/livez`, `/readyz`, `/metrics` are served, if enabled.
     pub http_addr: Option<SocketAddr>,
     ctx: Arc<Context>,
@@ -117,15 +123,19 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     let listener =
         TcpListener::bind(settings.mqtt).await.map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
     let mqtt_addr = listener.local_addr().map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
-    let tls_listener = match &settings.mqtts {
-        Some((addr, config)) => {
-            let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what: "mqtts", addr: *addr, source })?;
-            let bound = l.local_addr().map_err(|source| StartError::Bind { what: "mqtts", addr: *addr, source })?;
-            Some((l, bound, tokio_rustls::TlsAcceptor::from(config.clone())))
+    let mut extra_listeners = Vec::new();
+    let listeners = [
+        ("mqtts", settings.mqtts.as_ref().map(|(a, c)| (*a, Transport::Tls(TlsAcceptor::from(c.clone()))))),
+        ("ws", settings.ws.map(|a| (a, Transport::WebSocket))),
+        ("wss", settings.wss.as_ref().map(|(a, c)| (*a, Transport::SecureWebSocket(TlsAcceptor::from(c.clone()))))),
+    ];
+    for (what, listener) in listeners {
+        if let Some((addr, transport)) = listener {
+            let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })?;
+            let bound = l.local_addr().map_err(|source| StartError::Bind { what, addr, source })?;
+            extra_listeners.push((what, l, bound, transport));
         }
-        None => None,
-    };
-
+    }
     let registry = Arc::new(Registry::default());
     let sink: Arc<dyn DeliverySink> = Arc::new(Dispatcher { registry: registry.clone(), metrics: metrics.clone() });
     let background = CancellationToken::new();
@@ -170,12 +180,13 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     // One connection budget for every listener.
     let permits = Arc::new(tokio::sync::Semaphore::new(ctx.settings.raw.max_connections));
     tracing::info!(address = %mqtt_addr, "MQTT listener bound");
-    tracker.spawn(server::accept_loop(listener, None, permits.clone(), ctx.clone(), shutdown.clone(), tracker.clone()));
-    let mqtts_addr = tls_listener.map(|(l, bound, acceptor)| {
-        tracing::info!(address = %bound, "MQTT over TLS listener bound");
-        tracker.spawn(server::accept_loop(l, Some(acceptor), permits.clone(), ctx.clone(), shutdown.clone(), tracker.clone()));
-        bound
-    });
+    tracker.spawn(server::accept_loop(listener, Transport::Tcp, permits.clone(), ctx.clone(), shutdown.clone(), tracker.clone()));
+    let bound_at = |name: &str| extra_listeners.iter().find(|l| l.0 == name).map(|l| l.2);
+    let (mqtts_addr, ws_addr, wss_addr) = (bound_at("mqtts"), bound_at("ws"), bound_at("wss"));
+    for (_, l, bound, transport) in extra_listeners {
+        tracing::info!(address = %bound, "{} listener bound", transport.name());
+        tracker.spawn(server::accept_loop(l, transport, permits.clone(), ctx.clone(), shutdown.clone(), tracker.clone()));
+    }
 
     let ready = Arc::new(AtomicBool::new(false));
     let http_addr = match settings.http {
@@ -191,7 +202,7 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
         None => None,
     };
     ready.store(true, Ordering::SeqCst);
-    Ok(Broker { mqtt_addr, mqtts_addr, http_addr, ctx, shutdown, tracker, background, ready })
+    Ok(Broker { mqtt_addr, mqtts_addr, ws_addr, wss_addr, http_addr, ctx, shutdown, tracker, background, ready })
 }
 
 /// The embedded store and in-process shards, each with the retained messages it owns.

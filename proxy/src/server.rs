@@ -1,5 +1,5 @@
-//! Accepting connections: permit, accept, spawn — nothing else. Handshakes (TLS, then MQTT)
-//! happen inside the spawned task so one slow client cannot stall accepts.
+//! Accepting connections: permit, accept, spawn — nothing else. Handshakes (TLS, WebSocket,
+//! then MQTT) happen inside the spawned task so one slow client cannot stall accepts.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+
+use crate::websocket::{Reader, Writer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -16,14 +18,34 @@ use crate::Context;
 /// Pause after an accept error such as EMFILE, so a full fd table does not spin the loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Accepts MQTT connections, over TLS when `tls` is given, until `shutdown`.
+/// What a listener speaks below MQTT.
+#[derive(Clone)]
+pub enum Transport {
+    Tcp,
+    Tls(TlsAcceptor),
+    WebSocket,
+    SecureWebSocket(TlsAcceptor),
+}
+
+impl Transport {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "MQTT",
+            Transport::Tls(_) => "MQTT over TLS",
+            Transport::WebSocket => "MQTT over WebSocket",
+            Transport::SecureWebSocket(_) => "MQTT over secure WebSocket",
+        }
+    }
+}
+
+/// Accepts MQTT connections over `transport` until `shutdown`.
 ///
 /// A connection beyond `max_connections` (one `permits` budget shared by every listener) is
 /// closed at once and counted: refusing fast keeps the process responsive when a fleet
 /// reconnects all at once.
 pub async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    transport: Transport,
     permits: Arc<Semaphore>,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
@@ -52,41 +74,49 @@ pub async fn accept_loop(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let (ctx, shutdown, tls) = (ctx.clone(), shutdown.clone(), tls.clone());
+        let (ctx, shutdown, transport) = (ctx.clone(), shutdown.clone(), transport.clone());
         tracker.spawn(async move {
-            match tls {
-                None => {
-                    let (reader, writer) = stream.into_split();
-                    crate::connection::serve(ctx, reader, writer, peer, shutdown).await;
-                }
-                Some(acceptor) => {
-                    if let Some(stream) = tls_handshake(&ctx, acceptor, stream, peer).await {
-                        let (reader, writer) = tokio::io::split(stream);
-                        crate::connection::serve(ctx, reader, writer, peer, shutdown).await;
-                    }
-                }
+            if let Transport::Tcp = transport {
+                // The common case keeps its concrete socket halves: no boxing on the hot path.
+                let (reader, writer) = stream.into_split();
+                crate::connection::serve(ctx, reader, writer, peer, shutdown).await;
+            } else if let Some((reader, writer)) = open(&ctx, transport, stream, peer).await {
+                crate::connection::serve(ctx, reader, writer, peer, shutdown).await;
             }
             drop(permit);
         });
     }
 }
 
-/// The TLS handshake, bounded by the CONNECT timeout: a client that opens a connection and
-/// says nothing, or garbage, holds a permit no longer than one that never sends CONNECT.
-async fn tls_handshake(
-    ctx: &Context,
-    acceptor: TlsAcceptor,
-    stream: TcpStream,
-    peer: std::net::SocketAddr,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let failed = |detail: String| {
-        tracing::debug!(%peer, detail, "TLS handshake failed");
-        ctx.metrics.disconnects.get_or_create(&ReasonLabel { reason: "tls_handshake" }).inc();
-        None
+/// The handshakes below MQTT (TLS, WebSocket upgrade), together bounded by the CONNECT
+/// timeout: a client that opens a connection and says nothing, or garbage, holds a permit no
+/// longer than one that never sends CONNECT. Failures are counted by the layer that failed.
+async fn open(ctx: &Context, transport: Transport, stream: TcpStream, peer: std::net::SocketAddr) -> Option<(Reader, Writer)> {
+    let max_packet = ctx.settings.raw.max_packet_size as usize;
+    let handshakes = async {
+        match transport {
+            Transport::Tcp => {
+                let (r, w) = stream.into_split();
+                Ok((Box::pin(r) as Reader, Box::pin(w) as Writer))
+            }
+            Transport::Tls(acceptor) => {
+                let s = acceptor.accept(stream).await.map_err(|e| ("tls_handshake", e.to_string()))?;
+                let (r, w) = tokio::io::split(s);
+                Ok((Box::pin(r) as Reader, Box::pin(w) as Writer))
+            }
+            Transport::WebSocket => crate::websocket::accept(stream, max_packet).await.map_err(|e| ("websocket_handshake", e)),
+            Transport::SecureWebSocket(acceptor) => {
+                let s = acceptor.accept(stream).await.map_err(|e| ("tls_handshake", e.to_string()))?;
+                crate::websocket::accept(s, max_packet).await.map_err(|e| ("websocket_handshake", e))
+            }
+        }
     };
-    match tokio::time::timeout(ctx.settings.connect_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(s)) => Some(s),
-        Ok(Err(e)) => failed(e.to_string()),
-        Err(_) => failed("timed out".into()),
-    }
+    let (reason, detail) = match tokio::time::timeout(ctx.settings.connect_timeout, handshakes).await {
+        Ok(Ok(io)) => return Some(io),
+        Ok(Err(failed)) => failed,
+        Err(_) => ("handshake_timeout", "no TLS/WebSocket handshake within the CONNECT timeout".to_string()),
+    };
+    tracing::debug!(%peer, reason, detail, "connection refused before MQTT");
+    ctx.metrics.disconnects.get_or_create(&ReasonLabel { reason }).inc();
+    None
 }

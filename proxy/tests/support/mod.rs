@@ -25,8 +25,10 @@ pub fn config() -> Config {
 /// A broker in this process, on free ports, with its store in a temporary directory.
 pub struct TestBroker {
     pub addr: SocketAddr,
-    /// The MQTT over TLS listener, when configured.
+    /// The MQTT over TLS, WebSocket and secure WebSocket listeners, when configured.
     pub tls: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     broker: Option<proxy::Broker>,
     pub dir: tempfile::TempDir,
@@ -47,7 +49,15 @@ impl TestBroker {
         c.store = format!("embedded:{}", dir.path().display());
         tweak(&mut c);
         let broker = proxy::start(c.validate().unwrap()).await.unwrap();
-        TestBroker { addr: broker.mqtt_addr, tls: broker.mqtts_addr, http: broker.http_addr, broker: Some(broker), dir }
+        TestBroker {
+            addr: broker.mqtt_addr,
+            tls: broker.mqtts_addr,
+            ws: broker.ws_addr,
+            wss: broker.wss_addr,
+            http: broker.http_addr,
+            broker: Some(broker),
+            dir,
+        }
     }
 
     pub fn port(&self) -> u16 {
