@@ -79,19 +79,59 @@ async fn persistent_session_follows_the_device(kind: RedisKind) {
 
 on_both_redis!(persistent_session_follows_the_device: a_persistent_session_follows_the_device_to_another_proxy, a_persistent_session_follows_the_device_to_another_proxy_on_redis_cluster);
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_follows_the_device_to_another_proxy_on_redis_sentinel() {
+    persistent_session_follows_the_device(RedisKind::Sentinel).await;
+}
+
+// === Redis fails over under Sentinel ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sentinel_failover_sessions_resume_with_their_queues() {
+    let mut c = cluster(RedisKind::Sentinel, 1, 2).await;
+    let mut device = v4::connect(persistent(c.proxy(0), "dev-f")).await;
+    device.subscribe("cmd/dev-f", v4::QoS::AtLeastOnce).await;
+    device.client.disconnect().await.unwrap();
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut backend = v4::connect(v4::options(c.proxy(1), "backend")).await;
+    publish_acked(&mut backend, "cmd/dev-f", (0..5).map(|i| format!("m{i}"))).await;
+    // Replication is asynchronous; an operator relying on Sentinel waits for it (WAIT), so what
+    // is under test is the failover, not the replication lag.
+    let Redis::Sentinel(s) = &mut c.redis else { unreachable!() };
+    assert_eq!(s.servers[0].cli(&["WAIT", "1", "5000"]), "1");
+    tokio::task::block_in_place(|| s.servers[0].kill());
+
+    // CONNECTs are refused while the Sentinels promote the replica, then the session is found.
+    let mut k = Connect::new(Protocol::V5, "dev-f");
+    k.clean_start = false;
+    k.properties.session_expiry_interval = Some(600);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (mut raw, ack) = loop {
+        let (raw, ack) = Raw::session(c.proxy(1), k.clone()).await;
+        if ack.reason == ReasonCode::Success {
+            break (raw, ack);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "CONNECT still refused a minute after the failover: {ack:?}\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(ack.session_present, "the session was found on the promoted replica");
+    for i in 0..5 {
+        let p = loop {
+            match raw.recv_within(PATIENCE).await {
+                Ok(Some(Packet::Publish(p))) => break p,
+                Ok(Some(_)) => continue,
+                other => panic!("expected queued message m{i}, got {other:?}"),
+            }
+        };
+        assert_eq!(&p.payload[..], format!("m{i}").as_bytes(), "queued messages arrive in order");
+    }
+}
+
 // === one owner per client id ===
 
 fn owner_in_redis(redis: &Redis, client_id: &str) -> String {
-    let key = ClientKeys::new(client_id).session;
-    let out = std::process::Command::new("redis-cli")
-        .args(match redis {
-            Redis::Standalone(r) => vec!["-p".to_string(), r.port.to_string()],
-            Redis::Cluster(c) => vec!["-c".to_string(), "-p".to_string(), c.nodes[0].port.to_string()],
-        })
-        .args(["HGET", &key, "owner"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    redis.cli(&["HGET", &ClientKeys::new(client_id).session, "owner"])
 }
 
 /// Waits until the server closes the connection; true if it said DISCONNECT 0x8E first.
@@ -235,6 +275,11 @@ async fn dead_proxy_is_settled_by_another(kind: RedisKind) {
 }
 
 on_both_redis!(dead_proxy_is_settled_by_another: a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere, a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere_on_redis_cluster);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere_on_redis_sentinel() {
+    dead_proxy_is_settled_by_another(RedisKind::Sentinel).await;
+}
 
 // === Redis goes away ===
 

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::service::{binary, local, Service};
-use crate::{free_port, RedisCluster, RedisServer};
+use crate::{free_port, RedisCluster, RedisSentinel, RedisServer};
 
 /// Which Redis the cluster keeps its sessions in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,11 +15,14 @@ pub enum RedisKind {
     Standalone,
     /// Three masters, no replicas.
     Cluster,
+    /// A master and a replica under three Sentinels.
+    Sentinel,
 }
 
 pub enum Redis {
     Standalone(RedisServer),
     Cluster(RedisCluster),
+    Sentinel(RedisSentinel),
 }
 
 impl Redis {
@@ -27,6 +30,7 @@ impl Redis {
         match kind {
             RedisKind::Standalone => Redis::Standalone(RedisServer::start()),
             RedisKind::Cluster => Redis::Cluster(RedisCluster::start()),
+            RedisKind::Sentinel => Redis::Sentinel(RedisSentinel::start()),
         }
     }
 
@@ -34,14 +38,17 @@ impl Redis {
         match self {
             Redis::Standalone(r) => r.url(),
             Redis::Cluster(c) => c.url(),
+            Redis::Sentinel(s) => s.url(),
         }
     }
 
-    /// Runs a redis-cli command (following Cluster redirections).
+    /// Runs a redis-cli command (following Cluster redirections; on the current master under
+    /// Sentinel).
     pub fn cli(&self, args: &[&str]) -> String {
         let (port, cluster) = match self {
             Redis::Standalone(r) => (r.port, false),
             Redis::Cluster(c) => (c.nodes[0].port, true),
+            Redis::Sentinel(s) => (s.master_port().unwrap_or(s.servers[0].port), false),
         };
         let mut cmd = std::process::Command::new("redis-cli");
         if cluster {
