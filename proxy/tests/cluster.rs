@@ -1,7 +1,8 @@
-//! The distributed deployment, for real: `redis-server` (standalone, and a 3-master Redis
-//! Cluster), `mqfleet-shard` and `mqfleet-proxy` processes on loopback, devices as real MQTT
-//! clients (rumqttc, and the raw client where a test must see exact packets). Every scenario
-//! runs against both kinds of Redis.
+//! The distributed deployment, for real: `redis-server` (standalone, a 3-master Redis Cluster,
+//! and a master with a replica under three Sentinels), `mqfleet-shard` and `mqfleet-proxy`
+//! processes on loopback, devices as real MQTT clients (rumqttc, and the raw client where a test
+//! must see exact packets). Scenarios that concern Redis run against standalone Redis and a
+//! Redis Cluster, some also under Sentinel.
 
 mod support;
 
@@ -14,8 +15,9 @@ use session_store::redis::keys::ClientKeys;
 use support::{v4, Raw, PATIENCE};
 use testkit::local_cluster::{LocalCluster, Redis, RedisKind};
 
-/// Runs an async scenario against standalone Redis and against a Redis Cluster.
-macro_rules! on_both_redis {
+/// Runs an async scenario against standalone Redis and a Redis Cluster (and, with a third name,
+/// under Sentinel).
+macro_rules! on_redis {
     ($scenario:ident: $standalone:ident, $cluster:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $standalone() {
@@ -25,6 +27,14 @@ macro_rules! on_both_redis {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $cluster() {
             $scenario(RedisKind::Cluster).await;
+        }
+    };
+    ($scenario:ident: $standalone:ident, $cluster:ident, $sentinel:ident) => {
+        on_redis!($scenario: $standalone, $cluster);
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sentinel() {
+            $scenario(RedisKind::Sentinel).await;
         }
     };
 }
@@ -77,12 +87,11 @@ async fn persistent_session_follows_the_device(kind: RedisKind) {
     device.expect_no_publish().await;
 }
 
-on_both_redis!(persistent_session_follows_the_device: a_persistent_session_follows_the_device_to_another_proxy, a_persistent_session_follows_the_device_to_another_proxy_on_redis_cluster);
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_persistent_session_follows_the_device_to_another_proxy_on_redis_sentinel() {
-    persistent_session_follows_the_device(RedisKind::Sentinel).await;
-}
+on_redis!(
+    persistent_session_follows_the_device: a_persistent_session_follows_the_device_to_another_proxy,
+    a_persistent_session_follows_the_device_to_another_proxy_on_redis_cluster,
+    a_persistent_session_follows_the_device_to_another_proxy_on_redis_sentinel
+);
 
 // === Redis fails over under Sentinel ===
 
@@ -174,7 +183,7 @@ async fn concurrent_connects_leave_one_owner(kind: RedisKind) {
     }
 }
 
-on_both_redis!(concurrent_connects_leave_one_owner: the_same_client_id_on_two_proxies_leaves_one_owner_100_times, the_same_client_id_on_two_proxies_leaves_one_owner_100_times_on_redis_cluster);
+on_redis!(concurrent_connects_leave_one_owner: the_same_client_id_on_two_proxies_leaves_one_owner_100_times, the_same_client_id_on_two_proxies_leaves_one_owner_100_times_on_redis_cluster);
 
 async fn takeover_across_proxies(kind: RedisKind) {
     let c = cluster(kind, 1, 2).await;
@@ -190,7 +199,7 @@ async fn takeover_across_proxies(kind: RedisKind) {
     assert!(alive(&mut second).await);
 }
 
-on_both_redis!(takeover_across_proxies: a_connect_on_another_proxy_takes_the_session_over_with_0x8e, a_connect_on_another_proxy_takes_the_session_over_with_0x8e_on_redis_cluster);
+on_redis!(takeover_across_proxies: a_connect_on_another_proxy_takes_the_session_over_with_0x8e, a_connect_on_another_proxy_takes_the_session_over_with_0x8e_on_redis_cluster);
 
 // === a shard crashes in the middle of a QoS 1 stream ===
 
@@ -242,7 +251,7 @@ async fn shard_crash_loses_nothing_acknowledged(kind: RedisKind) {
     assert!(alive(&mut publisher).await, "the publisher was never disconnected");
 }
 
-on_both_redis!(shard_crash_loses_nothing_acknowledged: killing_a_shard_mid_stream_loses_no_acknowledged_message, killing_a_shard_mid_stream_loses_no_acknowledged_message_on_redis_cluster);
+on_redis!(shard_crash_loses_nothing_acknowledged: killing_a_shard_mid_stream_loses_no_acknowledged_message, killing_a_shard_mid_stream_loses_no_acknowledged_message_on_redis_cluster);
 
 // === a proxy crashes ===
 
@@ -274,12 +283,11 @@ async fn dead_proxy_is_settled_by_another(kind: RedisKind) {
     assert!(c.proxies[1].service.log_text().contains("dead proxy settled"), "{}", c.logs());
 }
 
-on_both_redis!(dead_proxy_is_settled_by_another: a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere, a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere_on_redis_cluster);
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere_on_redis_sentinel() {
-    dead_proxy_is_settled_by_another(RedisKind::Sentinel).await;
-}
+on_redis!(
+    dead_proxy_is_settled_by_another: a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere,
+    a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere_on_redis_cluster,
+    a_dead_proxys_wills_fire_once_and_its_sessions_resume_elsewhere_on_redis_sentinel
+);
 
 // === Redis goes away ===
 
@@ -343,7 +351,7 @@ async fn qos2_exactly_once_across_proxies(kind: RedisKind) {
     sub.expect_no_publish().await;
 }
 
-on_both_redis!(qos2_exactly_once_across_proxies: a_qos2_message_resent_through_another_proxy_is_delivered_once, a_qos2_message_resent_through_another_proxy_is_delivered_once_on_redis_cluster);
+on_redis!(qos2_exactly_once_across_proxies: a_qos2_message_resent_through_another_proxy_is_delivered_once, a_qos2_message_resent_through_another_proxy_is_delivered_once_on_redis_cluster);
 
 // === shards join and leave under load ===
 
@@ -470,7 +478,7 @@ async fn adding_a_shard_under_load(kind: RedisKind) {
     assert_retained_once(p1, RETAINED).await;
 }
 
-on_both_redis!(adding_a_shard_under_load: adding_a_shard_under_load_loses_nothing_keeps_order_and_moves_a_third, adding_a_shard_under_load_loses_nothing_keeps_order_and_moves_a_third_on_redis_cluster);
+on_redis!(adding_a_shard_under_load: adding_a_shard_under_load_loses_nothing_keeps_order_and_moves_a_third, adding_a_shard_under_load_loses_nothing_keeps_order_and_moves_a_third_on_redis_cluster);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_leaving_under_load_hands_everything_over() {
