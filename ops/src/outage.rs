@@ -2,6 +2,10 @@
 //! that fails every second for a minute is one warning and one recovery line, not sixty.
 
 use std::fmt::Display;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Default)]
 pub struct Outage {
@@ -27,6 +31,26 @@ impl Outage {
 
     pub fn failing(&self) -> bool {
         self.failing
+    }
+}
+
+/// Runs `attempt` every `every` until `shutdown`, or until `attempt` returns `None` (what it
+/// works for is gone), logging outages as [`Outage::record`] does. For heartbeats.
+pub async fn repeat<F, Fut, E>(every: Duration, shutdown: CancellationToken, recovered: &str, failed: &str, mut attempt: F)
+where
+    F: FnMut() -> Option<Fut>,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    let mut tick = tokio::time::interval(every);
+    let mut outage = Outage::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Some(once) = attempt() else { return };
+        outage.record(once.await, recovered, failed);
     }
 }
 

@@ -76,21 +76,15 @@ fn cluster(ctx: &Context) -> &Cluster {
 /// Tells Redis this proxy is alive.
 async fn heartbeats(ctx: Weak<Context>, shutdown: CancellationToken) {
     let Some(every) = ctx.upgrade().map(|c| cluster(&c).heartbeat) else { return };
-    let mut tick = tokio::time::interval(every);
-    let mut outage = mqfleet_ops::outage::Outage::default();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        let Some(ctx) = ctx.upgrade() else { return };
-        let c = cluster(&ctx);
-        outage.record(
-            c.redis.proxy_beat(&c.id).await,
-            "heartbeats reach Redis again",
-            "cannot send heartbeats to Redis; other proxies will take this one for dead if it lasts",
-        );
-    }
+    let beat = || {
+        let ctx = ctx.upgrade()?;
+        Some(async move {
+            let c = cluster(&ctx);
+            c.redis.proxy_beat(&c.id).await
+        })
+    };
+    let failed = "cannot send heartbeats to Redis; other proxies will take this one for dead if it lasts";
+    mqfleet_ops::outage::repeat(every, shutdown, "heartbeats reach Redis again", failed, beat).await;
 }
 
 /// Closes our connections that a newer connection on another proxy took over (5.0:

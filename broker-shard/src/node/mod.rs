@@ -243,16 +243,11 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Tells Redis this shard is alive (and where), every `every`.
 async fn heartbeat(redis: RedisStore, name: String, addr: String, every: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    let mut outage = mqfleet_ops::outage::Outage::default();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        let beat = redis.shard_beat(&name, &addr).await;
-        outage.record(beat, "heartbeats reach Redis again", "cannot send heartbeats to Redis; retrying");
-    }
+    let beat = || {
+        let (redis, name, addr) = (redis.clone(), name.clone(), addr.clone());
+        Some(async move { redis.shard_beat(&name, &addr).await })
+    };
+    mqfleet_ops::outage::repeat(every, shutdown, "heartbeats reach Redis again", "cannot send heartbeats to Redis; retrying", beat).await;
 }
 
 /// The identity of this shard's log, kept next to it: a new disk gets a new id, and proxies

@@ -493,6 +493,22 @@ impl Router {
 
     // === subscriptions ===
 
+    /// Adds or replaces one subscription of the session in `slot`: in the index and in the
+    /// session's own list (what a resync or a hand-over sends on). True if it existed.
+    fn add_subscription(&mut self, slot: SessionSlot, item: &SubscribeItem) -> bool {
+        let (group, filter) = split_filter(&item.filter);
+        let existed = self.index.insert(filter, group, slot, SubOptions { options: item.options, id: item.id });
+        let subs = &mut self.sessions.get_mut(slot).subscriptions;
+        match subs.iter_mut().find(|s| s.filter == item.filter) {
+            Some(s) => *s = item.clone(),
+            None => {
+                subs.push(item.clone());
+                self.metrics.subscriptions.inc();
+            }
+        }
+        existed
+    }
+
     /// Adds or replaces subscriptions; returns the reply and, for a persistent session in
     /// clustered mode, what to write to the shard's disk.
     fn subscribe_items(
@@ -512,18 +528,9 @@ impl Router {
         let mut existed = Vec::with_capacity(items.len());
         let mut retained = Vec::new();
         for item in items {
-            let (group, filter) = split_filter(&item.filter);
-            let opts = SubOptions { options: item.options, id: item.id };
-            let was = self.index.insert(filter, group, slot, opts);
-            let subs = &mut self.sessions.get_mut(slot).subscriptions;
-            match subs.iter_mut().find(|s| s.filter == item.filter) {
-                Some(s) => *s = item.clone(),
-                None => {
-                    subs.push(item.clone());
-                    self.metrics.subscriptions.inc();
-                }
-            }
+            let was = self.add_subscription(slot, &item);
             existed.push(was);
+            let (group, filter) = split_filter(&item.filter);
             // A resync re-sends what the shard has: write only what a client changed.
             if clustered && session.persistent && (deliver_retained.is_some() || !was) {
                 ops.push(Op::PutSubscription {

@@ -167,17 +167,7 @@ impl Router {
                     self.sessions.upsert(&SessionInfo { client_id: client_id.clone(), conn: None, persistent: true }, super::NO_PROXY).0
                 }
             };
-            let (group, filter) = split_filter(&item.filter);
-            let opts = crate::topic::SubOptions { options: item.options, id: item.id };
-            self.index.insert(filter, group, slot, opts);
-            let subs = &mut self.sessions.get_mut(slot).subscriptions;
-            match subs.iter_mut().find(|s| s.filter == item.filter) {
-                Some(s) => *s = item.clone(),
-                None => {
-                    subs.push(item.clone());
-                    self.metrics.subscriptions.inc();
-                }
-            }
+            self.add_subscription(slot, &item);
             ops.push(Op::PutSubscription {
                 client_id: client_id.to_string(),
                 filter: item.filter.to_string(),
