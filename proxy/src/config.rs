@@ -8,7 +8,7 @@
 //! caused it; the process then exits with status 64 (EX_USAGE).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,10 @@ use mqfleet_ops::config::{parse_addr, parse_optional_addr, require_positive, Pro
 pub use mqfleet_ops::config::{ConfigError, ConfigErrors};
 use session_store::{RedisTarget, SyncPolicy};
 
-use crate::tls::{server_config, ClientAuth, TlsFiles};
+use crate::auth::cert::{IdentitySource, IdentityUse};
+use crate::auth::jwt::{JwtVerifier, KeySource};
+use crate::auth::{Auth, AuthConfig};
+use crate::tls::{ClientAuth, TlsFiles, TlsReloader};
 
 mqfleet_ops::settings! {
     /// MQTT over TCP listener address; port 0 picks a free port (the bound address is logged).
@@ -42,6 +45,36 @@ mqfleet_ops::settings! {
     /// PEM bundle of the CAs that sign client certificates (with `tls_client_auth` optional or
     /// required).
     tls_client_ca: String = String::new(), env "MQFLEET_PROXY_TLS_CLIENT_CA";
+    /// PEM file of certificate revocation lists checked against client certificates.
+    tls_crl: String = String::new(), env "MQFLEET_PROXY_TLS_CRL";
+    /// How often the TLS files are checked for changes (and reloaded), in ms; 0 disables (SIGHUP
+    /// still reloads).
+    tls_reload_ms: u64 = 10_000, env "MQFLEET_PROXY_TLS_RELOAD_MS";
+    /// Which client-certificate field names the client: `none`, `cn` (subject common name) or
+    /// `san` (first DNS, e-mail or URI subject alternative name). A named, verified certificate
+    /// authenticates its client.
+    tls_identity: String = "none".into(), env "MQFLEET_PROXY_TLS_IDENTITY";
+    /// What the certificate identity becomes: `username`, `client_id` or `both`.
+    tls_identity_as: String = "username".into(), env "MQFLEET_PROXY_TLS_IDENTITY_AS";
+    /// Clients without credentials: `auto` (allowed while every listener is on a loopback
+    /// address), `true` or `false`.
+    allow_anonymous: String = "auto".into(), env "MQFLEET_PROXY_ALLOW_ANONYMOUS";
+    /// Password file (`username:argon2id-hash` lines, edited with `mqfleet-proxy passwd`);
+    /// empty disables. Re-read on SIGHUP.
+    password_file: String = String::new(), env "MQFLEET_PROXY_PASSWORD_FILE";
+    /// ACL file (TOML `[[rule]]` list, first match wins, default deny); empty: every topic open.
+    /// Re-read on SIGHUP; existing subscriptions are checked again.
+    acl_file: String = String::new(), env "MQFLEET_PROXY_ACL_FILE";
+    /// Password hashes verified at once, at most (each takes one core for ~20 ms); 0 = one per core.
+    auth_concurrency: usize = 0, env "MQFLEET_PROXY_AUTH_CONCURRENCY";
+    /// File with the HS256 secret (at least 32 bytes) for JSON Web Tokens in the password field.
+    jwt_secret_file: String = String::new(), env "MQFLEET_PROXY_JWT_SECRET_FILE";
+    /// PEM public key (RSA for RS256, P-256 for ES256) for JSON Web Tokens in the password field.
+    jwt_public_key_file: String = String::new(), env "MQFLEET_PROXY_JWT_PUBLIC_KEY_FILE";
+    /// Required `iss` of tokens; empty: not checked.
+    jwt_issuer: String = String::new(), env "MQFLEET_PROXY_JWT_ISSUER";
+    /// Required `aud` of tokens; empty: not checked.
+    jwt_audience: String = String::new(), env "MQFLEET_PROXY_JWT_AUDIENCE";
     /// Session store: `embedded:DIR` (single node), or Redis for a cluster of proxies:
     /// `redis://HOST:PORT[/DB]`, `rediss://…` (TLS), `redis+cluster://H1:P1,H2:P2,…`,
     /// `redis+sentinel://H1:P1,H2:P2,…/MASTER` (the master Sentinel names, followed across failovers).
@@ -117,6 +150,24 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub overrides: Overrides,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Tools besides running the broker.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Adds a user to a password file or changes its password (read as one line from standard
+    /// input), or removes it with --delete. Creates the file (mode 0600) if missing; send the
+    /// proxy SIGHUP to apply.
+    Passwd {
+        /// The password file (the `password_file` setting).
+        file: PathBuf,
+        username: String,
+        /// Remove the user.
+        #[arg(long, short = 'D')]
+        delete: bool,
+    },
 }
 
 /// Where sessions are stored.
@@ -138,7 +189,7 @@ pub enum ShardSpec {
 }
 
 /// A listener address with the TLS configuration it serves.
-pub type TlsListener = (SocketAddr, Arc<rustls::ServerConfig>);
+pub type TlsListener = (SocketAddr, Arc<TlsReloader>);
 
 /// A checked configuration: what the broker runs with.
 #[derive(Debug, Clone)]
@@ -160,6 +211,8 @@ pub struct Settings {
     pub redis_timeout: Duration,
     pub heartbeat: Duration,
     pub dead_after: Duration,
+    /// Authentication chain and ACL.
+    pub auth: Arc<Auth>,
     /// Everything else, as configured.
     pub raw: Config,
 }
@@ -186,6 +239,9 @@ impl Config {
         let store = p.check("store", parse_store(&self.store));
         let store_sync = p.check("store_sync", self.store_sync.parse::<SyncPolicy>());
         let shards = p.check("shards", parse_shards(&self.shards));
+        let loopback_only =
+            [mqtt, ws, mqtts.as_ref().map(|l| l.0), wss.as_ref().map(|l| l.0)].into_iter().flatten().all(|a| a.ip().is_loopback());
+        let auth = self.auth(&mut p, loopback_only);
         match (&store, &shards) {
             (Some(StoreSpec::Embedded(_)), Some(ShardSpec::Static(_) | ShardSpec::Discover)) => {
                 p.add("shards", "shard processes need the session store in Redis (store = redis://…): proxies share sessions through it")
@@ -241,7 +297,9 @@ impl Config {
         }
         p.into_result()?;
         // Every `None` above recorded a problem, so all are `Some` here.
-        let (Some(mqtt), Some(http), Some(store), Some(store_sync), Some(shards)) = (mqtt, http, store, store_sync, shards) else {
+        let (Some(mqtt), Some(http), Some(store), Some(store_sync), Some(shards), Some(auth)) =
+            (mqtt, http, store, store_sync, shards, auth)
+        else {
             return Err(ConfigErrors::single("config", "internal: unreported invalid setting".into()));
         };
         Ok(Settings {
@@ -260,6 +318,7 @@ impl Config {
             redis_timeout: Duration::from_millis(self.redis_timeout_ms),
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             dead_after: Duration::from_millis(self.dead_after_ms),
+            auth: Arc::new(auth),
             raw: self,
         })
     }
@@ -279,7 +338,7 @@ impl Config {
         }
     }
 
-    fn tls_config(&self, p: &mut Problems) -> Option<Arc<rustls::ServerConfig>> {
+    fn tls_config(&self, p: &mut Problems) -> Option<Arc<TlsReloader>> {
         let client_auth = p.check("tls_client_auth", self.tls_client_auth.parse::<ClientAuth>())?;
         for (key, value) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
             if value.is_empty() {
@@ -290,19 +349,78 @@ impl Config {
             return None;
         }
         let files = TlsFiles {
-            cert: Path::new(&self.tls_cert),
-            key: Path::new(&self.tls_key),
-            client_ca: (!self.tls_client_ca.is_empty()).then(|| Path::new(&self.tls_client_ca)),
+            cert: self.tls_cert.clone().into(),
+            key: self.tls_key.clone().into(),
+            client_ca: optional_path(&self.tls_client_ca),
+            crl: optional_path(&self.tls_crl),
             client_auth,
         };
-        match server_config(&files) {
-            Ok(config) => Some(config),
+        match TlsReloader::new(files) {
+            Ok(config) => Some(Arc::new(config)),
             Err(e) => {
                 p.add(e.key, e.message);
                 None
             }
         }
     }
+}
+
+impl Config {
+    /// The authentication chain and ACL; problems go to `p`.
+    fn auth(&self, p: &mut Problems, loopback_only: bool) -> Option<Auth> {
+        let allow_anonymous = match self.allow_anonymous.as_str() {
+            "auto" => Some(loopback_only),
+            "true" => Some(true),
+            "false" => Some(false),
+            other => {
+                p.add("allow_anonymous", format!("{other:?} is not auto, true or false"));
+                None
+            }
+        };
+        let cert_source = p.check("tls_identity", self.tls_identity.parse::<IdentitySource>());
+        let cert_use = p.check("tls_identity_as", self.tls_identity_as.parse::<IdentityUse>());
+        if cert_source.is_some_and(|s| s != IdentitySource::None) && self.tls_client_auth == "none" {
+            p.add("tls_identity", "names clients by their certificate, but tls_client_auth = none asks for none");
+        }
+        let (issuer, audience) = (non_empty(&self.jwt_issuer), non_empty(&self.jwt_audience));
+        let jwt = match (optional_path(&self.jwt_secret_file), optional_path(&self.jwt_public_key_file)) {
+            (Some(_), Some(_)) => {
+                p.add("jwt_public_key_file", "set either jwt_secret_file (HS256) or jwt_public_key_file (RS256/ES256), not both");
+                None
+            }
+            (Some(path), None) => p.check("jwt_secret_file", JwtVerifier::new(KeySource::Secret(&path), issuer, audience)),
+            (None, Some(path)) => p.check("jwt_public_key_file", JwtVerifier::new(KeySource::PublicKey(&path), issuer, audience)),
+            (None, None) => None,
+        };
+        let concurrency = match self.auth_concurrency {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        };
+        let config = AuthConfig {
+            allow_anonymous: allow_anonymous?,
+            password_file: optional_path(&self.password_file),
+            acl_file: optional_path(&self.acl_file),
+            jwt,
+            cert_source: cert_source?,
+            cert_use: cert_use?,
+            concurrency,
+        };
+        match Auth::new(config) {
+            Ok(a) => Some(a),
+            Err((key, message)) => {
+                p.add(key, message);
+                None
+            }
+        }
+    }
+}
+
+fn optional_path(s: &str) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
 }
 
 impl Settings {

@@ -25,12 +25,14 @@
 //!
 //! Start reading at [`start`].
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod lifecycle;
 pub mod metrics;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shards;
@@ -49,7 +51,6 @@ use broker_shard::{now_ms, Message, ShardConfig, ShardMetrics};
 use mqfleet_codec::{ByteString, QoS, RetainHandling, SubscriptionOptions};
 use session_store::{EmbeddedConfig, EmbeddedStore, Op, RedisStore, RedisTarget, SessionRecord, Store, StoredSubscription};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -125,9 +126,9 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     let mqtt_addr = listener.local_addr().map_err(|source| StartError::Bind { what: "mqtt", addr: settings.mqtt, source })?;
     let mut extra_listeners = Vec::new();
     let listeners = [
-        ("mqtts", settings.mqtts.as_ref().map(|(a, c)| (*a, Transport::Tls(TlsAcceptor::from(c.clone()))))),
+        ("mqtts", settings.mqtts.as_ref().map(|(a, c)| (*a, Transport::Tls(c.clone())))),
         ("ws", settings.ws.map(|a| (a, Transport::WebSocket))),
-        ("wss", settings.wss.as_ref().map(|(a, c)| (*a, Transport::SecureWebSocket(TlsAcceptor::from(c.clone()))))),
+        ("wss", settings.wss.as_ref().map(|(a, c)| (*a, Transport::SecureWebSocket(c.clone())))),
     ];
     for (what, listener) in listeners {
         if let Some((addr, transport)) = listener {
@@ -168,6 +169,14 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(lifecycle_task.run(Arc::downgrade(&ctx), shutdown.clone()));
+    let tls_poll = (settings.raw.tls_reload_ms > 0).then(|| Duration::from_millis(settings.raw.tls_reload_ms));
+    tokio::spawn(reload::watch(Arc::downgrade(&ctx), tls_poll, background.clone()));
+    let backends = ctx.settings.auth.backends();
+    if backends.is_empty() && !ctx.settings.auth.allows_anonymous() {
+        tracing::warn!("a listener is not on loopback and no authentication backend is configured: every client will be refused; set password_file, jwt_*, tls_identity, or allow_anonymous = true");
+    } else {
+        tracing::info!(?backends, anonymous = ctx.settings.auth.allows_anonymous(), "authentication");
+    }
     match &ctx.cluster {
         None => restore_sessions(&ctx).await?,
         Some(c) => {
@@ -307,6 +316,11 @@ async fn ring_members(redis: &RedisStore) -> Result<(Vec<(String, String)>, u64)
 impl Broker {
     pub fn context(&self) -> &Arc<Context> {
         &self.ctx
+    }
+
+    /// Re-reads the TLS, password and ACL files (what SIGHUP does); returns what failed.
+    pub fn reload(&self) -> Vec<String> {
+        reload::reload_all(&self.ctx)
     }
 
     /// `/readyz` answers 503 from now on, so load balancers stop sending new clients here.

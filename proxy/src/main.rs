@@ -4,10 +4,27 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mqfleet_ops::{EXIT_CONFIG, EXIT_START};
-use proxy::config::{Cli, Config};
+use std::io::IsTerminal;
+
+use proxy::config::{Cli, Command, Config};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(Command::Passwd { file, username, delete }) = cli.command.take() {
+        if !delete && std::io::stdin().is_terminal() {
+            eprint!("password for {username} (shown as typed; pipe it in to hide it): ");
+        }
+        return match proxy::auth::password::passwd(&file, &username, delete, &mut std::io::stdin().lock()) {
+            Ok(done) => {
+                println!("{done}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mqfleet-proxy passwd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let settings = match Config::load(cli).and_then(Config::validate) {
         Ok(s) => s,
         Err(e) => {

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub persistent_sessions: Gauge,
     pub wills_published: Counter,
     pub sessions_expired: Counter,
+    pub auth_failures: Family<ReasonLabel, Counter>,
+    pub acl_denied: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -53,6 +55,12 @@ impl Metrics {
         r.register("persistent_sessions", "Sessions that outlive their connection (connected or not)", self.persistent_sessions.clone());
         r.register("wills_published", "Will messages published", self.wills_published.clone());
         r.register("sessions_expired", "Persistent sessions removed by expiry", self.sessions_expired.clone());
+        r.register("auth_failures", "CONNECTs refused by authentication, by cause", self.auth_failures.clone());
+        r.register(
+            "acl_denied",
+            "Actions refused by the ACL: publish, subscribe, will, revoked (subscriptions removed on reload)",
+            self.acl_denied.clone(),
+        );
     }
 
     pub fn drop(&self, reason: &'static str) {

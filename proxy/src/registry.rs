@@ -25,6 +25,8 @@ pub enum ConnMsg {
     TakenOver,
     /// The server ends this connection (administrative action, shutdown of a session).
     Close(ReasonCode),
+    /// The ACL was reloaded: subscriptions it no longer allows are removed.
+    AclChanged,
 }
 
 /// A connection's mailbox. Unbounded so that routing never waits for a device; the

@@ -4,9 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::cert::CertNames;
+use crate::connection::Peer;
+use crate::tls::TlsReloader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 
 use crate::websocket::{Reader, Writer};
 use tokio_util::sync::CancellationToken;
@@ -22,9 +24,9 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 pub enum Transport {
     Tcp,
-    Tls(TlsAcceptor),
+    Tls(Arc<TlsReloader>),
     WebSocket,
-    SecureWebSocket(TlsAcceptor),
+    SecureWebSocket(Arc<TlsReloader>),
 }
 
 impl Transport {
@@ -79,9 +81,9 @@ pub async fn accept_loop(
             if let Transport::Tcp = transport {
                 // The common case keeps its concrete socket halves: no boxing on the hot path.
                 let (reader, writer) = stream.into_split();
-                crate::connection::serve(ctx, reader, writer, peer, shutdown).await;
-            } else if let Some((reader, writer)) = open(&ctx, transport, stream, peer).await {
-                crate::connection::serve(ctx, reader, writer, peer, shutdown).await;
+                crate::connection::serve(ctx, reader, writer, Peer { addr: peer, cert: None }, shutdown).await;
+            } else if let Some((reader, writer, cert)) = open(&ctx, transport, stream, peer).await {
+                crate::connection::serve(ctx, reader, writer, Peer { addr: peer, cert }, shutdown).await;
             }
             drop(permit);
         });
@@ -91,23 +93,34 @@ pub async fn accept_loop(
 /// The handshakes below MQTT (TLS, WebSocket upgrade), together bounded by the CONNECT
 /// timeout: a client that opens a connection and says nothing, or garbage, holds a permit no
 /// longer than one that never sends CONNECT. Failures are counted by the layer that failed.
-async fn open(ctx: &Context, transport: Transport, stream: TcpStream, peer: std::net::SocketAddr) -> Option<(Reader, Writer)> {
+async fn open(
+    ctx: &Context,
+    transport: Transport,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<(Reader, Writer, Option<CertNames>)> {
     let max_packet = ctx.settings.raw.max_packet_size as usize;
     let handshakes = async {
         match transport {
             Transport::Tcp => {
                 let (r, w) = stream.into_split();
-                Ok((Box::pin(r) as Reader, Box::pin(w) as Writer))
+                Ok((Box::pin(r) as Reader, Box::pin(w) as Writer, None))
             }
-            Transport::Tls(acceptor) => {
-                let s = acceptor.accept(stream).await.map_err(|e| ("tls_handshake", e.to_string()))?;
+            Transport::Tls(tls) => {
+                let s = tls.acceptor().accept(stream).await.map_err(|e| ("tls_handshake", e.to_string()))?;
+                let cert = client_certificate(s.get_ref().1)?;
                 let (r, w) = tokio::io::split(s);
-                Ok((Box::pin(r) as Reader, Box::pin(w) as Writer))
+                Ok((Box::pin(r) as Reader, Box::pin(w) as Writer, cert))
             }
-            Transport::WebSocket => crate::websocket::accept(stream, max_packet).await.map_err(|e| ("websocket_handshake", e)),
-            Transport::SecureWebSocket(acceptor) => {
-                let s = acceptor.accept(stream).await.map_err(|e| ("tls_handshake", e.to_string()))?;
-                crate::websocket::accept(s, max_packet).await.map_err(|e| ("websocket_handshake", e))
+            Transport::WebSocket => {
+                let (r, w) = crate::websocket::accept(stream, max_packet).await.map_err(|e| ("websocket_handshake", e))?;
+                Ok((r, w, None))
+            }
+            Transport::SecureWebSocket(tls) => {
+                let s = tls.acceptor().accept(stream).await.map_err(|e| ("tls_handshake", e.to_string()))?;
+                let cert = client_certificate(s.get_ref().1)?;
+                let (r, w) = crate::websocket::accept(s, max_packet).await.map_err(|e| ("websocket_handshake", e))?;
+                Ok((r, w, cert))
             }
         }
     };
@@ -119,4 +132,12 @@ async fn open(ctx: &Context, transport: Transport, stream: TcpStream, peer: std:
     tracing::debug!(%peer, reason, detail, "connection refused before MQTT");
     ctx.metrics.disconnects.get_or_create(&ReasonLabel { reason }).inc();
     None
+}
+
+/// The names in the client's certificate, if it presented one (rustls has verified it).
+fn client_certificate(tls: &rustls::ServerConnection) -> Result<Option<CertNames>, (&'static str, String)> {
+    match tls.peer_certificates().and_then(|chain| chain.first()) {
+        None => Ok(None),
+        Some(leaf) => CertNames::read(leaf).map(Some).map_err(|e| ("tls_client_certificate", e)),
+    }
 }

@@ -36,6 +36,12 @@ where
             self.ack_in_store(m.seq);
             return;
         }
+        if !self.ctx.settings.auth.may_receive(&self.identity, &self.client_id, &m.message.topic) {
+            // BAD-INPUT 70: the ACL changed since this message was routed or queued here.
+            metrics.drop("not_authorized");
+            self.ack_in_store(m.seq);
+            return;
+        }
         if m.delivery.qos == QoS::AtMostOnce {
             if self.io.output.pending() >= self.ctx.limits.max_write_buffer {
                 metrics.drop("slow_consumer");

@@ -8,15 +8,17 @@ use broker_shard::link::{ConnId, Reply, Request, SessionInfo};
 use broker_shard::now_ms;
 use futures::stream::FuturesOrdered;
 use mqfleet_codec::ByteString;
-use mqfleet_codec::{ConnAck, DecodeError, Packet, Protocol, ReasonCode};
+use mqfleet_codec::{ConnAck, Connect, DecodeError, Packet, Protocol, ReasonCode};
 use session_store::{Op, QueuedMessage, SessionRecord};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Connection, Io, SessionState};
-use crate::metrics::Metrics;
+use super::{Connection, Io, Peer, SessionState};
+use crate::auth::acl::Action;
+use crate::auth::{Identity, Login};
+use crate::metrics::{Metrics, ReasonLabel};
 use crate::registry::{wait_exited, ConnMsg};
 use crate::session::alias::{InboundAliases, OutboundAliases};
 use crate::session::connect::{negotiate, Negotiated, Refusal};
@@ -29,15 +31,26 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs the handshake; `None` when the connection ends before it is established (every such
 /// path has answered the client where the protocol allows, and counted the cause).
-pub(super) async fn run<R, W>(ctx: Arc<Context>, mut io: Io<R, W>, conn: ConnId, shutdown: CancellationToken) -> Option<Connection<R, W>>
+pub(super) async fn run<R, W>(
+    ctx: Arc<Context>,
+    mut io: Io<R, W>,
+    conn: ConnId,
+    peer: Peer,
+    shutdown: CancellationToken,
+) -> Option<Connection<R, W>>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let connect = first_packet(&ctx, &mut io, &shutdown).await?;
     let protocol = connect.protocol;
-    let negotiated = match negotiate(&connect, &ctx.limits, || format!("mqfleet-{}", random_id())) {
-        Ok(n) => n,
+    let admitted = negotiate(&connect, &ctx.limits, || format!("mqfleet-{}", random_id()));
+    let admitted = match admitted {
+        Ok(n) => admit(&ctx, &connect, n, &peer).await,
+        Err(refusal) => Err(refusal),
+    };
+    let (negotiated, identity) = match admitted {
+        Ok(a) => a,
         Err(refusal) => {
             refuse(&ctx, &mut io, protocol, refusal).await;
             return None;
@@ -87,6 +100,7 @@ where
         conn,
         protocol,
         client_id: negotiated.client_id.clone(),
+        identity,
         session: resumed.state,
         keep_alive,
         deadline: Instant::now() + keep_alive.unwrap_or(Duration::ZERO),
@@ -111,6 +125,49 @@ where
         let _ = own_mailbox.send(ConnMsg::TakenOver);
     }
     Some(connection)
+}
+
+/// Authentication (the chain of `crate::auth`, bounded by the CONNECT timeout so that a queue
+/// of password checks cannot hold connections forever), the client id a certificate imposes,
+/// and the will's topic against the ACL.
+async fn admit(ctx: &Context, connect: &Connect, mut n: Negotiated, peer: &Peer) -> Result<(Negotiated, Identity), Refusal> {
+    let auth = &ctx.settings.auth;
+    let login = Login {
+        client_id: &n.client_id,
+        username: connect.username.as_deref(),
+        password: connect.password.as_deref(),
+        cert: peer.cert.as_ref(),
+    };
+    let identity = match tokio::time::timeout(ctx.settings.connect_timeout, auth.authenticate(login)).await {
+        Ok(Ok(identity)) => identity,
+        Ok(Err(denied)) => {
+            ctx.metrics.auth_failures.get_or_create(&ReasonLabel { reason: denied.cause }).inc();
+            tracing::info!(peer = %peer.addr, cause = denied.cause, detail = %denied.detail, "authentication failed");
+            return Err(Refusal { reason: denied.reason, detail: denied.detail });
+        }
+        Err(_) => {
+            ctx.metrics.auth_failures.get_or_create(&ReasonLabel { reason: "timeout" }).inc();
+            return Err(Refusal { reason: ReasonCode::ServerBusy, detail: "authentication took too long; try again".into() });
+        }
+    };
+    if let Some(id) = identity.client_id.as_deref().filter(|id| **id != *n.client_id) {
+        // The certificate names the client; a 5.0 client learns the id it got.
+        n.client_id = id.into();
+        if connect.protocol.is_v5() {
+            n.connack.assigned_client_identifier = Some(id.into());
+        }
+    }
+    if let Some(will) = &n.will {
+        if !auth.allows(&identity, &n.client_id, Action::Publish, &will.message.topic) {
+            ctx.metrics.acl_denied.get_or_create(&ReasonLabel { reason: "will" }).inc();
+            return Err(Refusal {
+                reason: ReasonCode::NotAuthorized,
+                detail: format!("not allowed to publish the will to {}", will.message.topic),
+            });
+        }
+    }
+    tracing::debug!(method = identity.method, username = identity.username.as_deref().unwrap_or(""), "authenticated");
+    Ok((n, identity))
 }
 
 /// The cluster's claim of a client id for this connection.

@@ -5,14 +5,15 @@ use std::sync::Arc;
 
 use broker_shard::link::{Reply, Request, SessionInfo, SubscribeItem};
 use broker_shard::{now_ms, Message};
-use futures::future::{join_all, FutureExt};
+use futures::future::{join_all, BoxFuture, FutureExt};
 use mqfleet_codec::topic::{parse_shared, validate_topic_filter, validate_topic_name};
-use mqfleet_codec::{Ack, Disconnect, Packet, PacketId, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe};
+use mqfleet_codec::{Ack, ByteString, Disconnect, Packet, PacketId, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe};
 use session_store::{Op, SessionRecord, StoredSubscription};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{link_down, protocol_error, Connection, End, OpDone};
-use crate::metrics::QosLabel;
+use crate::auth::acl::Action;
+use crate::metrics::{QosLabel, ReasonLabel};
 use crate::session::inbound::Admit;
 
 impl<R, W> Connection<R, W>
@@ -114,6 +115,10 @@ where
         if p.properties.payload_format_indicator == Some(true) && std::str::from_utf8(&p.payload).is_err() {
             return Some((ReasonCode::PayloadFormatInvalid, "payload is not UTF-8 but its Payload Format Indicator says it is"));
         }
+        if !self.ctx.settings.auth.allows(&self.identity, &self.client_id, Action::Publish, &p.topic) {
+            self.ctx.metrics.acl_denied.get_or_create(&ReasonLabel { reason: "publish" }).inc();
+            return Some((ReasonCode::NotAuthorized, "the ACL does not allow this client to publish to this topic"));
+        }
         None
     }
 
@@ -168,6 +173,12 @@ where
             }
             OpDone::Marked { pkid } => {
                 self.on_marked(pkid);
+                Ok(())
+            }
+            OpDone::Revoked { failed } => {
+                if let Some(f) = failed {
+                    tracing::warn!(error = %f, "removing revoked subscriptions failed");
+                }
                 Ok(())
             }
         }
@@ -226,6 +237,12 @@ where
             };
             if group.is_some() && options.no_local {
                 return Err(protocol_error(ReasonCode::ProtocolError, "No Local set on a shared subscription (MQTT-3.8.3-4)"));
+            }
+            if !self.ctx.settings.auth.allows(&self.identity, &self.client_id, Action::Subscribe, filter) {
+                // 5.0: 0x87; 3.1.1: 0x80 Failure (the codec's 3.1.1 form of every error).
+                self.ctx.metrics.acl_denied.get_or_create(&ReasonLabel { reason: "subscribe" }).inc();
+                reasons.push(ReasonCode::NotAuthorized);
+                continue;
             }
             let known = self.session.subscriptions.contains_key(filter);
             if !known && self.session.subscriptions.len() >= self.ctx.limits.max_subscriptions {
@@ -294,36 +311,65 @@ where
                 reasons.push(ReasonCode::TopicFilterInvalid);
                 continue;
             }
-            let existed = self.session.subscriptions.remove(filter).is_some();
+            let existed = self.session.subscriptions.contains_key(filter);
             reasons.push(if existed { ReasonCode::Success } else { ReasonCode::NoSubscriptionExisted });
             if existed {
                 removed.push(filter.clone());
             }
         }
+        let done = self.remove_subscriptions(removed).await?;
+        let pkid = u.pkid;
+        self.ops.push_back(async move { OpDone::Unsubscribed { pkid, reasons, failed: done.await } }.boxed());
+        Ok(())
+    }
+
+    /// After an ACL reload: subscriptions it no longer allows are removed, as if unsubscribed
+    /// (no packet tells the client; MQTT has none for this).
+    pub(super) async fn recheck_subscriptions(&mut self) -> Result<(), End> {
+        let auth = self.ctx.settings.auth.clone();
+        let revoked: Vec<ByteString> = self
+            .session
+            .subscriptions
+            .keys()
+            .filter(|f| !auth.allows(&self.identity, &self.client_id, Action::Subscribe, f))
+            .cloned()
+            .collect();
+        if revoked.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(filters = ?revoked, "subscriptions revoked by the reloaded ACL");
+        self.ctx.metrics.acl_denied.get_or_create(&ReasonLabel { reason: "revoked" }).inc_by(revoked.len() as u64);
+        let done = self.remove_subscriptions(revoked).await?;
+        self.ops.push_back(async move { OpDone::Revoked { failed: done.await } }.boxed());
+        Ok(())
+    }
+
+    /// Removes `filters` from the session and tells their shards; the future finishes once the
+    /// shards and the store have the change, with what failed if anything did.
+    async fn remove_subscriptions(&mut self, filters: Vec<ByteString>) -> Result<BoxFuture<'static, Option<String>>, End> {
+        for f in &filters {
+            self.session.subscriptions.remove(f);
+        }
         self.track_subscriptions();
         let mut replies = Vec::new();
-        if !removed.is_empty() {
-            for link in self.ctx.shards.links_for(removed.iter()) {
-                let (client_id, filters) = (self.client_id.clone(), removed.clone());
+        if !filters.is_empty() {
+            for link in self.ctx.shards.links_for(filters.iter()) {
+                let (client_id, filters) = (self.client_id.clone(), filters.clone());
                 replies.push(link.start(|id| Request::Unsubscribe { id, client_id, filters }).await.map_err(link_down)?);
             }
         }
         let save = self.record_op();
         let store = self.ctx.store.clone();
-        let pkid = u.pkid;
-        self.ops.push_back(
-            async move {
-                let mut failed = join_all(replies).await.into_iter().find_map(|r| r.err().map(|e| e.to_string()));
-                if let Some(op) = save {
-                    if let Err(e) = store.write(vec![op]).await {
-                        failed = Some(format!("subscription change not saved: {e}"));
-                    }
+        Ok(async move {
+            let mut failed = join_all(replies).await.into_iter().find_map(|r| r.err().map(|e| e.to_string()));
+            if let Some(op) = save {
+                if let Err(e) = store.write(vec![op]).await {
+                    failed = Some(format!("subscription change not saved: {e}"));
                 }
-                OpDone::Unsubscribed { pkid, reasons, failed }
             }
-            .boxed(),
-        );
-        Ok(())
+            failed
+        }
+        .boxed())
     }
 
     /// Cluster: the registry keeps this connection's subscriptions, to re-send them to a

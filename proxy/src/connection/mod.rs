@@ -35,6 +35,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::auth::cert::CertNames;
+use crate::auth::Identity;
 use crate::registry::ConnMsg;
 use crate::session::alias::{InboundAliases, OutboundAliases};
 use crate::session::connect::WillSpec;
@@ -44,18 +46,26 @@ use crate::Context;
 
 pub use io::Io;
 
+/// Who is at the other end, as the transport tells.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: std::net::SocketAddr,
+    /// Names from a verified client certificate.
+    pub cert: Option<CertNames>,
+}
+
 /// Serves one accepted connection until it ends.
-pub async fn serve<R, W>(ctx: Arc<Context>, reader: R, writer: W, peer: std::net::SocketAddr, shutdown: CancellationToken)
+pub async fn serve<R, W>(ctx: Arc<Context>, reader: R, writer: W, peer: Peer, shutdown: CancellationToken)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let conn = ctx.registry.next_conn_id();
-    let span = tracing::debug_span!("conn", conn = conn.0, %peer, client_id = tracing::field::Empty);
+    let span = tracing::debug_span!("conn", conn = conn.0, peer = %peer.addr, client_id = tracing::field::Empty);
     async move {
         ctx.metrics.connections.inc();
         let io = Io::new(reader, writer, ctx.limits.max_packet_size as usize);
-        if let Some(connection) = handshake::run(ctx.clone(), io, conn, shutdown).await {
+        if let Some(connection) = handshake::run(ctx.clone(), io, conn, peer, shutdown).await {
             let mut connection = connection;
             let end = connection.run().await;
             connection.finish(end).await;
@@ -134,6 +144,10 @@ pub(crate) enum OpDone {
     Marked {
         pkid: u16,
     },
+    /// Subscriptions the ACL no longer allows are gone from the shards and the store.
+    Revoked {
+        failed: Option<String>,
+    },
 }
 
 /// Session state of this connection.
@@ -161,6 +175,8 @@ pub(crate) struct Connection<R, W> {
     conn: ConnId,
     protocol: Protocol,
     client_id: ByteString,
+    /// Who authenticated, for ACL checks.
+    identity: Identity,
     session: SessionState,
     keep_alive: Option<Duration>,
     deadline: Instant,
@@ -226,7 +242,7 @@ where
                 biased;
                 () = self.shutdown.cancelled() => Err(End::Shutdown),
                 Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op_done(done),
-                Some(msg) = self.mailbox.recv() => self.on_mailbox(msg),
+                Some(msg) = self.mailbox.recv() => self.on_mailbox(msg).await,
                 r = self.io.input.read(), if input_open => match r {
                     Ok(0) => Err(End::Network(None)),
                     Ok(_) => self.on_input().await,
@@ -255,12 +271,13 @@ where
         }
     }
 
-    fn on_mailbox(&mut self, msg: ConnMsg) -> Result<(), End> {
+    async fn on_mailbox(&mut self, msg: ConnMsg) -> Result<(), End> {
         match msg {
             ConnMsg::Deliver(message, recipient) => {
                 self.on_deliver(message, recipient);
                 Ok(())
             }
+            ConnMsg::AclChanged => self.recheck_subscriptions().await,
             ConnMsg::TakenOver => Err(End::TakenOver),
             ConnMsg::Close(reason) => Err(End::Server { reason, detail: "closed by the server".into() }),
         }

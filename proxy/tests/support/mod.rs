@@ -68,6 +68,11 @@ impl TestBroker {
         self.broker.as_ref().unwrap().mark_unready();
     }
 
+    /// What SIGHUP does: re-reads the TLS, password and ACL files; returns what failed.
+    pub fn reload(&self) -> Vec<String> {
+        self.broker.as_ref().unwrap().reload()
+    }
+
     pub fn context(&self) -> &std::sync::Arc<proxy::Context> {
         self.broker.as_ref().unwrap().context()
     }
@@ -397,6 +402,36 @@ pub fn paho(script: &str, addr: SocketAddr) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "paho scenario {script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout
+}
+
+/// Adds a user to a password file with the real `mqfleet-proxy passwd` command.
+pub fn add_user(file: &Path, user: &str, password: &str) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqfleet-proxy"))
+        .arg("passwd")
+        .arg(file)
+        .arg(user)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "passwd failed: {out:?}");
+}
+
+/// A CONNECT carrying credentials.
+pub fn login(protocol: Protocol, client_id: &str, username: Option<&str>, password: Option<&str>) -> Connect {
+    let mut c = Connect::new(protocol, client_id);
+    c.username = username.map(Into::into);
+    c.password = password.map(|p| bytes::Bytes::copy_from_slice(p.as_bytes()));
+    c
+}
+
+/// The value of a Prometheus sample (`name{labels}`) on the broker's /metrics, 0 if absent.
+pub async fn metric(b: &TestBroker, sample: &str) -> u64 {
+    let (_, text) = b.http_get("/metrics").await;
+    text.lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse::<f64>().ok())).map_or(0, |v| v as u64)
 }
 
 /// Waits for a condition, polling; panics with `what` after [`PATIENCE`].
