@@ -19,6 +19,7 @@ use session_store::{RedisTarget, SyncPolicy};
 use crate::auth::cert::{IdentitySource, IdentityUse};
 use crate::auth::jwt::{JwtVerifier, KeySource};
 use crate::auth::{Auth, AuthConfig};
+use crate::proxy_protocol::Trusted;
 use crate::tls::{ClientAuth, TlsFiles, TlsReloader};
 
 mqfleet_ops::settings! {
@@ -75,6 +76,12 @@ mqfleet_ops::settings! {
     jwt_issuer: String = String::new(), env "MQFLEET_PROXY_JWT_ISSUER";
     /// Required `aud` of tokens; empty: not checked.
     jwt_audience: String = String::new(), env "MQFLEET_PROXY_JWT_AUDIENCE";
+    /// Listeners that expect a PROXY protocol (v1 or v2) header from a load balancer: any of
+    /// `mqtt`, `mqtts`, `ws`, `wss`, comma-separated; empty: none.
+    proxy_protocol: String = String::new(), env "MQFLEET_PROXY_PROXY_PROTOCOL";
+    /// Networks allowed to send PROXY headers (the load balancers), e.g. `10.0.0.0/8`;
+    /// connections from elsewhere to a PROXY listener are closed. Required with `proxy_protocol`.
+    proxy_protocol_from: String = String::new(), env "MQFLEET_PROXY_PROXY_PROTOCOL_FROM";
     /// Session store: `embedded:DIR` (single node), or Redis for a cluster of proxies:
     /// `redis://HOST:PORT[/DB]`, `rediss://…` (TLS), `redis+cluster://H1:P1,H2:P2,…`,
     /// `redis+sentinel://H1:P1,H2:P2,…/MASTER` (the master Sentinel names, followed across failovers).
@@ -103,6 +110,20 @@ mqfleet_ops::settings! {
     log_level: String = "info".into(), env "MQFLEET_PROXY_LOG_LEVEL";
     /// Most simultaneous MQTT connections; further ones are refused at accept.
     max_connections: usize = 100_000, env "MQFLEET_PROXY_MAX_CONNECTIONS";
+    /// Most simultaneous connections from one source address (the PROXY header's when the
+    /// listener reads one); further CONNECTs get 0x97 Quota exceeded. 0: no limit.
+    max_connections_per_ip: usize = 0, env "MQFLEET_PROXY_MAX_CONNECTIONS_PER_IP";
+    /// CONNECTs per second from one source address (burst: one second's worth); further ones
+    /// get 0x9F Connection rate exceeded. 0: no limit.
+    max_connect_rate_per_ip: u32 = 0, env "MQFLEET_PROXY_MAX_CONNECT_RATE_PER_IP";
+    /// CONNECTs per second to this proxy from everyone; further ones get 0x9F. 0: no limit.
+    max_connect_rate: u32 = 0, env "MQFLEET_PROXY_MAX_CONNECT_RATE";
+    /// PUBLISH packets per second one client may send; a faster client is throttled (its socket
+    /// is not read until it is back within the rate). 0: no limit.
+    max_publish_rate: u32 = 0, env "MQFLEET_PROXY_MAX_PUBLISH_RATE";
+    /// PUBLISH payload bytes per second one client may send; throttled like `max_publish_rate`.
+    /// 0: no limit.
+    max_publish_bytes_rate: u32 = 0, env "MQFLEET_PROXY_MAX_PUBLISH_BYTES_RATE";
     /// Largest packet accepted from a client, in bytes (announced as Maximum Packet Size).
     max_packet_size: u32 = 1024 * 1024, env "MQFLEET_PROXY_MAX_PACKET_SIZE";
     /// Time a new connection has to send a complete CONNECT, in ms.
@@ -213,6 +234,8 @@ pub struct Settings {
     pub dead_after: Duration,
     /// Authentication chain and ACL.
     pub auth: Arc<Auth>,
+    /// Listeners (by name) that read a PROXY header, and from whom.
+    pub proxy_protocol: Option<(Vec<String>, Arc<Trusted>)>,
     /// Everything else, as configured.
     pub raw: Config,
 }
@@ -242,6 +265,7 @@ impl Config {
         let loopback_only =
             [mqtt, ws, mqtts.as_ref().map(|l| l.0), wss.as_ref().map(|l| l.0)].into_iter().flatten().all(|a| a.ip().is_loopback());
         let auth = self.auth(&mut p, loopback_only);
+        let proxy_protocol = self.proxy_protocol(&mut p);
         match (&store, &shards) {
             (Some(StoreSpec::Embedded(_)), Some(ShardSpec::Static(_) | ShardSpec::Discover)) => {
                 p.add("shards", "shard processes need the session store in Redis (store = redis://…): proxies share sessions through it")
@@ -319,6 +343,7 @@ impl Config {
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             dead_after: Duration::from_millis(self.dead_after_ms),
             auth: Arc::new(auth),
+            proxy_protocol,
             raw: self,
         })
     }
@@ -412,6 +437,32 @@ impl Config {
                 None
             }
         }
+    }
+}
+
+impl Config {
+    fn proxy_protocol(&self, p: &mut Problems) -> Option<(Vec<String>, Arc<Trusted>)> {
+        let names: Vec<String> = self.proxy_protocol.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect();
+        if names.is_empty() {
+            return None;
+        }
+        for n in &names {
+            let configured = match n.as_str() {
+                "mqtt" => true,
+                "mqtts" => !self.mqtts.is_empty(),
+                "ws" => !self.ws.is_empty(),
+                "wss" => !self.wss.is_empty(),
+                _ => {
+                    p.add("proxy_protocol", format!("{n:?} is not a listener (mqtt, mqtts, ws, wss)"));
+                    continue;
+                }
+            };
+            if !configured {
+                p.add("proxy_protocol", format!("listener {n} is not enabled"));
+            }
+        }
+        let trusted = p.check("proxy_protocol_from", Trusted::parse(&self.proxy_protocol_from))?;
+        Some((names, Arc::new(trusted)))
     }
 }
 

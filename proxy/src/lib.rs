@@ -25,12 +25,14 @@
 //!
 //! Start reading at [`start`].
 
+pub mod admission;
 pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod lifecycle;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod reload;
 pub mod server;
@@ -73,6 +75,8 @@ pub struct Context {
     pub registry: Arc<Registry>,
     pub metrics: Metrics,
     pub lifecycle: Lifecycle,
+    /// Connection limits by source address and rate.
+    pub admission: Arc<admission::Admission>,
     /// Set when the proxy is part of a cluster.
     pub cluster: Option<Cluster>,
 }
@@ -161,6 +165,11 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
         registry,
         metrics,
         lifecycle,
+        admission: Arc::new(admission::Admission::new(
+            settings.raw.max_connections_per_ip,
+            f64::from(settings.raw.max_connect_rate_per_ip),
+            f64::from(settings.raw.max_connect_rate),
+        )),
         cluster,
     });
     for s in &link_states {
@@ -188,13 +197,13 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
 
     // One connection budget for every listener.
     let permits = Arc::new(tokio::sync::Semaphore::new(ctx.settings.raw.max_connections));
-    tracing::info!(address = %mqtt_addr, "MQTT listener bound");
-    tracker.spawn(server::accept_loop(listener, Transport::Tcp, permits.clone(), ctx.clone(), shutdown.clone(), tracker.clone()));
     let bound_at = |name: &str| extra_listeners.iter().find(|l| l.0 == name).map(|l| l.2);
     let (mqtts_addr, ws_addr, wss_addr) = (bound_at("mqtts"), bound_at("ws"), bound_at("wss"));
-    for (_, l, bound, transport) in extra_listeners {
-        tracing::info!(address = %bound, "{} listener bound", transport.name());
-        tracker.spawn(server::accept_loop(l, transport, permits.clone(), ctx.clone(), shutdown.clone(), tracker.clone()));
+    for (name, l, bound, transport) in std::iter::once(("mqtt", listener, mqtt_addr, Transport::Tcp)).chain(extra_listeners) {
+        let proxy = ctx.settings.proxy_protocol.as_ref().filter(|(names, _)| names.iter().any(|n| n == name)).map(|(_, t)| t.clone());
+        tracing::info!(address = %bound, proxy_protocol = proxy.is_some(), "{} listener bound", transport.name());
+        let accept = server::Accept { transport, proxy_protocol: proxy, permits: permits.clone() };
+        tracker.spawn(server::accept_loop(l, accept, ctx.clone(), shutdown.clone(), tracker.clone()));
     }
 
     let ready = Arc::new(AtomicBool::new(false));

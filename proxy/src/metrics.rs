@@ -38,6 +38,7 @@ pub struct Metrics {
     pub sessions_expired: Counter,
     pub auth_failures: Family<ReasonLabel, Counter>,
     pub acl_denied: Family<ReasonLabel, Counter>,
+    pub limited: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -56,6 +57,11 @@ impl Metrics {
         r.register("wills_published", "Will messages published", self.wills_published.clone());
         r.register("sessions_expired", "Persistent sessions removed by expiry", self.sessions_expired.clone());
         r.register("auth_failures", "CONNECTs refused by authentication, by cause", self.auth_failures.clone());
+        r.register(
+            "limited",
+            "Work refused or slowed by a limit: max_connections_per_ip, connect_rate_per_ip, connect_rate (CONNACK), publish_rate (throttled)",
+            self.limited.clone(),
+        );
         r.register(
             "acl_denied",
             "Actions refused by the ACL: publish, subscribe, will, revoked (subscriptions removed on reload)",

@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use crate::auth::cert::CertNames;
 use crate::connection::Peer;
+use crate::proxy_protocol::Trusted;
 use crate::tls::TlsReloader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -40,19 +43,21 @@ impl Transport {
     }
 }
 
-/// Accepts MQTT connections over `transport` until `shutdown`.
+/// How a listener takes its connections.
+pub struct Accept {
+    pub transport: Transport,
+    /// Read a PROXY header first, from these networks only.
+    pub proxy_protocol: Option<Arc<Trusted>>,
+    /// One connection budget shared by every listener.
+    pub permits: Arc<Semaphore>,
+}
+
+/// Accepts MQTT connections until `shutdown`.
 ///
-/// A connection beyond `max_connections` (one `permits` budget shared by every listener) is
-/// closed at once and counted: refusing fast keeps the process responsive when a fleet
-/// reconnects all at once.
-pub async fn accept_loop(
-    listener: TcpListener,
-    transport: Transport,
-    permits: Arc<Semaphore>,
-    ctx: Arc<Context>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
+/// A connection beyond `max_connections` is closed at once and counted: refusing fast keeps
+/// the process responsive when a fleet reconnects all at once.
+pub async fn accept_loop(listener: TcpListener, accept: Accept, ctx: Arc<Context>, shutdown: CancellationToken, tracker: TaskTracker) {
+    let Accept { transport, proxy_protocol, permits } = accept;
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -76,8 +81,16 @@ pub async fn accept_loop(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let (ctx, shutdown, transport) = (ctx.clone(), shutdown.clone(), transport.clone());
+        let (ctx, shutdown, transport, proxy_protocol) = (ctx.clone(), shutdown.clone(), transport.clone(), proxy_protocol.clone());
         tracker.spawn(async move {
+            let mut stream = stream;
+            let peer = match proxy_protocol {
+                None => peer,
+                Some(trusted) => match proxied_peer(&ctx, &trusted, &mut stream, peer).await {
+                    Some(p) => p,
+                    None => return,
+                },
+            };
             if let Transport::Tcp = transport {
                 // The common case keeps its concrete socket halves: no boxing on the hot path.
                 let (reader, writer) = stream.into_split();
@@ -132,6 +145,28 @@ async fn open(
     tracing::debug!(%peer, reason, detail, "connection refused before MQTT");
     ctx.metrics.disconnects.get_or_create(&ReasonLabel { reason }).inc();
     None
+}
+
+/// The client's address from the PROXY header; `None` (counted, logged) when the connection
+/// is not from a trusted balancer or its header is missing or bad.
+async fn proxied_peer(ctx: &Context, trusted: &Trusted, stream: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+    if !trusted.contains(peer.ip()) {
+        ctx.metrics.disconnects.get_or_create(&ReasonLabel { reason: "proxy_untrusted" }).inc();
+        tracing::warn!(%peer, "connection to a PROXY-protocol listener from outside proxy_protocol_from; closed");
+        return None;
+    }
+    match tokio::time::timeout(ctx.settings.connect_timeout, crate::proxy_protocol::read_header(stream)).await {
+        Ok(Ok(source)) => Some(source.unwrap_or(peer)),
+        Ok(Err(e)) => {
+            ctx.metrics.disconnects.get_or_create(&ReasonLabel { reason: "proxy_header" }).inc();
+            tracing::debug!(%peer, error = %e, "bad PROXY header; closed");
+            None
+        }
+        Err(_) => {
+            ctx.metrics.disconnects.get_or_create(&ReasonLabel { reason: "handshake_timeout" }).inc();
+            None
+        }
+    }
 }
 
 /// The names in the client's certificate, if it presented one (rustls has verified it).

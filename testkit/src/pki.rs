@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DnType, IsCa, Issuer,
-    KeyIdMethod, KeyPair, RevokedCertParams, SanType, SerialNumber,
+    date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DistinguishedName, DnType, IsCa,
+    Issuer, KeyIdMethod, KeyPair, RevokedCertParams, SanType, SerialNumber,
 };
 
 #[derive(Debug, Clone)]
@@ -64,6 +64,7 @@ impl Ca {
     pub fn client(&self, dir: &Path, stem: &str, c: &ClientCert<'_>) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
         if let Some(cn) = c.common_name {
             params.distinguished_name.push(DnType::CommonName, cn);
         }

@@ -252,12 +252,17 @@ impl Auth {
         }
     }
 
+    /// Do any rules apply to this client?
+    pub fn restricts(&self, identity: &Identity) -> bool {
+        identity.acl.is_some() || self.acl_path.is_some()
+    }
+
     /// May this client receive a message on `topic` (checked at delivery, so that a revoked
     /// subscription, a queue filled before a revocation, or a retained message never leaks)?
     /// A topic name is a filter matching only itself, so this is the subscribe rule.
     pub fn may_receive(&self, identity: &Identity, client_id: &str, topic: &str) -> bool {
         // The delivery hot path: no lock at all while no ACL can apply.
-        if identity.acl.is_none() && self.acl_path.is_none() {
+        if !self.restricts(identity) {
             return true;
         }
         self.allows(identity, client_id, Action::Subscribe, topic)

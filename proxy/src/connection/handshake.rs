@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Connection, Io, Peer, SessionState};
+use crate::admission::{IpSlot, Refused, TokenBucket};
 use crate::auth::acl::Action;
 use crate::auth::{Identity, Login};
 use crate::metrics::{Metrics, ReasonLabel};
@@ -36,6 +37,7 @@ pub(super) async fn run<R, W>(
     mut io: Io<R, W>,
     conn: ConnId,
     peer: Peer,
+    admitted: Result<Option<IpSlot>, Refused>,
     shutdown: CancellationToken,
 ) -> Option<Connection<R, W>>
 where
@@ -44,6 +46,16 @@ where
 {
     let connect = first_packet(&ctx, &mut io, &shutdown).await?;
     let protocol = connect.protocol;
+    let slot = match admitted {
+        Ok(slot) => slot,
+        Err(refused) => {
+            // Refused before any authentication, store or shard work.
+            ctx.metrics.limited.get_or_create(&ReasonLabel { reason: refused.cause }).inc();
+            let detail = format!("{} limit reached for {}", refused.cause, peer.addr.ip());
+            refuse(&ctx, &mut io, protocol, Refusal { reason: refused.reason, detail }).await;
+            return None;
+        }
+    };
     let admitted = negotiate(&connect, &ctx.limits, || format!("mqfleet-{}", random_id()));
     let admitted = match admitted {
         Ok(n) => admit(&ctx, &connect, n, &peer).await,
@@ -101,6 +113,10 @@ where
         protocol,
         client_id: negotiated.client_id.clone(),
         identity,
+        _slot: slot,
+        publish_rate: bucket(ctx.limits.max_publish_rate),
+        publish_bytes_rate: bucket(ctx.limits.max_publish_bytes_rate),
+        throttled_until: None,
         session: resumed.state,
         keep_alive,
         deadline: Instant::now() + keep_alive.unwrap_or(Duration::ZERO),
@@ -125,6 +141,11 @@ where
         let _ = own_mailbox.send(ConnMsg::TakenOver);
     }
     Some(connection)
+}
+
+/// A full per-client bucket for a rate (one second's burst), or none for 0.
+fn bucket(rate: u32) -> Option<TokenBucket> {
+    (rate > 0).then(|| TokenBucket::new(f64::from(rate), f64::from(rate), Instant::now()))
 }
 
 /// Authentication (the chain of `crate::auth`, bounded by the CONNECT timeout so that a queue

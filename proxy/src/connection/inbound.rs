@@ -50,6 +50,7 @@ where
     async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
         let qos = p.qos;
         self.ctx.metrics.messages_received.get_or_create(&QosLabel { qos: qos as u8 }).inc();
+        self.charge_publish(p.payload.len());
         if self.v5() && !p.properties.subscription_identifiers.is_empty() {
             return Err(protocol_error(
                 ReasonCode::ProtocolError,

@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::admission::{IpSlot, TokenBucket};
 use crate::auth::cert::CertNames;
 use crate::auth::Identity;
 use crate::registry::ConnMsg;
@@ -65,7 +66,8 @@ where
     async move {
         ctx.metrics.connections.inc();
         let io = Io::new(reader, writer, ctx.limits.max_packet_size as usize);
-        if let Some(connection) = handshake::run(ctx.clone(), io, conn, peer, shutdown).await {
+        let admitted = ctx.admission.admit(peer.addr.ip());
+        if let Some(connection) = handshake::run(ctx.clone(), io, conn, peer, admitted, shutdown).await {
             let mut connection = connection;
             let end = connection.run().await;
             connection.finish(end).await;
@@ -177,6 +179,12 @@ pub(crate) struct Connection<R, W> {
     client_id: ByteString,
     /// Who authenticated, for ACL checks.
     identity: Identity,
+    /// Counts this connection against its source address's limit.
+    _slot: Option<IpSlot>,
+    /// Publish rate limits (messages, bytes); the socket is not read before `throttled_until`.
+    publish_rate: Option<TokenBucket>,
+    publish_bytes_rate: Option<TokenBucket>,
+    throttled_until: Option<Instant>,
     session: SessionState,
     keep_alive: Option<Duration>,
     deadline: Instant,
@@ -229,14 +237,23 @@ where
     /// operations than our Receive Maximum are pending: a client that does not read, or floods
     /// us, is slowed down by TCP instead of growing our memory.
     async fn run(&mut self) -> End {
+        // A resumed session's subscriptions meet the ACL as it is now (it may have changed
+        // while the client was away, BAD-INPUT 70).
+        if self.ctx.settings.auth.restricts(&self.identity) {
+            if let Err(end) = self.recheck_subscriptions().await {
+                return end;
+            }
+        }
         // Packets pipelined behind CONNECT may already be buffered: handle them before waiting.
         if let Err(end) = self.on_input().await {
             return end;
         }
         loop {
             self.flush_store_ops();
+            let throttled = self.throttled_until.filter(|t| *t > Instant::now());
             let input_open = self.io.output.pending() < self.ctx.limits.max_write_buffer
-                && self.ops.len() < usize::from(self.ctx.limits.receive_maximum);
+                && self.ops.len() < usize::from(self.ctx.limits.receive_maximum)
+                && throttled.is_none();
             let keepalive = self.keep_alive.is_some();
             let result = tokio::select! {
                 biased;
@@ -250,6 +267,11 @@ where
                 },
                 r = self.io.output.write_some(), if self.io.output.has_work() => r.map_err(|e| End::Network(Some(e))),
                 () = tokio::time::sleep_until(self.deadline), if keepalive => Err(End::KeepAliveTimeout),
+                () = tokio::time::sleep_until(throttled.unwrap_or_else(Instant::now)), if throttled.is_some() => {
+                    // Back within its rate: packets already buffered go first.
+                    self.throttled_until = None;
+                    self.on_input().await
+                }
             };
             if let Err(end) = result {
                 return end;
@@ -260,6 +282,9 @@ where
     /// Handles every complete packet in the read buffer.
     async fn on_input(&mut self) -> Result<(), End> {
         loop {
+            if self.throttled_until.is_some() {
+                return Ok(()); // the rest waits in the buffer until the client is back within its rate
+            }
             match self.io.input.next_packet(self.protocol) {
                 Ok(Some(p)) => {
                     self.touch();
@@ -267,6 +292,27 @@ where
                 }
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(protocol_error(e.reason_code(), e.to_string())),
+            }
+        }
+    }
+
+    /// Charges a PUBLISH to the client's rate limits; over them, the socket rests until the
+    /// buckets are out of debt (and the keep-alive deadline moves with it: the wait is ours).
+    fn charge_publish(&mut self, payload_len: usize) {
+        let now = Instant::now();
+        let mut wait = Duration::ZERO;
+        if let Some(b) = &mut self.publish_rate {
+            wait = wait.max(b.take(1.0, now));
+        }
+        if let Some(b) = &mut self.publish_bytes_rate {
+            wait = wait.max(b.take(payload_len as f64, now));
+        }
+        if !wait.is_zero() {
+            self.ctx.metrics.limited.get_or_create(&crate::metrics::ReasonLabel { reason: "publish_rate" }).inc();
+            let until = now + wait;
+            self.throttled_until = Some(until);
+            if let Some(k) = self.keep_alive {
+                self.deadline = self.deadline.max(until + k);
             }
         }
     }

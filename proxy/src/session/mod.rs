@@ -26,6 +26,9 @@ pub struct Limits {
     pub topic_alias_maximum: u16,
     pub max_subscriptions: usize,
     pub topic: TopicLimits,
+    /// Per-client PUBLISH rates (messages, payload bytes per second); 0: none.
+    pub max_publish_rate: u32,
+    pub max_publish_bytes_rate: u32,
 }
 
 impl Limits {
@@ -51,6 +54,8 @@ impl Limits {
             topic_alias_maximum: c.topic_alias_maximum,
             max_subscriptions: c.max_subscriptions,
             topic: TopicLimits { max_len: c.max_topic_length, max_levels: c.max_topic_levels },
+            max_publish_rate: c.max_publish_rate,
+            max_publish_bytes_rate: c.max_publish_bytes_rate,
         }
     }
 }
