@@ -204,3 +204,20 @@ fn a_hostile_item_count_allocates_nothing() {
     body[n - 5..n - 1].copy_from_slice(&u32::MAX.to_be_bytes());
     assert!(matches!(decode(body.freeze().slice(4..)), Err(FrameError::Truncated("recipients"))));
 }
+
+/// Writes frames of every kind as seeds for the `link_frame` fuzz target:
+/// `cargo test -p broker-shard --test frame -- --ignored write_fuzz_seeds`.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    use proptest::strategy::ValueTree;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/link_frame");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    for i in 0..40 {
+        let f = frame().new_tree(&mut runner).unwrap().current();
+        let mut out = BytesMut::new();
+        encode(&f, &mut out);
+        std::fs::write(dir.join(format!("seed-{i:02}")), &out).unwrap();
+    }
+}

@@ -66,6 +66,13 @@ mqfleet_ops::settings! {
     /// ACL file (TOML `[[rule]]` list, first match wins, default deny); empty: every topic open.
     /// Re-read on SIGHUP; existing subscriptions are checked again.
     acl_file: String = String::new(), env "MQFLEET_PROXY_ACL_FILE";
+    /// Users (`mqfleet-proxy passwd redis://… USER`) and ACL rules (`mqfleet-proxy acl
+    /// redis://… FILE`) also from the session store's Redis, shared by every proxy; the ACL is
+    /// re-read every 5 s. Needs `store` in Redis.
+    auth_redis: bool = false, env "MQFLEET_PROXY_AUTH_REDIS";
+    /// Fleet-wide PUBLISH packets per second one client may send across all proxies (a bucket
+    /// in Redis, leased in chunks); a faster client is throttled. 0: no limit. Needs Redis.
+    fleet_publish_rate: u32 = 0, env "MQFLEET_PROXY_FLEET_PUBLISH_RATE";
     /// Password hashes verified at once, at most (each takes one core for ~20 ms); 0 = one per core.
     auth_concurrency: usize = 0, env "MQFLEET_PROXY_AUTH_CONCURRENCY";
     /// File with the HS256 secret (at least 32 bytes) for JSON Web Tokens in the password field.
@@ -178,16 +185,23 @@ pub struct Cli {
 /// Tools besides running the broker.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Adds a user to a password file or changes its password (read as one line from standard
-    /// input), or removes it with --delete. Creates the file (mode 0600) if missing; send the
-    /// proxy SIGHUP to apply.
+    /// Adds a user or changes its password (read as one line from standard input), or removes
+    /// it with --delete, in a password file (created, mode 0600, if missing; SIGHUP the proxies
+    /// to apply) or in Redis (a `redis://…` URL: proxies with auth_redis see it at once).
     Passwd {
-        /// The password file (the `password_file` setting).
-        file: PathBuf,
+        /// The password file (the `password_file` setting) or the store's Redis URL.
+        target: String,
         username: String,
         /// Remove the user.
         #[arg(long, short = 'D')]
         delete: bool,
+    },
+    /// Checks an ACL file and stores it in Redis as the fleet's ACL (proxies with auth_redis
+    /// apply it within 5 s).
+    Acl {
+        /// The store's Redis URL.
+        store: String,
+        file: PathBuf,
     },
 }
 
@@ -266,6 +280,14 @@ impl Config {
             [mqtt, ws, mqtts.as_ref().map(|l| l.0), wss.as_ref().map(|l| l.0)].into_iter().flatten().all(|a| a.ip().is_loopback());
         let auth = self.auth(&mut p, loopback_only);
         let proxy_protocol = self.proxy_protocol(&mut p);
+        if !matches!(store, Some(StoreSpec::Redis(_))) {
+            if self.auth_redis {
+                p.add("auth_redis", "users and ACL rules in Redis need the session store in Redis (store = redis://…)");
+            }
+            if self.fleet_publish_rate > 0 {
+                p.add("fleet_publish_rate", "fleet-wide rates are shared through Redis: set store = redis://…");
+            }
+        }
         match (&store, &shards) {
             (Some(StoreSpec::Embedded(_)), Some(ShardSpec::Static(_) | ShardSpec::Discover)) => {
                 p.add("shards", "shard processes need the session store in Redis (store = redis://…): proxies share sessions through it")
@@ -429,6 +451,7 @@ impl Config {
             cert_source: cert_source?,
             cert_use: cert_use?,
             concurrency,
+            redis: self.auth_redis,
         };
         match Auth::new(config) {
             Ok(a) => Some(a),

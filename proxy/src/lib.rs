@@ -186,6 +186,12 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     } else {
         tracing::info!(?backends, anonymous = ctx.settings.auth.allows_anonymous(), "authentication");
     }
+    if let Some(c) = &ctx.cluster {
+        ctx.settings.auth.attach_redis(c.redis.clone());
+        if let Err(e) = ctx.settings.auth.reload_redis_acl().await {
+            tracing::error!(error = %e, "the ACL in Redis is not usable; keeping the configured one");
+        }
+    }
     match &ctx.cluster {
         None => restore_sessions(&ctx).await?,
         Some(c) => {

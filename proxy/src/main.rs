@@ -10,20 +10,8 @@ use proxy::config::{Cli, Command, Config};
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    if let Some(Command::Passwd { file, username, delete }) = cli.command.take() {
-        if !delete && std::io::stdin().is_terminal() {
-            eprint!("password for {username} (shown as typed; pipe it in to hide it): ");
-        }
-        return match proxy::auth::password::passwd(&file, &username, delete, &mut std::io::stdin().lock()) {
-            Ok(done) => {
-                println!("{done}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("mqfleet-proxy passwd: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    if let Some(command) = cli.command.take() {
+        return tool(command);
     }
     let settings = match Config::load(cli).and_then(Config::validate) {
         Ok(s) => s,
@@ -53,4 +41,35 @@ fn main() -> ExitCode {
         broker.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Runs an operator command (`passwd`, `acl`).
+fn tool(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mqfleet-proxy: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    let (name, result) = match command {
+        Command::Passwd { target, username, delete } => {
+            if !delete && std::io::stdin().is_terminal() {
+                eprint!("password for {username} (shown as typed; pipe it in to hide it): ");
+            }
+            let mut input = std::io::stdin().lock();
+            ("passwd", runtime.block_on(proxy::auth::cli::passwd_command(&target, &username, delete, &mut input)))
+        }
+        Command::Acl { store, file } => ("acl", runtime.block_on(proxy::auth::cli::acl_command(&store, &file))),
+    };
+    match result {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mqfleet-proxy {name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

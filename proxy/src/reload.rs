@@ -51,6 +51,23 @@ pub fn reload_all(ctx: &Context) -> Vec<String> {
     problems
 }
 
+/// How often the ACL in Redis is read again (with `auth_redis`).
+const REDIS_ACL_POLL: Duration = Duration::from_secs(5);
+
+/// Re-reads the ACL in Redis and, if it changed, has every connection recheck.
+async fn reload_redis_acl(ctx: &Context) {
+    match ctx.settings.auth.reload_redis_acl().await {
+        Ok(true) => {
+            tracing::info!("ACL in Redis changed: reloaded");
+            for mailbox in ctx.registry.all() {
+                let _ = mailbox.send(ConnMsg::AclChanged);
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "cannot reload the ACL from Redis; the previous rules stay"),
+    }
+}
+
 /// Reloads on SIGHUP and on TLS file changes until `stop`.
 pub async fn watch(ctx: Weak<Context>, every: Option<Duration>, stop: CancellationToken) {
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -62,6 +79,9 @@ pub async fn watch(ctx: Weak<Context>, every: Option<Duration>, stop: Cancellati
     };
     let mut poll = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acl_poll = tokio::time::interval(REDIS_ACL_POLL);
+    acl_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let redis_acl = ctx.upgrade().is_some_and(|c| c.settings.raw.auth_redis);
     loop {
         let hup = async {
             match hangup.as_mut() {
@@ -75,6 +95,11 @@ pub async fn watch(ctx: Weak<Context>, every: Option<Duration>, stop: Cancellati
                 let Some(ctx) = ctx.upgrade() else { return };
                 tracing::info!("SIGHUP: reloading configuration files");
                 reload_all(&ctx);
+                reload_redis_acl(&ctx).await;
+            }
+            _ = acl_poll.tick(), if redis_acl => {
+                let Some(ctx) = ctx.upgrade() else { return };
+                reload_redis_acl(&ctx).await;
             }
             _ = poll.tick(), if every.is_some() => {
                 let Some(ctx) = ctx.upgrade() else { return };

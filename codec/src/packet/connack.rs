@@ -32,7 +32,9 @@ impl ConnAck {
             let reason = ReasonCode::from_v3_connack(code).ok_or(DecodeError::InvalidReasonCode { packet: r.packet(), code })?;
             (reason, ConnAckProperties::default())
         };
-        Ok(ConnAck { session_present: flags & 1 != 0, reason, properties })
+        // MQTT 3.1 has no Session Present flag: the bit is not read, as it is not written
+        // (found by the mqtt_decode fuzz target: decode and encode disagreed).
+        Ok(ConnAck { session_present: flags & 1 != 0 && protocol != Protocol::V3_1, reason, properties })
     }
 
     pub(crate) fn body_len(&self, protocol: Protocol) -> usize {

@@ -4,7 +4,8 @@
 //! Backends are asked in a fixed order; the first that recognises the client decides:
 //! 1. a verified client certificate, when `tls_identity` names a field ([`cert`]);
 //! 2. the password file, for a user it lists ([`password`]);
-//! 3. a JSON Web Token in the password field ([`jwt`]).
+//! 3. users in Redis (`auth_redis`), shared by every proxy of a fleet;
+//! 4. a JSON Web Token in the password field ([`jwt`]).
 //!
 //! Credentials no backend recognises are refused (0x86 / 3.1.1 0x04) — unless no credential
 //! backend is configured at all, when they are ignored as Mosquitto does. A client without
@@ -18,14 +19,17 @@
 
 pub mod acl;
 pub mod cert;
+pub mod cli;
 pub mod jwt;
 pub mod password;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use mqfleet_codec::ReasonCode;
 use parking_lot::RwLock;
+use session_store::RedisStore;
 use tokio::sync::Semaphore;
 
 use acl::{Acl, Action, Subject};
@@ -42,6 +46,8 @@ pub struct AuthConfig {
     pub cert_source: IdentitySource,
     pub cert_use: IdentityUse,
     pub concurrency: usize,
+    /// Users and ACL rules also come from the session store's Redis (attached at start).
+    pub redis: bool,
 }
 
 /// What a CONNECT offers.
@@ -94,6 +100,11 @@ pub struct Auth {
     cert_source: IdentitySource,
     cert_use: IdentityUse,
     hashing: Arc<Semaphore>,
+    /// Set once at start when `auth_redis` is on.
+    redis: std::sync::OnceLock<RedisStore>,
+    wants_redis: bool,
+    /// An ACL is in force (file or Redis): the delivery path checks without a lock otherwise.
+    has_acl: AtomicBool,
 }
 
 impl std::fmt::Debug for Auth {
@@ -114,6 +125,9 @@ impl Auth {
             None => None,
         };
         Ok(Auth {
+            has_acl: AtomicBool::new(acl.is_some()),
+            redis: std::sync::OnceLock::new(),
+            wants_redis: c.redis,
             allow_anonymous: c.allow_anonymous,
             password_path: c.password_file,
             passwords: RwLock::new(Arc::new(passwords)),
@@ -136,6 +150,7 @@ impl Auth {
             cert_source: IdentitySource::None,
             cert_use: IdentityUse { username: true, client_id: false },
             concurrency: 1,
+            redis: false,
         };
         Auth::new(config).unwrap_or_else(|_| unreachable!("no files to read"))
     }
@@ -149,10 +164,35 @@ impl Auth {
         if self.password_path.is_some() {
             b.push("password_file");
         }
+        if self.wants_redis {
+            b.push("redis");
+        }
         if self.jwt.is_some() {
             b.push("jwt");
         }
         b
+    }
+
+    /// Gives the Redis backend its store (at start, when `auth_redis` is on).
+    pub fn attach_redis(&self, store: RedisStore) {
+        if self.wants_redis {
+            let _ = self.redis.set(store);
+        }
+    }
+
+    /// Re-reads the ACL from Redis; `Ok(true)` if it changed (connections must recheck).
+    /// Without a stored ACL the file's (or none) stays. On a bad ACL the running one stays.
+    pub async fn reload_redis_acl(&self) -> Result<bool, String> {
+        let Some(redis) = self.redis.get() else { return Ok(false) };
+        let Some(text) = redis.acl_text().await.map_err(|e| e.to_string())? else { return Ok(false) };
+        let acl = Acl::parse(&text).map_err(|e| format!("the ACL in Redis: {e}"))?;
+        let mut current = self.acl.write();
+        if current.as_deref() == Some(&acl) {
+            return Ok(false);
+        }
+        *current = Some(Arc::new(acl));
+        self.has_acl.store(true, Ordering::Release);
+        Ok(true)
     }
 
     pub fn allows_anonymous(&self) -> bool {
@@ -169,6 +209,7 @@ impl Auth {
         }
         if let Some(a) = acl {
             *self.acl.write() = Some(Arc::new(a));
+            self.has_acl.store(true, Ordering::Release);
         }
         Ok(())
     }
@@ -191,13 +232,25 @@ impl Auth {
             });
         }
 
-        let credentials_checked = self.password_path.is_some() || self.jwt.is_some();
+        let credentials_checked = self.password_path.is_some() || self.jwt.is_some() || self.wants_redis;
         let passwords = self.passwords.read().clone();
         if let (Some(user), Some(password)) = (login.username, login.password) {
             if passwords.contains(user) {
                 let (hash, _) = passwords.hash_for(user);
                 if self.verify(hash.to_string(), password).await? {
                     return Ok(Identity { username: Some(user.to_string()), cn, method: "password_file", ..Identity::default() });
+                }
+                return Err(denied(ReasonCode::BadUserNameOrPassword, "bad_password", format!("wrong password for user {user:?}")));
+            }
+        }
+        if let (Some(redis), Some(user), Some(password)) = (self.redis.get(), login.username, login.password) {
+            let stored = redis
+                .user_hash(user)
+                .await
+                .map_err(|e| denied(ReasonCode::ServerUnavailable, "auth_unavailable", format!("cannot read users from Redis: {e}")))?;
+            if let Some(hash) = stored {
+                if self.verify(hash, password).await? {
+                    return Ok(Identity { username: Some(user.to_string()), cn, method: "redis", ..Identity::default() });
                 }
                 return Err(denied(ReasonCode::BadUserNameOrPassword, "bad_password", format!("wrong password for user {user:?}")));
             }
@@ -254,7 +307,7 @@ impl Auth {
 
     /// Do any rules apply to this client?
     pub fn restricts(&self, identity: &Identity) -> bool {
-        identity.acl.is_some() || self.acl_path.is_some()
+        identity.acl.is_some() || self.has_acl.load(Ordering::Acquire)
     }
 
     /// May this client receive a message on `topic` (checked at delivery, so that a revoked

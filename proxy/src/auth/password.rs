@@ -132,8 +132,19 @@ impl PasswordFile {
     }
 }
 
-/// `mqfleet-proxy passwd`: adds or changes `user` with the password read from `input` (one
-/// line), or removes it; creates the file if missing. Returns what was done, for the operator.
+/// Reads a password as one line from `input`; an empty one is refused.
+pub fn read_password(input: &mut dyn std::io::BufRead) -> Result<String, String> {
+    let mut line = String::new();
+    input.read_line(&mut line).map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err("empty password: give it on standard input (one line)".into());
+    }
+    Ok(password.to_string())
+}
+
+/// `mqfleet-proxy passwd FILE`: adds or changes `user` with the password read from `input`
+/// (one line), or removes it; creates the file if missing. Returns what was done.
 pub fn passwd(path: &Path, user: &str, delete: bool, input: &mut dyn std::io::BufRead) -> Result<String, String> {
     let mut file = if path.exists() { PasswordFile::load(path)? } else { PasswordFile::default() };
     let done = if delete {
@@ -142,14 +153,9 @@ pub fn passwd(path: &Path, user: &str, delete: bool, input: &mut dyn std::io::Bu
         }
         format!("removed {user}")
     } else {
-        let mut line = String::new();
-        input.read_line(&mut line).map_err(|e| format!("cannot read the password from standard input: {e}"))?;
-        let password = line.trim_end_matches(['\n', '\r']);
-        if password.is_empty() {
-            return Err("empty password: give it on standard input (one line)".into());
-        }
+        let password = read_password(input)?;
         let existed = file.contains(user);
-        file.set(user, password)?;
+        file.set(user, &password)?;
         if existed {
             format!("changed the password of {user}")
         } else {

@@ -51,6 +51,7 @@ where
         let qos = p.qos;
         self.ctx.metrics.messages_received.get_or_create(&QosLabel { qos: qos as u8 }).inc();
         self.charge_publish(p.payload.len());
+        self.charge_fleet_publish().await;
         if self.v5() && !p.properties.subscription_identifiers.is_empty() {
             return Err(protocol_error(
                 ReasonCode::ProtocolError,

@@ -184,6 +184,8 @@ pub(crate) struct Connection<R, W> {
     /// Publish rate limits (messages, bytes); the socket is not read before `throttled_until`.
     publish_rate: Option<TokenBucket>,
     publish_bytes_rate: Option<TokenBucket>,
+    /// Tokens leased from the fleet-wide bucket in Redis, not yet spent.
+    fleet_tokens: u64,
     throttled_until: Option<Instant>,
     session: SessionState,
     keep_alive: Option<Duration>,
@@ -307,13 +309,40 @@ where
         if let Some(b) = &mut self.publish_bytes_rate {
             wait = wait.max(b.take(payload_len as f64, now));
         }
-        if !wait.is_zero() {
-            self.ctx.metrics.limited.get_or_create(&crate::metrics::ReasonLabel { reason: "publish_rate" }).inc();
-            let until = now + wait;
-            self.throttled_until = Some(until);
-            if let Some(k) = self.keep_alive {
-                self.deadline = self.deadline.max(until + k);
+        self.throttle(wait, "publish_rate");
+    }
+
+    /// Charges a PUBLISH to the client's fleet-wide rate (a bucket in Redis shared by every
+    /// proxy). Tokens are leased a tenth of a second's worth at a time; when the fleet's bucket
+    /// is empty the client is throttled like a local limit. If Redis cannot answer, the client
+    /// is let through (a rate limit is not worth an outage) and the failure logged.
+    async fn charge_fleet_publish(&mut self) {
+        let rate = u64::from(self.ctx.settings.raw.fleet_publish_rate);
+        let Some(cluster) = self.ctx.cluster.as_ref().filter(|_| rate > 0) else { return };
+        if self.fleet_tokens == 0 {
+            let chunk = rate.div_ceil(10);
+            match cluster.redis.take_tokens(&self.client_id, "publish", rate, rate, chunk).await {
+                Ok(0) => self.throttle(Duration::from_secs_f64(chunk as f64 / rate as f64), "fleet_publish_rate"),
+                Ok(n) => self.fleet_tokens = n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "fleet-wide rate not checked: Redis did not answer");
+                    self.fleet_tokens = chunk;
+                }
             }
+        }
+        self.fleet_tokens = self.fleet_tokens.saturating_sub(1);
+    }
+
+    /// Stops reading the socket for `wait` (nothing is dropped: TCP slows the client down).
+    fn throttle(&mut self, wait: Duration, limit: &'static str) {
+        if wait.is_zero() {
+            return;
+        }
+        self.ctx.metrics.limited.get_or_create(&crate::metrics::ReasonLabel { reason: limit }).inc();
+        let until = Instant::now() + wait;
+        self.throttled_until = Some(self.throttled_until.map_or(until, |t| t.max(until)));
+        if let Some(k) = self.keep_alive {
+            self.deadline = self.deadline.max(until + k);
         }
     }
 

@@ -21,6 +21,9 @@
 //! | `mqf:{m}:wills` | sorted set | client id, scored by when its delayed will is due |
 //! | `mqf:{pH}:inbox:<proxy>` | list | takeover notices for the proxy's connections |
 //! | `mqf:{pH}:clients:<proxy>` | set | client ids the proxy claimed |
+//! | `mqf:{H}:rate:<name>:<id>` | hash | fleet-wide token bucket of a client: `tokens`, `at_ms` |
+//! | `mqf:{uH}:user:<name>` | string | a user's PHC password hash (`mqfleet-proxy passwd redis://…`) |
+//! | `mqf:{m}:acl` | string | the fleet's ACL rules (TOML, as in an ACL file) |
 //!
 //! Fields of the session hash: `rec` (the record, persistent sessions only), `epoch`, `owner`
 //! (the proxy with the connection), `expiry_ms` (session expiry interval), `will` and
@@ -72,6 +75,19 @@ pub const PROXIES: &str = "mqf:{m}:proxies";
 pub const SHARDS: &str = "mqf:{m}:shards";
 pub const RING: &str = "mqf:{m}:ring";
 pub const WILLS: &str = "mqf:{m}:wills";
+
+/// A fleet-wide rate bucket of a client (a hash: `tokens`, `at_ms`), in the client's slot.
+pub fn rate_bucket(client_id: &str, name: &str) -> String {
+    format!("mqf:{{{:016x}}}:rate:{name}:{client_id}", client_hash(client_id))
+}
+
+/// The fleet's ACL rules (a string: the ACL file's TOML).
+pub const ACL: &str = "mqf:{m}:acl";
+
+/// A user's credentials (a string: PHC hash), tagged by a hash of the name like client keys.
+pub fn user(username: &str) -> String {
+    format!("mqf:{{u{:016x}}}:user:{username}", client_hash(username))
+}
 
 /// Participants ready for the ring change to `epoch` (a set).
 pub fn ring_ready(epoch: u64) -> String {

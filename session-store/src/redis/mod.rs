@@ -10,6 +10,7 @@
 //! What stays out of Redis: retained messages and the message log live with the shards; QoS 0
 //! traffic never touches Redis.
 
+mod admission;
 pub mod keys;
 mod membership;
 mod scripts;

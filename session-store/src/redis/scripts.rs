@@ -285,3 +285,26 @@ return 1
 "#,
     )
 });
+
+/// A token bucket on Redis's clock. KEYS[1] the bucket; ARGV rate per second, burst, tokens
+/// wanted. Returns the tokens granted (all wanted if available, else what there is). Idle
+/// buckets expire once full again.
+pub static TAKE_TOKENS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at_ms')
+local tokens = tonumber(b[1]) or burst
+local at = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + (now - at) * rate / 1000)
+local granted = math.min(want, math.floor(tokens))
+if granted < 0 then granted = 0 end
+tokens = tokens - granted
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at_ms', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return granted
+",
+    )
+});
