@@ -50,6 +50,11 @@ mqfleet_ops::settings! {
     max_inflight: u16 = 1024, env "MQFLEET_SHARD_MAX_INFLIGHT";
     /// Also queue QoS 0 messages for offline persistent sessions.
     queue_qos0_offline: bool = false, env "MQFLEET_SHARD_QUEUE_QOS0_OFFLINE";
+    /// Retained messages this shard holds at most; a retained PUBLISH for a new topic beyond
+    /// it is refused (5.0: PUBACK 0x97). 0: no limit.
+    max_retained_messages: usize = 0, env "MQFLEET_SHARD_MAX_RETAINED_MESSAGES";
+    /// Payload bytes of the retained messages this shard holds at most; 0: no limit.
+    max_retained_bytes: usize = 0, env "MQFLEET_SHARD_MAX_RETAINED_BYTES";
     /// Log format: `text` or `json`. The level comes from RUST_LOG, else `log_level`.
     log_format: String = "text".into(), env "MQFLEET_SHARD_LOG_FORMAT";
     /// Log level filter when RUST_LOG is not set (tracing EnvFilter syntax).

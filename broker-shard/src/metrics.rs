@@ -22,6 +22,7 @@ pub struct ShardMetrics {
     pub dropped: Family<ReasonLabel, Counter>,
     pub subscriptions: Gauge,
     pub retained_messages: Gauge,
+    pub retained_refused: Counter,
     /// Durable writes that failed (disk full, I/O error); the publishers were refused.
     pub store_errors: Counter,
     /// Clustered: accepted QoS 1/2 messages still in the shard's log (not yet queued for every
@@ -37,6 +38,11 @@ impl ShardMetrics {
         r.register("dropped_messages", "Message copies not delivered, by reason", self.dropped.clone());
         r.register("subscriptions", "Subscriptions held by the shards", self.subscriptions.clone());
         r.register("retained_messages", "Retained messages held by the shards", self.retained_messages.clone());
+        r.register(
+            "retained_refused",
+            "Retained PUBLISHes refused by max_retained_messages or max_retained_bytes",
+            self.retained_refused.clone(),
+        );
         r.register("store_errors", "Durable writes that failed; their publishers were refused", self.store_errors.clone());
         r.register("log_entries", "Accepted QoS 1/2 messages still in the shard's log", self.log_entries.clone());
     }

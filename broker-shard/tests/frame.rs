@@ -111,6 +111,7 @@ fn event() -> impl Strategy<Value = Event> {
             .prop_map(|(existed, retained)| Ok(Reply::Subscribed { existed, retained })),
         vec(any::<bool>(), 0..4).prop_map(|existed| Ok(Reply::Unsubscribed { existed })),
         ("[a-z]{0,5}", "[a-z ]{0,20}").prop_map(|(shard, detail)| Err(ShardError::Store { shard, detail })),
+        ("[a-z]{0,5}", "[a-z ]{0,20}").prop_map(|(shard, detail)| Err(ShardError::QuotaExceeded { shard, detail })),
     ];
     prop_oneof![
         (any::<u64>(), reply).prop_map(|(id, result)| Event::Reply { id: RequestId(id), result }),

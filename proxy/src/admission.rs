@@ -1,5 +1,5 @@
 //! Limits enforced before work is done: connections per source address, CONNECT rate per
-//! source address and per proxy, and each client's publish rate in messages and bytes.
+//! source address and per listener, and each client's publish rate in messages and bytes.
 //!
 //! Connection limits answer the CONNECT (before authentication, the store or the shards are
 //! touched) with 0x9F Connection rate exceeded or 0x97 Quota exceeded. Publish rates do not
@@ -75,7 +75,9 @@ pub struct Admission {
     /// (rate, burst) per source address.
     rate_per_ip: Option<(f64, f64)>,
     buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
-    total_rate: Option<Mutex<TokenBucket>>,
+    /// (rate, burst) per listener, and the listeners' buckets.
+    listener_rate: Option<(f64, f64)>,
+    listeners: Mutex<HashMap<&'static str, TokenBucket>>,
 }
 
 /// Counts one connection of an address while alive.
@@ -109,19 +111,21 @@ const PRUNE_AT: usize = 65_536;
 
 impl Admission {
     /// `0` disables a limit. Bursts default to one second's worth (at least 1).
-    pub fn new(max_per_ip: usize, rate_per_ip: f64, total_rate: f64) -> Admission {
+    pub fn new(max_per_ip: usize, rate_per_ip: f64, listener_rate: f64) -> Admission {
         let burst = |r: f64| r.max(1.0);
         Admission {
             max_per_ip,
             per_ip: Mutex::new(HashMap::new()),
             rate_per_ip: (rate_per_ip > 0.0).then(|| (rate_per_ip, burst(rate_per_ip))),
             buckets: Mutex::new(HashMap::new()),
-            total_rate: (total_rate > 0.0).then(|| Mutex::new(TokenBucket::new(total_rate, burst(total_rate), Instant::now()))),
+            listener_rate: (listener_rate > 0.0).then(|| (listener_rate, burst(listener_rate))),
+            listeners: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Admits a connection from `ip` or says why not; the slot counts it until dropped.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<IpSlot>, Refused> {
+    /// Admits a connection from `ip` on `listener` or says why not; the slot counts it until
+    /// dropped.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, listener: &'static str) -> Result<Option<IpSlot>, Refused> {
         let now = Instant::now();
         if let Some((rate, burst)) = self.rate_per_ip {
             let mut buckets = self.buckets.lock();
@@ -132,8 +136,9 @@ impl Admission {
                 return Err(Refused { reason: ReasonCode::ConnectionRateExceeded, cause: "connect_rate_per_ip" });
             }
         }
-        if let Some(total) = &self.total_rate {
-            if !total.lock().try_take(1.0, now) {
+        if let Some((rate, burst)) = self.listener_rate {
+            let mut listeners = self.listeners.lock();
+            if !listeners.entry(listener).or_insert_with(|| TokenBucket::new(rate, burst, now)).try_take(1.0, now) {
                 return Err(Refused { reason: ReasonCode::ConnectionRateExceeded, cause: "connect_rate" });
             }
         }
@@ -168,18 +173,24 @@ mod tests {
     fn per_address_counts_free_on_drop_and_rates_refuse_with_0x9f() {
         let a = Arc::new(Admission::new(2, 0.0, 0.0));
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let s1 = a.admit(ip).unwrap();
-        let _s2 = a.admit(ip).unwrap();
-        assert_eq!(a.admit(ip).unwrap_err().reason, ReasonCode::QuotaExceeded);
-        assert!(a.admit("192.0.2.2".parse().unwrap()).is_ok(), "other addresses are not affected");
+        let s1 = a.admit(ip, "mqtt").unwrap();
+        let _s2 = a.admit(ip, "mqtts").unwrap();
+        assert_eq!(a.admit(ip, "mqtt").unwrap_err().reason, ReasonCode::QuotaExceeded);
+        assert!(a.admit("192.0.2.2".parse().unwrap(), "mqtt").is_ok(), "other addresses are not affected");
         drop(s1);
-        assert!(a.admit(ip).is_ok());
+        assert!(a.admit(ip, "mqtt").is_ok());
 
         let a = Arc::new(Admission::new(0, 3.0, 0.0));
         for _ in 0..3 {
-            a.admit(ip).unwrap();
+            a.admit(ip, "mqtt").unwrap();
         }
-        assert_eq!(a.admit(ip).unwrap_err(), Refused { reason: ReasonCode::ConnectionRateExceeded, cause: "connect_rate_per_ip" });
-        assert!(a.admit("192.0.2.2".parse().unwrap()).is_ok());
+        assert_eq!(a.admit(ip, "mqtt").unwrap_err(), Refused { reason: ReasonCode::ConnectionRateExceeded, cause: "connect_rate_per_ip" });
+        assert!(a.admit("192.0.2.2".parse().unwrap(), "mqtt").is_ok());
+
+        let a = Arc::new(Admission::new(0, 0.0, 2.0));
+        a.admit(ip, "mqtt").unwrap();
+        a.admit(ip, "mqtt").unwrap();
+        assert_eq!(a.admit(ip, "mqtt").unwrap_err().cause, "connect_rate");
+        assert!(a.admit(ip, "wss").is_ok(), "each listener has its own rate");
     }
 }

@@ -73,6 +73,10 @@ mqfleet_ops::settings! {
     /// Fleet-wide PUBLISH packets per second one client may send across all proxies (a bucket
     /// in Redis, leased in chunks); a faster client is throttled. 0: no limit. Needs Redis.
     fleet_publish_rate: u32 = 0, env "MQFLEET_PROXY_FLEET_PUBLISH_RATE";
+    /// Fleet-wide PUBLISH packets per second of all clients of one verified username (a tenant
+    /// account shared by many devices) across all proxies; throttled like
+    /// `fleet_publish_rate`. 0: no limit. Needs Redis.
+    fleet_tenant_publish_rate: u32 = 0, env "MQFLEET_PROXY_FLEET_TENANT_PUBLISH_RATE";
     /// Password hashes verified at once, at most (each takes one core for ~20 ms); 0 = one per core.
     auth_concurrency: usize = 0, env "MQFLEET_PROXY_AUTH_CONCURRENCY";
     /// File with the HS256 secret (at least 32 bytes) for JSON Web Tokens in the password field.
@@ -123,7 +127,7 @@ mqfleet_ops::settings! {
     /// CONNECTs per second from one source address (burst: one second's worth); further ones
     /// get 0x9F Connection rate exceeded. 0: no limit.
     max_connect_rate_per_ip: u32 = 0, env "MQFLEET_PROXY_MAX_CONNECT_RATE_PER_IP";
-    /// CONNECTs per second to this proxy from everyone; further ones get 0x9F. 0: no limit.
+    /// CONNECTs per second on each listener from everyone; further ones get 0x9F. 0: no limit.
     max_connect_rate: u32 = 0, env "MQFLEET_PROXY_MAX_CONNECT_RATE";
     /// PUBLISH packets per second one client may send; a faster client is throttled (its socket
     /// is not read until it is back within the rate). 0: no limit.
@@ -163,6 +167,12 @@ mqfleet_ops::settings! {
     /// Upper bound of a session's expiry, in seconds; also the expiry of 3.1.1 persistent
     /// sessions. 0 means no bound (3.1.1 persistent sessions then never expire).
     max_session_expiry_secs: u32 = 7 * 24 * 3600, env "MQFLEET_PROXY_MAX_SESSION_EXPIRY_SECS";
+    /// Retained messages each in-process shard holds at most (single node; shard processes
+    /// have their own setting); a retained PUBLISH for a new topic beyond it is refused (5.0:
+    /// PUBACK 0x97). 0: no limit.
+    max_retained_messages: usize = 0, env "MQFLEET_PROXY_MAX_RETAINED_MESSAGES";
+    /// Payload bytes of retained messages each in-process shard holds at most; 0: no limit.
+    max_retained_bytes: usize = 0, env "MQFLEET_PROXY_MAX_RETAINED_BYTES";
     /// Also queue QoS 0 messages for offline persistent sessions.
     queue_qos0_offline: bool = false, env "MQFLEET_PROXY_QUEUE_QOS0_OFFLINE";
     /// On SIGTERM, time given to connections to be told and their sessions saved, in ms.
@@ -284,7 +294,7 @@ impl Config {
             if self.auth_redis {
                 p.add("auth_redis", "users and ACL rules in Redis need the session store in Redis (store = redis://…)");
             }
-            if self.fleet_publish_rate > 0 {
+            if self.fleet_publish_rate > 0 || self.fleet_tenant_publish_rate > 0 {
                 p.add("fleet_publish_rate", "fleet-wide rates are shared through Redis: set store = redis://…");
             }
         }

@@ -208,7 +208,7 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     for (name, l, bound, transport) in std::iter::once(("mqtt", listener, mqtt_addr, Transport::Tcp)).chain(extra_listeners) {
         let proxy = ctx.settings.proxy_protocol.as_ref().filter(|(names, _)| names.iter().any(|n| n == name)).map(|(_, t)| t.clone());
         tracing::info!(address = %bound, proxy_protocol = proxy.is_some(), "{} listener bound", transport.name());
-        let accept = server::Accept { transport, proxy_protocol: proxy, permits: permits.clone() };
+        let accept = server::Accept { name, transport, proxy_protocol: proxy, permits: permits.clone() };
         tracker.spawn(server::accept_loop(l, accept, ctx.clone(), shutdown.clone(), tracker.clone()));
     }
 
@@ -259,6 +259,8 @@ async fn single_node(
     for (name, retained) in names.iter().zip(retained) {
         let mut config = ShardConfig::new(name.clone());
         config.queue_qos0_offline = settings.raw.queue_qos0_offline;
+        config.max_retained_messages = settings.raw.max_retained_messages;
+        config.max_retained_bytes = settings.raw.max_retained_bytes;
         let (handle, _task) = broker_shard::spawn(config, store.clone(), retained, shard_metrics.clone());
         links.push(Client::connect_local(&handle, ProxyId(0), sink.clone()).await?);
     }

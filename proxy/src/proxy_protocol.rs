@@ -105,7 +105,9 @@ mod tests {
     use super::*;
 
     fn v2(source: &str, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
-        let addrs: ppp::v2::Addresses = (source.parse::<SocketAddr>().unwrap(), "10.0.0.1:1883".parse::<SocketAddr>().unwrap()).into();
+        let source = source.parse::<SocketAddr>().unwrap();
+        let destination: SocketAddr = if source.is_ipv4() { "10.0.0.1:1883" } else { "[2001:db8::1]:1883" }.parse().unwrap();
+        let addrs: ppp::v2::Addresses = (source, destination).into();
         let mut b = ppp::v2::Builder::with_addresses(ppp::v2::Version::Two | ppp::v2::Command::Proxy, ppp::v2::Protocol::Stream, addrs);
         for (kind, value) in tlvs {
             b = b.write_tlv(*kind, value).unwrap();

@@ -45,6 +45,8 @@ impl Transport {
 
 /// How a listener takes its connections.
 pub struct Accept {
+    /// The listener's name (`mqtt`, `mqtts`, `ws`, `wss`), for per-listener limits.
+    pub name: &'static str,
     pub transport: Transport,
     /// Read a PROXY header first, from these networks only.
     pub proxy_protocol: Option<Arc<Trusted>>,
@@ -57,7 +59,7 @@ pub struct Accept {
 /// A connection beyond `max_connections` is closed at once and counted: refusing fast keeps
 /// the process responsive when a fleet reconnects all at once.
 pub async fn accept_loop(listener: TcpListener, accept: Accept, ctx: Arc<Context>, shutdown: CancellationToken, tracker: TaskTracker) {
-    let Accept { transport, proxy_protocol, permits } = accept;
+    let Accept { name, transport, proxy_protocol, permits } = accept;
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -94,9 +96,9 @@ pub async fn accept_loop(listener: TcpListener, accept: Accept, ctx: Arc<Context
             if let Transport::Tcp = transport {
                 // The common case keeps its concrete socket halves: no boxing on the hot path.
                 let (reader, writer) = stream.into_split();
-                crate::connection::serve(ctx, reader, writer, Peer { addr: peer, cert: None }, shutdown).await;
+                crate::connection::serve(ctx, reader, writer, Peer { addr: peer, listener: name, cert: None }, shutdown).await;
             } else if let Some((reader, writer, cert)) = open(&ctx, transport, stream, peer).await {
-                crate::connection::serve(ctx, reader, writer, Peer { addr: peer, cert }, shutdown).await;
+                crate::connection::serve(ctx, reader, writer, Peer { addr: peer, listener: name, cert }, shutdown).await;
             }
             drop(permit);
         });

@@ -191,3 +191,22 @@ async fn a_reloaded_acl_revokes_live_subscriptions_and_a_broken_one_changes_noth
     .await;
     assert!(metric(&b, "mqfleet_proxy_dropped_messages_total{reason=\"not_authorized\"}").await >= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dollar_topics_need_a_rule_that_names_them_bad_input_60_69() {
+    let rules = concat!(
+        "[[rule]]\npermission = \"allow\"\naction = \"all\"\nusername = \"ops\"\ntopics = [\"#\", \"$SYS/#\"]\n",
+        "[[rule]]\npermission = \"allow\"\naction = \"subscribe\"\ntopics = [\"#\", \"+/status\"]\n",
+    );
+    let (b, _files) = broker(rules).await;
+    let mut alice = user(&b, Protocol::V5, "alice-1", "alice").await;
+    use ReasonCode::{GrantedQoS1, NotAuthorized};
+    // MQTT-4.7.2-1: a filter starting with a wildcard does not match $ topics, so "#" grants
+    // no $SYS; asking for $SYS directly is refused.
+    assert_eq!(
+        subscribe(&mut alice, 1, &["#", "$SYS/#", "$SYS/broker/clients", "+/status"]).await,
+        [GrantedQoS1, NotAuthorized, NotAuthorized, GrantedQoS1]
+    );
+    let mut ops = user(&b, Protocol::V5, "ops-1", "ops").await;
+    assert_eq!(subscribe(&mut ops, 1, &["$SYS/#"]).await, [GrantedQoS1], "a privileged user named by a rule");
+}

@@ -131,3 +131,32 @@ async fn users_acl_and_rates_are_shared_by_every_proxy_on_standalone_redis() {
 async fn users_acl_and_rates_are_shared_by_every_proxy_on_a_redis_cluster() {
     users_acl_and_rates_are_shared_by_every_proxy(RedisKind::Cluster).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_devices_share_one_fleet_wide_rate() {
+    let c = tokio::task::spawn_blocking(|| {
+        let mut c = LocalCluster::start(RedisKind::Standalone, 1, 0);
+        for _ in 0..2 {
+            c.add_proxy(&["--auth-redis", "true", "--fleet-tenant-publish-rate", "10"]);
+        }
+        c
+    })
+    .await
+    .unwrap();
+    assert!(proxy_tool(&["passwd", &c.redis.url(), "acme"], "s3cret\n").status.success());
+    // Device 1 of tenant acme spends the tenant's bucket on proxy 0; device 2 — another
+    // client id, another proxy, same tenant — finds it empty.
+    let (mut d1, _) = Raw::session(c.proxy(0), login(Protocol::V5, "acme-1", Some("acme"), Some("s3cret"))).await;
+    for i in 1..=15 {
+        assert_eq!(publish(&mut d1, i, "t").await, ReasonCode::Success);
+    }
+    let (mut d2, ack) = Raw::session(c.proxy(1), login(Protocol::V5, "acme-2", Some("acme"), Some("s3cret"))).await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+    for i in 1..=10 {
+        assert_eq!(publish(&mut d2, i, "t").await, ReasonCode::Success);
+    }
+    assert!(
+        metric(&c, 1, "mqfleet_proxy_limited_total{reason=\"fleet_tenant_publish_rate\"}").await > 0,
+        "the tenant's second device was not throttled"
+    );
+}

@@ -135,3 +135,80 @@ async fn a_client_over_its_publish_rate_is_throttled_and_loses_nothing() {
         }
     }
 }
+
+async fn retain(c: &mut Raw, pkid: u16, topic: &str, payload: &[u8]) -> ReasonCode {
+    let mut p = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec(), PacketId::new(pkid));
+    p.retain = true;
+    c.send(Packet::Publish(p)).await;
+    match c.recv().await {
+        Some(Packet::PubAck(a)) => a.reason,
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_quotas_refuse_new_retained_messages_with_0x97_bad_input_63() {
+    // One in-process shard, so the quota is the broker's.
+    let b = TestBroker::with(|c| {
+        c.shards = "local:1".into();
+        c.max_retained_messages = 2;
+        c.max_retained_bytes = 12;
+    })
+    .await;
+    let mut c = Raw::v5(b.addr, "retainer").await;
+    assert_eq!(retain(&mut c, 1, "r/1", b"aaaa").await, ReasonCode::Success);
+    assert_eq!(retain(&mut c, 2, "r/2", b"bbbb").await, ReasonCode::Success);
+    assert_eq!(retain(&mut c, 3, "r/3", b"cccc").await, ReasonCode::QuotaExceeded, "a third retained topic");
+    assert_eq!(retain(&mut c, 4, "r/1", b"AAAAAAAA").await, ReasonCode::Success, "replacing within the byte quota");
+    assert_eq!(retain(&mut c, 5, "r/2", b"BBBBBBBBB").await, ReasonCode::QuotaExceeded, "8 + 9 bytes exceed 12");
+    assert_eq!(retain(&mut c, 6, "r/2", b"").await, ReasonCode::Success, "deleting is always allowed");
+    assert_eq!(retain(&mut c, 7, "r/3", b"cccc").await, ReasonCode::Success, "room again");
+
+    // A 3.1.1 client over quota is acknowledged (it has no refusal code) but nothing is kept.
+    let mut old = Raw::v4(b.addr, "retainer-4").await;
+    assert_eq!(retain(&mut old, 1, "r/4", b"dd").await, ReasonCode::Success);
+    let mut sub = Raw::v5(b.addr, "reader").await;
+    sub.send(Packet::Subscribe(mqfleet_codec::Subscribe::new(
+        PacketId::new(1).unwrap(),
+        vec![("r/#".into(), mqfleet_codec::SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() })],
+    )))
+    .await;
+    let mut topics = Vec::new();
+    loop {
+        match sub.recv_within(std::time::Duration::from_millis(500)).await {
+            Ok(Some(Packet::Publish(p))) => topics.push(p.topic.to_string()),
+            Ok(Some(Packet::SubAck(_))) => {}
+            _ => break,
+        }
+    }
+    topics.sort();
+    assert_eq!(topics, ["r/1", "r/3"]);
+    assert_eq!(metric(&b, "mqfleet_proxy_dropped_messages_total{reason=\"retained_quota\"}").await, 3);
+    assert_eq!(metric(&b, "mqfleet_shard_retained_refused_total").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_loses_qos0_not_the_publisher_bad_input_65() {
+    let b = TestBroker::with(|c| c.max_write_buffer = 64 * 1024).await;
+    // A subscriber that subscribes and then never reads its socket again.
+    let mut stuck = Raw::v5(b.addr, "stuck").await;
+    stuck
+        .send(Packet::Subscribe(mqfleet_codec::Subscribe::new(
+            PacketId::new(1).unwrap(),
+            vec![("fire/#".into(), mqfleet_codec::SubscriptionOptions::default())],
+        )))
+        .await;
+    assert!(matches!(stuck.recv().await, Some(Packet::SubAck(_))));
+    let mut publisher = Raw::v5(b.addr, "hose").await;
+    let payload = vec![7u8; 1024];
+    let mut burst = bytes::BytesMut::new();
+    for _ in 0..20_000 {
+        Packet::Publish(Publish::new("fire/hose", QoS::AtMostOnce, payload.clone(), None)).encode(Protocol::V5, &mut burst).unwrap();
+    }
+    publisher.send_bytes(&burst).await;
+    // The publisher is not held back by the stuck reader: its next QoS 1 is acknowledged.
+    publisher.send(Packet::Publish(Publish::new("other", QoS::AtLeastOnce, &b"x"[..], PacketId::new(1)))).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubAck(a)) if a.reason == ReasonCode::Success));
+    assert!(metric(&b, "mqfleet_proxy_dropped_messages_total{reason=\"slow_consumer\"}").await > 0);
+    drop(stuck);
+}

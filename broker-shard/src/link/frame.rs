@@ -304,6 +304,11 @@ fn encode_event(e: &Event, b: &mut BytesMut) {
                     put_str(b, shard);
                     put_str(b, detail);
                 }
+                Err(ShardError::QuotaExceeded { shard, detail }) => {
+                    b.put_u8(5);
+                    put_str(b, shard);
+                    put_str(b, detail);
+                }
             }
         }
         Event::Deliver(d) => {
@@ -566,6 +571,7 @@ fn decode_event(r: &mut Rd) -> Result<Event, FrameError> {
                 }
                 4 => Ok(Reply::Accepted { position: r.u64("log position")? }),
                 3 => Err(ShardError::Store { shard: r.string("shard")?.to_string(), detail: r.string("detail")?.to_string() }),
+                5 => Err(ShardError::QuotaExceeded { shard: r.string("shard")?.to_string(), detail: r.string("detail")?.to_string() }),
                 tag => return Err(FrameError::UnknownTag { what: "reply", tag }),
             };
             Event::Reply { id, result }

@@ -220,6 +220,8 @@ pub enum Event {
 pub enum ShardError {
     #[error("shard {shard} could not make the message durable: {detail}")]
     Store { shard: String, detail: String },
+    #[error("shard {shard} refused the message: {detail}")]
+    QuotaExceeded { shard: String, detail: String },
 }
 
 /// Why a request did not get a reply.

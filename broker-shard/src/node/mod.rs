@@ -93,6 +93,8 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     metrics.register(&mut prometheus);
     let mut config = ShardConfig::new(settings.name.clone());
     config.queue_qos0_offline = settings.raw.queue_qos0_offline;
+    config.max_retained_messages = settings.raw.max_retained_messages;
+    config.max_retained_bytes = settings.raw.max_retained_bytes;
     config.resync_wait = settings.resync_wait;
     config.proxy_grace = settings.proxy_grace;
     let (forward_tx, forward_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -41,7 +41,7 @@ use self::peers::Peer;
 use self::rebalance::RingView;
 use self::sessions::Sessions;
 use crate::link::local::Inbound;
-use crate::link::{ConnId, DeliveryOptions, Event, ProxyId, Recipient, Reply, Request, RequestId, SessionInfo, SubscribeItem};
+use crate::link::{ConnId, DeliveryOptions, Event, ProxyId, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, SubscribeItem};
 use crate::log::{self, Publisher};
 use crate::message::Message;
 use crate::metrics::ShardMetrics;
@@ -66,6 +66,10 @@ pub struct ShardConfig {
     /// Clustered: how long a starting shard waits for the proxies it expects to re-send their
     /// subscriptions before it replays its log and routes messages.
     pub resync_wait: Duration,
+    /// Retained messages this shard holds at most, and their payload bytes (0: no limit). A
+    /// retained PUBLISH beyond either is refused whole (5.0: PUBACK 0x97), not half-done.
+    pub max_retained_messages: usize,
+    pub max_retained_bytes: usize,
 }
 
 impl ShardConfig {
@@ -76,6 +80,8 @@ impl ShardConfig {
             inbox_capacity: 8192,
             proxy_grace: Duration::from_secs(30),
             resync_wait: Duration::from_secs(10),
+            max_retained_messages: 0,
+            max_retained_bytes: 0,
         }
     }
 }
@@ -602,6 +608,15 @@ impl Router {
                 return;
             }
         }
+        if let Some(why) = self.retained_quota_exceeded(&message) {
+            // BAD-INPUT 63: refused before anything is stored or routed.
+            self.metrics.retained_refused.inc();
+            if let Some(id) = id {
+                let error = ShardError::QuotaExceeded { shard: self.config.name.clone(), detail: why };
+                self.pipeline.emit(vec![(proxy, Event::Reply { id, result: Err(error) })]);
+            }
+            return;
+        }
         self.metrics.messages.inc();
         let now = now_ms();
         let marker = qos2_marker.map(|(client, pkid)| Op::MarkInbound { client_id: client.to_string(), pkid });
@@ -630,6 +645,24 @@ impl Router {
             _ => None,
         };
         self.dispatch(Some((proxy, id)), message, retained_ops, marker, plan, log);
+    }
+
+    /// Would retaining `message` go beyond the shard's retained quotas? (Replacing or deleting a
+    /// retained message is always allowed when it does not grow beyond them.)
+    fn retained_quota_exceeded(&self, message: &Message) -> Option<String> {
+        if !message.retain || message.payload.is_empty() {
+            return None;
+        }
+        let (max_n, max_bytes) = (self.config.max_retained_messages, self.config.max_retained_bytes);
+        let old = self.retained.get(&message.topic).map(|m| m.payload.len());
+        if max_n > 0 && old.is_none() && self.retained.len() >= max_n {
+            return Some(format!("this shard holds its maximum of {max_n} retained messages"));
+        }
+        let bytes = self.retained.bytes() - old.unwrap_or(0) + message.payload.len();
+        if max_bytes > 0 && bytes > max_bytes {
+            return Some(format!("retained messages on this shard would exceed {max_bytes} bytes"));
+        }
+        None
     }
 
     /// Every session that gets a copy, with its merged options: one copy per session for its

@@ -116,7 +116,7 @@ where
         _slot: slot,
         publish_rate: bucket(ctx.limits.max_publish_rate),
         publish_bytes_rate: bucket(ctx.limits.max_publish_bytes_rate),
-        fleet_tokens: 0,
+        fleet_tokens: [0; 2],
         throttled_until: None,
         session: resumed.state,
         keep_alive,

@@ -11,7 +11,7 @@ use mqfleet_codec::{Ack, ByteString, Disconnect, Packet, PacketId, Publish, QoS,
 use session_store::{Op, SessionRecord, StoredSubscription};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{link_down, protocol_error, Connection, End, OpDone};
+use super::{link_down, protocol_error, Connection, End, OpDone, PublishFailed};
 use crate::auth::acl::Action;
 use crate::metrics::{QosLabel, ReasonLabel};
 use crate::session::inbound::Admit;
@@ -102,7 +102,7 @@ where
             Some(pkid) => {
                 let reply = link.start(|id| Request::Publish { id: Some(id), message, qos2_marker }).await.map_err(link_down)?;
                 self.ops.push_back(
-                    async move { OpDone::Published { pkid, qos, result: reply.await.map(|_| ()).map_err(|e| e.to_string()) } }.boxed(),
+                    async move { OpDone::Published { pkid, qos, result: reply.await.map(|_| ()).map_err(PublishFailed::from) } }.boxed(),
                 );
             }
         }
@@ -188,14 +188,30 @@ where
 
     /// The shard accepted (or could not accept) a QoS 1/2 message: PUBACK / PUBREC now
     /// [MQTT-4.3.2-2, MQTT-4.3.3-2].
-    fn on_published(&mut self, pkid: PacketId, qos: QoS, result: Result<(), String>) -> Result<(), End> {
+    fn on_published(&mut self, pkid: PacketId, qos: QoS, result: Result<(), PublishFailed>) -> Result<(), End> {
         let qos2 = qos == QoS::ExactlyOnce;
         let ack = match result {
             Ok(()) => {
                 self.inbound.accepted(pkid.get(), qos2);
                 Ack::new(pkid)
             }
-            Err(detail) => {
+            Err(PublishFailed::Quota(detail)) => {
+                // 5.0: 0x97 ends the flow. 3.1.1 has no refusal: a normal acknowledgement (so
+                // the client does not resend forever) for a message that was dropped, counted.
+                self.ctx.metrics.drop("retained_quota");
+                let v5 = self.v5();
+                self.inbound.accepted(pkid.get(), qos2 && !v5);
+                let ack = if v5 {
+                    let mut a = Ack::with_reason(pkid, ReasonCode::QuotaExceeded);
+                    a.properties.reason_string = Some(detail.into());
+                    a
+                } else {
+                    Ack::new(pkid)
+                };
+                self.send(if qos2 { Packet::PubRec(ack) } else { Packet::PubAck(ack) });
+                return Ok(());
+            }
+            Err(PublishFailed::Failed(detail)) => {
                 self.inbound.accepted(pkid.get(), false);
                 if !self.v5() {
                     // 3.1.1 cannot refuse: close, and the client resends on reconnect.

@@ -51,6 +51,8 @@ pub use io::Io;
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: std::net::SocketAddr,
+    /// The listener it came through (`mqtt`, `mqtts`, `ws`, `wss`).
+    pub listener: &'static str,
     /// Names from a verified client certificate.
     pub cert: Option<CertNames>,
 }
@@ -66,7 +68,7 @@ where
     async move {
         ctx.metrics.connections.inc();
         let io = Io::new(reader, writer, ctx.limits.max_packet_size as usize);
-        let admitted = ctx.admission.admit(peer.addr.ip());
+        let admitted = ctx.admission.admit(peer.addr.ip(), peer.listener);
         if let Some(connection) = handshake::run(ctx.clone(), io, conn, peer, admitted, shutdown).await {
             let mut connection = connection;
             let end = connection.run().await;
@@ -124,12 +126,30 @@ fn link_down(e: LinkError) -> End {
     End::Server { reason: ReasonCode::ServerUnavailable, detail: e.to_string() }
 }
 
+/// Why a shard did not take a QoS 1/2 message.
+#[derive(Debug)]
+pub(crate) enum PublishFailed {
+    /// A quota refused it (retained messages): the client is told, the connection stays.
+    Quota(String),
+    /// The shard or its store failed.
+    Failed(String),
+}
+
+impl From<LinkError> for PublishFailed {
+    fn from(e: LinkError) -> PublishFailed {
+        match e {
+            LinkError::Shard(broker_shard::link::ShardError::QuotaExceeded { .. }) => PublishFailed::Quota(e.to_string()),
+            other => PublishFailed::Failed(other.to_string()),
+        }
+    }
+}
+
 /// A shard or store operation finished; its acknowledgement can go out.
 pub(crate) enum OpDone {
     Published {
         pkid: PacketId,
         qos: QoS,
-        result: Result<(), String>,
+        result: Result<(), PublishFailed>,
     },
     Subscribed {
         pkid: PacketId,
@@ -184,8 +204,8 @@ pub(crate) struct Connection<R, W> {
     /// Publish rate limits (messages, bytes); the socket is not read before `throttled_until`.
     publish_rate: Option<TokenBucket>,
     publish_bytes_rate: Option<TokenBucket>,
-    /// Tokens leased from the fleet-wide bucket in Redis, not yet spent.
-    fleet_tokens: u64,
+    /// Tokens leased from the fleet-wide buckets in Redis (client, tenant), not yet spent.
+    fleet_tokens: [u64; 2],
     throttled_until: Option<Instant>,
     session: SessionState,
     keep_alive: Option<Duration>,
@@ -312,25 +332,36 @@ where
         self.throttle(wait, "publish_rate");
     }
 
-    /// Charges a PUBLISH to the client's fleet-wide rate (a bucket in Redis shared by every
-    /// proxy). Tokens are leased a tenth of a second's worth at a time; when the fleet's bucket
-    /// is empty the client is throttled like a local limit. If Redis cannot answer, the client
-    /// is let through (a rate limit is not worth an outage) and the failure logged.
+    /// Charges a PUBLISH to the fleet-wide rates (buckets in Redis shared by every proxy): the
+    /// client's own (`fleet_publish_rate`) and its tenant's — every client of its verified
+    /// username (`fleet_tenant_publish_rate`). Tokens are leased a tenth of a second's worth at
+    /// a time; when a bucket is empty the client is throttled like a local limit. If Redis
+    /// cannot answer, the client is let through (a rate limit is not worth an outage) and the
+    /// failure logged.
     async fn charge_fleet_publish(&mut self) {
-        let rate = u64::from(self.ctx.settings.raw.fleet_publish_rate);
-        let Some(cluster) = self.ctx.cluster.as_ref().filter(|_| rate > 0) else { return };
-        if self.fleet_tokens == 0 {
-            let chunk = rate.div_ceil(10);
-            match cluster.redis.take_tokens(&self.client_id, "publish", rate, rate, chunk).await {
-                Ok(0) => self.throttle(Duration::from_secs_f64(chunk as f64 / rate as f64), "fleet_publish_rate"),
-                Ok(n) => self.fleet_tokens = n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "fleet-wide rate not checked: Redis did not answer");
-                    self.fleet_tokens = chunk;
+        let ctx = self.ctx.clone();
+        let Some(cluster) = &ctx.cluster else { return };
+        let raw = &ctx.settings.raw;
+        let tenant = self.identity.username.clone().map(|u| format!("tenant:{u}"));
+        let buckets = [
+            (u64::from(raw.fleet_publish_rate), Some(self.client_id.to_string()), 0usize, "fleet_publish_rate"),
+            (u64::from(raw.fleet_tenant_publish_rate), tenant, 1, "fleet_tenant_publish_rate"),
+        ];
+        for (rate, key, lease, limit) in buckets {
+            let Some(key) = key.filter(|_| rate > 0) else { continue };
+            if self.fleet_tokens[lease] == 0 {
+                let chunk = rate.div_ceil(10);
+                match cluster.redis.take_tokens(&key, "publish", rate, rate, chunk).await {
+                    Ok(0) => self.throttle(Duration::from_secs_f64(chunk as f64 / rate as f64), limit),
+                    Ok(n) => self.fleet_tokens[lease] = n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, limit, "fleet-wide rate not checked: Redis did not answer");
+                        self.fleet_tokens[lease] = chunk;
+                    }
                 }
             }
+            self.fleet_tokens[lease] = self.fleet_tokens[lease].saturating_sub(1);
         }
-        self.fleet_tokens = self.fleet_tokens.saturating_sub(1);
     }
 
     /// Stops reading the socket for `wait` (nothing is dropped: TCP slows the client down).
