@@ -2,7 +2,11 @@
 //!
 //! # Layout
 //! - [`config`]: settings from defaults, file, environment and flags.
-//! - [`server`]: accept loops (connection limit, spawn) and graceful drain.
+//! - [`server`]: accept loops (connection limit, spawn) and graceful drain; [`tls`],
+//!   [`websocket`], [`proxy_protocol`]: what listeners speak below MQTT; [`reload`]: TLS,
+//!   password and ACL files followed while running.
+//! - [`admission`]: limits by source address, listener and client rate; [`auth`]:
+//!   authentication chain and ACLs.
 //! - [`connection`]: one task per connection; [`session`]: the MQTT logic it drives, without I/O.
 //! - [`registry`]: which connection owns which client id; mailboxes for deliveries.
 //! - [`shards`]: the links to the shards and the consistent-hash ring (`broker_shard::ring`) that chooses among them.

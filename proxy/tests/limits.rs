@@ -43,6 +43,15 @@ async fn the_proxy_header_source_feeds_the_per_address_limit_bad_input_a8() {
     assert_eq!(reason, Some(ReasonCode::QuotaExceeded), "a second connection from 203.0.113.1");
     assert_eq!(metric(&b, "mqfleet_proxy_limited_total{reason=\"max_connections_per_ip\"}").await, 1);
 
+    // A header split across many reads is read whole.
+    let mut split = Raw::connect(b.addr).await;
+    for byte in v2_header("203.0.113.4:40003") {
+        split.send_bytes(&[byte]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    split.send(Packet::Connect(Box::new(Connect::new(Protocol::V5, "split")))).await;
+    assert!(matches!(split.recv().await, Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success));
+
     // No header, a garbage header, a TLV running past the header: closed without a CONNACK.
     let mut bad_tlv = v2_header("203.0.113.3:1");
     bad_tlv[15] += 3;

@@ -164,6 +164,30 @@ mod tests {
         assert!(v.verify(&forged).unwrap_err().contains("InvalidSignature"));
     }
 
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    }
+
+    #[test]
+    fn rs256_and_es256_tokens_verify_with_the_public_key_and_no_other_algorithm_does() {
+        let claims = serde_json::json!({"sub": "dev-1", "exp": now() + 60});
+        for (alg, key, public) in
+            [(Algorithm::RS256, "jwt-rs256.key", "jwt-rs256.pub"), (Algorithm::ES256, "jwt-es256.key", "jwt-es256.pub")]
+        {
+            let pem = std::fs::read(fixture(key)).unwrap();
+            let signing = if alg == Algorithm::RS256 { EncodingKey::from_rsa_pem(&pem) } else { EncodingKey::from_ec_pem(&pem) }.unwrap();
+            let token = encode(&Header::new(alg), &claims, &signing).unwrap();
+            let v = JwtVerifier::new(KeySource::PublicKey(&fixture(public)), None, None).unwrap();
+            assert_eq!(v.verify(&token).unwrap().subject.as_deref(), Some("dev-1"), "{alg:?}");
+            // Algorithm confusion: an HS256 token keyed with the (public) key file is refused.
+            let public_bytes = std::fs::read(fixture(public)).unwrap();
+            let forged = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(&public_bytes)).unwrap();
+            assert!(v.verify(&forged).is_err(), "{alg:?}: HS256 accepted");
+        }
+        let e = JwtVerifier::new(KeySource::PublicKey(&fixture("README")), None, None).unwrap_err();
+        assert!(e.contains("not a PEM RSA or EC public key"), "{e}");
+    }
+
     #[test]
     fn short_secrets_are_refused_at_start() {
         let dir = tempfile::tempdir().unwrap();
