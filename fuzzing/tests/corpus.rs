@@ -15,7 +15,12 @@ fn every_corpus_input_is_handled() {
         inputs.sort();
         assert!(!inputs.is_empty(), "{name}: empty corpus");
         for input in &inputs {
-            let data = std::fs::read(input).unwrap();
+            let data = match std::fs::read(input) {
+                Ok(d) => d,
+                // A fuzzer running beside the tests replaces inputs as it minimises them.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => panic!("{}: {e}", input.display()),
+            };
             let outcome = std::panic::catch_unwind(|| target(&data));
             assert!(outcome.is_ok(), "{name}: {} fails", input.display());
         }

@@ -91,6 +91,12 @@ pub async fn read_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Option<
         }
         line.push(stream.read_u8().await.map_err(|e| format!("truncated PROXY v1 header: {e}"))?);
     }
+    // The v1 header is US-ASCII. Checked here, not left to `ppp`: its v1 parser slices the text
+    // by byte offsets and panics inside a multi-byte character (found by the proxy_header fuzz
+    // target).
+    if !line.is_ascii() {
+        return Err("PROXY v1 header is not ASCII".into());
+    }
     let text = std::str::from_utf8(&line).map_err(|_| "PROXY v1 header is not ASCII".to_string())?;
     let parsed = ppp::v1::Header::try_from(text).map_err(|e| format!("bad PROXY v1 header: {e}"))?;
     Ok(match parsed.addresses {
@@ -145,6 +151,7 @@ mod tests {
             &b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02"[..],
             b"PROXY TCP4 999.0.0.1 10.0.0.1 1 2\r\n",
             b"PROXY TCP4 1.2.3.4 10.0.0.1 1 2",
+            "PROXY TCP4 203.0.113.7 10.0.0.1 51 0\r\u{25b}4 2\r\n".as_bytes(),
             b"PROXY TCP4 1.2.3.4 10.0.0.1 1 2 aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
         ] {
             assert!(read(bad).await.0.is_err(), "{:?}", String::from_utf8_lossy(bad));
