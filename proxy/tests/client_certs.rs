@@ -164,6 +164,18 @@ async fn a_client_certificate_names_the_client_for_authentication_and_the_acl() 
         .unwrap();
     assert!(String::from_utf8_lossy(&denied.stderr).contains("denied"), "{denied:?}");
 
+    // paho-mqtt over TLS with the same certificate, told its id in CONNACK.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/paho/mtls.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["127.0.0.1", &tls.port().to_string()])
+        .args([&p.ca, &p.client_cert, &p.client_key])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("assigned device-1") && stdout.contains("received over mtls"), "{stdout}");
+
     // Without a certificate-named identity nothing gets in: anonymous is off.
     let (_raw, ack) = Raw::session(b.addr, Connect::new(Protocol::V5, "anon")).await;
     assert_eq!(ack.reason, ReasonCode::NotAuthorized);
