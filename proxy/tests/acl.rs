@@ -3,7 +3,7 @@
 
 mod support;
 
-use mqfleet_codec::{Packet, PacketId, Protocol, Publish, QoS, ReasonCode, Subscribe, SubscriptionOptions};
+use mqfleet_codec::{Packet, PacketId, Protocol, QoS, ReasonCode, Subscribe, SubscriptionOptions};
 use support::*;
 
 const RULES: &str = r#"
@@ -63,19 +63,6 @@ async fn subscribe(c: &mut Raw, pkid: u16, filters: &[&str]) -> Vec<ReasonCode> 
     }
 }
 
-/// Publishes at QoS 1 and returns the PUBACK's reason (deliveries arriving meanwhile, e.g. of
-/// the client's own message, are skipped).
-async fn publish(c: &mut Raw, pkid: u16, topic: &str) -> ReasonCode {
-    c.send(Packet::Publish(Publish::new(topic, QoS::AtLeastOnce, &b"m"[..], PacketId::new(pkid)))).await;
-    loop {
-        match c.recv().await {
-            Some(Packet::PubAck(a)) => return a.reason,
-            Some(Packet::Publish(_)) => {}
-            other => panic!("expected PUBACK, got {other:?}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_with_placeholders_decide_subscribe_and_publish_with_the_codes_of_each_version() {
     let (b, _files) = broker(RULES).await;
@@ -91,8 +78,8 @@ async fn rules_with_placeholders_decide_subscribe_and_publish_with_the_codes_of_
     // deny covers: a deny applies to any overlap. fleet/# is within no allow at all.
     assert_eq!(got, [GrantedQoS1, NotAuthorized, NotAuthorized, NotAuthorized, GrantedQoS1, NotAuthorized]);
     assert_eq!(subscribe(&mut alice, 9, &["fleet/bob/status"]).await, [GrantedQoS1], "within fleet/+/status, clear of the deny");
-    assert_eq!(publish(&mut alice, 2, "fleet/alice/temp").await, ReasonCode::Success);
-    assert_eq!(publish(&mut alice, 3, "fleet/bob/temp").await, NotAuthorized, "5.0: PUBACK 0x87");
+    assert_eq!(alice.publish_qos1(2, "fleet/alice/temp").await, ReasonCode::Success);
+    assert_eq!(alice.publish_qos1(3, "fleet/bob/temp").await, NotAuthorized, "5.0: PUBACK 0x87");
 
     // 3.1.1: a refused subscription is 0x80 Failure; a refused publish is acknowledged (3.1.1
     // has no refusal) but not delivered, and counted.
@@ -100,8 +87,8 @@ async fn rules_with_placeholders_decide_subscribe_and_publish_with_the_codes_of_
     assert_eq!(subscribe(&mut bob, 1, &["fleet/alice/#", "fleet/bob/#"]).await, [ReasonCode::UnspecifiedError, GrantedQoS1]);
     let mut ops = user(&b, Protocol::V5, "ops-1", "ops").await;
     assert_eq!(subscribe(&mut ops, 1, &["fleet/#"]).await, [GrantedQoS1], "ops sees the whole fleet");
-    assert_eq!(publish(&mut bob, 2, "fleet/alice/temp").await, ReasonCode::Success);
-    assert_eq!(publish(&mut alice, 4, "fleet/alice/hum").await, ReasonCode::Success);
+    assert_eq!(bob.publish_qos1(2, "fleet/alice/temp").await, ReasonCode::Success);
+    assert_eq!(alice.publish_qos1(4, "fleet/alice/hum").await, ReasonCode::Success);
     match ops.recv().await {
         Some(Packet::Publish(p)) => assert_eq!(&*p.topic, "fleet/alice/hum", "bob's refused publish was not delivered"),
         other => panic!("expected a PUBLISH, got {other:?}"),
@@ -120,7 +107,7 @@ async fn client_ids_with_wildcards_or_slashes_never_widen_a_placeholder() {
             [ReasonCode::NotAuthorized; 3],
             "client id {sneaky:?}"
         );
-        assert_eq!(publish(&mut c, 2, "devices/alice-phone/x/up").await, ReasonCode::NotAuthorized, "client id {sneaky:?}");
+        assert_eq!(c.publish_qos1(2, "devices/alice-phone/x/up").await, ReasonCode::NotAuthorized, "client id {sneaky:?}");
     }
 }
 
@@ -158,7 +145,7 @@ async fn a_reloaded_acl_revokes_live_subscriptions_and_a_broken_one_changes_noth
     assert_eq!(subscribe(&mut c, 1, &["news/#"]).await, [ReasonCode::GrantedQoS1]);
     drop(c);
     let mut writer = user(&b, Protocol::V5, "writer", "alice").await;
-    assert_eq!(publish(&mut writer, 1, "news/a").await, ReasonCode::Success);
+    assert_eq!(writer.publish_qos1(1, "news/a").await, ReasonCode::Success);
     assert!(matches!(reader.recv().await, Some(Packet::Publish(p)) if &*p.topic == "news/a"));
 
     // A broken file: the reload fails and names it; the old rules stay in force.
@@ -166,7 +153,7 @@ async fn a_reloaded_acl_revokes_live_subscriptions_and_a_broken_one_changes_noth
     std::fs::write(&acl, "[[rule]]\npermission = \"allow\"\n").unwrap();
     let problems = b.reload();
     assert!(problems.iter().any(|p| p.contains("acl.toml")), "{problems:?}");
-    assert_eq!(publish(&mut writer, 2, "news/b").await, ReasonCode::Success);
+    assert_eq!(writer.publish_qos1(2, "news/b").await, ReasonCode::Success);
     assert!(matches!(reader.recv().await, Some(Packet::Publish(p)) if &*p.topic == "news/b"));
 
     // Readers lose news/#; writers keep publishing.
@@ -176,7 +163,7 @@ async fn a_reloaded_acl_revokes_live_subscriptions_and_a_broken_one_changes_noth
         b.context().metrics.acl_denied.get_or_create(&proxy::metrics::ReasonLabel { reason: "revoked" }).get() == 1
     })
     .await;
-    assert_eq!(publish(&mut writer, 3, "news/c").await, ReasonCode::Success);
+    assert_eq!(writer.publish_qos1(3, "news/c").await, ReasonCode::Success);
     reader.expect_silence().await;
     assert_eq!(subscribe(&mut reader, 2, &["news/#"]).await, [ReasonCode::NotAuthorized]);
 

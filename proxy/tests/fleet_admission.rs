@@ -7,7 +7,7 @@ mod support;
 
 use std::process::{Command, Stdio};
 
-use mqfleet_codec::{Packet, PacketId, Protocol, Publish, QoS, ReasonCode, Subscribe, SubscriptionOptions};
+use mqfleet_codec::{Packet, PacketId, Protocol, QoS, ReasonCode, Subscribe, SubscriptionOptions};
 use support::{login, Raw};
 use testkit::local_cluster::{LocalCluster, RedisKind};
 
@@ -22,17 +22,6 @@ fn proxy_tool(args: &[&str], stdin: &str) -> std::process::Output {
         .unwrap();
     child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
-}
-
-async fn publish(c: &mut Raw, pkid: u16, topic: &str) -> ReasonCode {
-    c.send(Packet::Publish(Publish::new(topic, QoS::AtLeastOnce, &b"m"[..], PacketId::new(pkid)))).await;
-    loop {
-        match c.recv().await {
-            Some(Packet::PubAck(a)) => return a.reason,
-            Some(Packet::Publish(_)) => {}
-            other => panic!("expected PUBACK, got {other:?}"),
-        }
-    }
 }
 
 /// A sample (`name{labels}`) of a proxy's metrics; 0 if absent.
@@ -87,7 +76,7 @@ async fn users_acl_and_rates_are_shared_by_every_proxy(kind: RedisKind) {
     let (mut writer, _) = Raw::session(c.proxy(0), login(Protocol::V5, "writer", Some("alice"), Some("wonderland"))).await;
     let mut applied = false;
     for i in 1..=100u16 {
-        if publish(&mut writer, i, "b/x").await == ReasonCode::NotAuthorized {
+        if writer.publish_qos1(i, "b/x").await == ReasonCode::NotAuthorized {
             applied = true;
             break;
         }
@@ -110,13 +99,13 @@ async fn users_acl_and_rates_are_shared_by_every_proxy(kind: RedisKind) {
     // empty on proxy 1 — which a per-proxy limit would have started full.
     let (mut dev, _) = Raw::session(c.proxy(0), login(Protocol::V5, "dev", Some("alice"), Some("wonderland"))).await;
     for i in 1..=15 {
-        assert_eq!(publish(&mut dev, i, "a/t").await, ReasonCode::Success);
+        assert_eq!(dev.publish_qos1(i, "a/t").await, ReasonCode::Success);
     }
     drop(dev);
     let before = metric(&c, 1, "mqfleet_proxy_limited_total{reason=\"fleet_publish_rate\"}").await;
     let (mut dev, _) = Raw::session(c.proxy(1), login(Protocol::V5, "dev", Some("alice"), Some("wonderland"))).await;
     for i in 1..=10 {
-        assert_eq!(publish(&mut dev, i, "a/t").await, ReasonCode::Success, "throttled, never refused");
+        assert_eq!(dev.publish_qos1(i, "a/t").await, ReasonCode::Success, "throttled, never refused");
     }
     let after = metric(&c, 1, "mqfleet_proxy_limited_total{reason=\"fleet_publish_rate\"}").await;
     assert!(after > before, "proxy 1 did not throttle a device whose fleet-wide bucket proxy 0 had emptied");
@@ -148,12 +137,12 @@ async fn a_tenants_devices_share_one_fleet_wide_rate() {
     // client id, another proxy, same tenant — finds it empty.
     let (mut d1, _) = Raw::session(c.proxy(0), login(Protocol::V5, "acme-1", Some("acme"), Some("s3cret"))).await;
     for i in 1..=15 {
-        assert_eq!(publish(&mut d1, i, "t").await, ReasonCode::Success);
+        assert_eq!(d1.publish_qos1(i, "t").await, ReasonCode::Success);
     }
     let (mut d2, ack) = Raw::session(c.proxy(1), login(Protocol::V5, "acme-2", Some("acme"), Some("s3cret"))).await;
     assert_eq!(ack.reason, ReasonCode::Success);
     for i in 1..=10 {
-        assert_eq!(publish(&mut d2, i, "t").await, ReasonCode::Success);
+        assert_eq!(d2.publish_qos1(i, "t").await, ReasonCode::Success);
     }
     assert!(
         metric(&c, 1, "mqfleet_proxy_limited_total{reason=\"fleet_tenant_publish_rate\"}").await > 0,

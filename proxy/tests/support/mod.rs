@@ -249,6 +249,20 @@ impl Raw {
         }
     }
 
+    /// Publishes at QoS 1 and returns the PUBACK's reason (deliveries arriving meanwhile, e.g.
+    /// of the client's own message, are skipped).
+    pub async fn publish_qos1(&mut self, pkid: u16, topic: &str) -> mqfleet_codec::ReasonCode {
+        let p = mqfleet_codec::Publish::new(topic, mqfleet_codec::QoS::AtLeastOnce, &b"m"[..], mqfleet_codec::PacketId::new(pkid));
+        self.send(Packet::Publish(p)).await;
+        loop {
+            match self.recv().await {
+                Some(Packet::PubAck(a)) => return a.reason,
+                Some(Packet::Publish(_)) => {}
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+        }
+    }
+
     /// Asserts nothing arrives for a short while.
     pub async fn expect_silence(&mut self) {
         if let Ok(p) = self.recv_within(Duration::from_millis(300)).await {
