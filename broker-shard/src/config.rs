@@ -104,6 +104,7 @@ pub struct Settings {
 
 impl Config {
     pub fn load(cli: Cli) -> Result<Config, ConfigErrors> {
+        mqfleet_ops::config::check_env("MQFLEET_SHARD_", &Config::reference(), &["MQFLEET_SHARD_CONFIG"])?;
         let mut config: Config = mqfleet_ops::config::load_file(cli.config.as_deref())?;
         config.apply(cli.overrides);
         Ok(config)

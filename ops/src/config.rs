@@ -102,6 +102,25 @@ pub fn load_file<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) 
     }
 }
 
+/// Refuses environment variables that start with `prefix` but name no setting: a misspelt
+/// variable would otherwise be ignored without a word (the file refuses unknown keys the same
+/// way). `extra` are the process's other variables with that prefix (e.g. its CONFIG).
+pub fn check_env(prefix: &str, reference: &[(&'static str, &'static str, String, String)], extra: &[&str]) -> Result<(), ConfigErrors> {
+    let unknown: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with(prefix) && !reference.iter().any(|r| r.1 == k) && !extra.contains(&k.as_str()))
+        .collect();
+    match unknown.as_slice() {
+        [] => Ok(()),
+        _ => Err(ConfigErrors(
+            unknown
+                .into_iter()
+                .map(|k| ConfigError { key: k, problem: "no such setting (see the configuration table in the README)".into() })
+                .collect(),
+        )),
+    }
+}
+
 pub fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
     toml::from_str(text).map_err(|e| e.to_string())
 }

@@ -267,6 +267,7 @@ pub struct Settings {
 impl Config {
     /// Reads the file (if any) and applies the overrides on top.
     pub fn load(cli: Cli) -> Result<Config, ConfigErrors> {
+        mqfleet_ops::config::check_env("MQFLEET_PROXY_", &Config::reference(), &["MQFLEET_PROXY_CONFIG"])?;
         let mut config: Config = mqfleet_ops::config::load_file(cli.config.as_deref())?;
         config.apply(cli.overrides);
         Ok(config)

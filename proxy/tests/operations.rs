@@ -21,6 +21,17 @@ fn invalid_configuration_exits_64_naming_every_bad_key() {
 }
 
 #[test]
+fn a_misspelt_environment_variable_is_refused_not_ignored() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mqfleet-proxy")).env("MQFLEET_PROXY_MAX_CONECTIONS", "5").output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MQFLEET_PROXY_MAX_CONECTIONS: no such setting"), "{err}");
+    let out = Command::new(testkit::service::binary("mqfleet-shard")).env("MQFLEET_SHARD_FSYNK", "batch").output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MQFLEET_SHARD_FSYNK"), "{out:?}");
+}
+
+#[test]
 fn configuration_file_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mqfleet.toml");
