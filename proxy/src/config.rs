@@ -175,6 +175,12 @@ mqfleet_ops::settings! {
     max_retained_bytes: usize = 0, env "MQFLEET_PROXY_MAX_RETAINED_BYTES";
     /// Also queue QoS 0 messages for offline persistent sessions.
     queue_qos0_offline: bool = false, env "MQFLEET_PROXY_QUEUE_QOS0_OFFLINE";
+    /// Where 5.0 clients are sent when this proxy drains (MQTT Server Reference, e.g. the
+    /// Service's DNS name); empty: drained clients get 0x9C without a reference.
+    server_reference: String = String::new(), env "MQFLEET_PROXY_SERVER_REFERENCE";
+    /// Clients disconnected per second while draining (SIGTERM), so that a fleet reconnects
+    /// elsewhere gradually instead of all at once; the rest go when `shutdown_grace_ms` ends.
+    drain_rate: u32 = 500, env "MQFLEET_PROXY_DRAIN_RATE";
     /// On SIGTERM, time given to connections to be told and their sessions saved, in ms.
     shutdown_grace_ms: u64 = 10_000, env "MQFLEET_PROXY_SHUTDOWN_GRACE_MS";
 }
@@ -328,6 +334,7 @@ impl Config {
                 ("max_client_id_length", self.max_client_id_length as u64),
                 ("redis_timeout_ms", self.redis_timeout_ms),
                 ("heartbeat_ms", self.heartbeat_ms),
+                ("drain_rate", u64::from(self.drain_rate)),
             ],
         );
         if self.max_packet_size < 64 {

@@ -81,8 +81,17 @@ pub struct Context {
     pub lifecycle: Lifecycle,
     /// Connection limits by source address and rate.
     pub admission: Arc<admission::Admission>,
+    /// Draining: new CONNECTs are sent elsewhere (0x9C), connected clients are moved off.
+    pub draining: AtomicBool,
     /// Set when the proxy is part of a cluster.
     pub cluster: Option<Cluster>,
+}
+
+impl Context {
+    /// The Server Reference draining clients are given, if configured.
+    pub fn server_reference(&self) -> Option<ByteString> {
+        Some(self.settings.raw.server_reference.as_str()).filter(|r| !r.is_empty()).map(ByteString::from)
+    }
 }
 
 /// Why the broker could not start.
@@ -169,6 +178,7 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
         registry,
         metrics,
         lifecycle,
+        draining: AtomicBool::new(false),
         admission: Arc::new(admission::Admission::new(
             settings.raw.max_connections_per_ip,
             f64::from(settings.raw.max_connect_rate_per_ip),
@@ -349,10 +359,40 @@ impl Broker {
         self.ready.store(false, Ordering::SeqCst);
     }
 
-    /// Graceful drain: stop accepting, tell every client (5.0: DISCONNECT 0x8B), save every
-    /// session, then make the store durable and leave the cluster. Returns false if
-    /// connections were still open when the grace period ran out.
+    /// Moves clients off this proxy: `/readyz` fails, new CONNECTs are refused with 0x9C Use
+    /// another server (with `server_reference`), and connected clients are disconnected the
+    /// same way at `drain_rate` per second, each session saved as it goes (in a cluster the
+    /// clients resume on other proxies). Returns when all are gone or `within` has passed.
+    pub async fn drain(&self, within: Duration) {
+        self.mark_unready();
+        self.ctx.draining.store(true, Ordering::SeqCst);
+        let rate = f64::from(self.ctx.settings.raw.drain_rate.max(1));
+        let deadline = tokio::time::Instant::now() + within;
+        let mailboxes = self.ctx.registry.all();
+        tracing::info!(clients = mailboxes.len(), rate, "draining: moving clients to other proxies");
+        let started = tokio::time::Instant::now();
+        for (i, mailbox) in mailboxes.into_iter().enumerate() {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            if due >= deadline {
+                break;
+            }
+            tokio::time::sleep_until(due).await;
+            let _ = mailbox.send(registry::ConnMsg::Close(mqfleet_codec::ReasonCode::UseAnotherServer));
+        }
+        while !self.ctx.registry.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Graceful shutdown: in a cluster, drain (see [`Broker::drain`]) within the grace period;
+    /// then tell every remaining client (5.0: DISCONNECT 0x8B — a single node has no other
+    /// server to send them to), save every session, make the store durable and leave the
+    /// cluster. Returns false if connections were still open when the grace period ran out.
     pub async fn shutdown(self) -> bool {
+        if self.ctx.cluster.is_some() {
+            // Most of the grace goes to the paced drain; the rest to closing what is left.
+            self.drain(self.ctx.settings.shutdown_grace.mul_f64(0.8)).await;
+        }
         self.mark_unready();
         self.shutdown.cancel();
         self.tracker.close();

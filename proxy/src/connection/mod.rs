@@ -385,6 +385,9 @@ where
             }
             ConnMsg::AclChanged => self.recheck_subscriptions().await,
             ConnMsg::TakenOver => Err(End::TakenOver),
+            ConnMsg::Close(ReasonCode::UseAnotherServer) => {
+                Err(End::Server { reason: ReasonCode::UseAnotherServer, detail: "this server is draining; connect to another".into() })
+            }
             ConnMsg::Close(reason) => Err(End::Server { reason, detail: "closed by the server".into() }),
         }
     }
@@ -407,6 +410,9 @@ where
         let mut d = Disconnect::new(reason);
         if !detail.is_empty() {
             d.properties.reason_string = Some(detail.into());
+        }
+        if reason == ReasonCode::UseAnotherServer {
+            d.properties.server_reference = self.ctx.server_reference();
         }
         Packet::Disconnect(d)
     }
