@@ -221,3 +221,53 @@ async fn a_subscriber_that_stops_reading_loses_qos0_not_the_publisher_bad_input_
     assert!(metric(&b, "mqfleet_proxy_dropped_messages_total{reason=\"slow_consumer\"}").await > 0);
     drop(stuck);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_authenticated_connections_are_bounded_by_the_connection_limits_bad_input_62() {
+    // Memory per idle connection is measured by bench/compare (docs/BENCHMARKS.md); what
+    // bounds their number is checked here (the per-address bound in the PROXY test above).
+    let b = TestBroker::with(|c| c.max_connections = 250).await;
+    let mut idle = Vec::new();
+    for i in 0..250 {
+        let mut connect = Connect::new(Protocol::V5, format!("idle-{i}"));
+        connect.keep_alive = 0;
+        let (c, ack) = Raw::session(b.addr, connect).await;
+        assert_eq!(ack.reason, ReasonCode::Success);
+        idle.push(c);
+    }
+    let mut extra = Raw::connect(b.addr).await;
+    extra
+        .send_bytes(&{
+            let mut buf = bytes::BytesMut::new();
+            Packet::Connect(Box::new(Connect::new(Protocol::V5, "one-too-many"))).encode(Protocol::V5, &mut buf).unwrap();
+            buf
+        })
+        .await;
+    assert_eq!(extra.recv().await, None, "closed at accept, beyond max_connections");
+    assert_eq!(metric(&b, "mqfleet_proxy_disconnects_total{reason=\"max_connections\"}").await, 1);
+    assert_eq!(b.context().metrics.connections.get(), 250);
+    drop(idle);
+    eventually("idle connections closed", || b.context().metrics.connections.get() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_tree_explosion_is_capped_per_client_and_matching_stays_right_bad_input_64() {
+    let b = TestBroker::with(|c| c.max_subscriptions = 2000).await;
+    let mut sub = Raw::v5(b.addr, "exploder").await;
+    let opts = mqfleet_codec::SubscriptionOptions::default();
+    // 2000 distinct wildcard filters in batches of 100, then one more.
+    for batch in 0..20u16 {
+        let filters = (0..100).map(|i| (format!("x/{batch}/{i}/+/+/#").into(), opts)).collect();
+        sub.send(Packet::Subscribe(mqfleet_codec::Subscribe::new(PacketId::new(batch + 1).unwrap(), filters))).await;
+        assert!(matches!(sub.recv().await, Some(Packet::SubAck(a)) if a.reasons.iter().all(|r| *r == ReasonCode::Success)));
+    }
+    sub.send(Packet::Subscribe(mqfleet_codec::Subscribe::new(PacketId::new(99).unwrap(), vec![("x/+/+/+/+/+/#".into(), opts)]))).await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck(a)) if a.reasons == [ReasonCode::QuotaExceeded]));
+    assert_eq!(metric(&b, "mqfleet_proxy_limited_total{reason=\"max_subscriptions\"}").await, 1);
+    // Matching through the big tree still finds exactly the one matching filter.
+    let mut publisher = Raw::v5(b.addr, "pub").await;
+    publisher.send(Packet::Publish(Publish::new("x/7/42/a/b/c", QoS::AtMostOnce, &b"hit"[..], None))).await;
+    publisher.send(Packet::Publish(Publish::new("x/7/100/a/b", QoS::AtMostOnce, &b"miss"[..], None))).await;
+    assert!(matches!(sub.recv().await, Some(Packet::Publish(p)) if &p.payload[..] == b"hit"));
+    sub.expect_silence().await;
+}

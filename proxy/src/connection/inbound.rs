@@ -264,6 +264,7 @@ where
             }
             let known = self.session.subscriptions.contains_key(filter);
             if !known && self.session.subscriptions.len() >= self.ctx.limits.max_subscriptions {
+                self.ctx.metrics.limited.get_or_create(&ReasonLabel { reason: "max_subscriptions" }).inc();
                 reasons.push(ReasonCode::QuotaExceeded);
                 continue;
             }
