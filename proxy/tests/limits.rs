@@ -17,8 +17,10 @@ fn v2_header(source: &str) -> Vec<u8> {
 /// Sends `header` and a 5.0 CONNECT; the CONNACK's reason, or `None` if the server closed.
 async fn connect_behind(addr: SocketAddr, header: &[u8], client_id: &str) -> (Raw, Option<ReasonCode>) {
     let mut raw = Raw::connect(addr).await;
-    raw.send_bytes(header).await;
-    raw.send(Packet::Connect(Box::new(Connect::new(Protocol::V5, client_id)))).await;
+    let mut bytes = bytes::BytesMut::from(header);
+    Packet::Connect(Box::new(Connect::new(Protocol::V5, client_id))).encode(Protocol::V5, &mut bytes).unwrap();
+    // One write, tolerant of the server having closed already (a refused header).
+    raw.send_bytes(&bytes).await;
     let reason = match raw.recv().await {
         Some(Packet::ConnAck(a)) => Some(a.reason),
         None => None,
