@@ -36,11 +36,12 @@ pub fn reload_all(ctx: &Context) -> Vec<String> {
         }
     }
     match ctx.settings.auth.reload() {
-        Ok(()) => {
+        Ok(()) if ctx.settings.auth.has_acl() => {
             for mailbox in ctx.registry.all() {
                 let _ = mailbox.send(ConnMsg::AclChanged);
             }
         }
+        Ok(()) => {}
         Err(e) => problems.push(e),
     }
     if problems.is_empty() {

@@ -5,29 +5,13 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
-
 use mqfleet_codec::{Packet, PacketId, Protocol, QoS, ReasonCode, Subscribe, SubscriptionOptions};
-use support::{login, Raw};
+use support::{login, proxy_tool, Raw};
 use testkit::local_cluster::{LocalCluster, RedisKind};
-
-fn proxy_tool(args: &[&str], stdin: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mqfleet-proxy"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    child.wait_with_output().unwrap()
-}
 
 /// A sample (`name{labels}`) of a proxy's metrics; 0 if absent.
 async fn metric(c: &LocalCluster, proxy: usize, sample: &str) -> u64 {
-    let text = c.proxies[proxy].service.http_get("/metrics").unwrap_or_default();
-    text.lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse::<f64>().ok())).map_or(0, |v| v as u64)
+    support::sample_in(&c.proxies[proxy].service.http_get("/metrics").unwrap_or_default(), sample)
 }
 
 async fn users_acl_and_rates_are_shared_by_every_proxy(kind: RedisKind) {

@@ -650,10 +650,10 @@ impl Router {
     /// Would retaining `message` go beyond the shard's retained quotas? (Replacing or deleting a
     /// retained message is always allowed when it does not grow beyond them.)
     fn retained_quota_exceeded(&self, message: &Message) -> Option<String> {
-        if !message.retain || message.payload.is_empty() {
+        let (max_n, max_bytes) = (self.config.max_retained_messages, self.config.max_retained_bytes);
+        if !message.retain || message.payload.is_empty() || (max_n == 0 && max_bytes == 0) {
             return None;
         }
-        let (max_n, max_bytes) = (self.config.max_retained_messages, self.config.max_retained_bytes);
         let old = self.retained.get(&message.topic).map(|m| m.payload.len());
         if max_n > 0 && old.is_none() && self.retained.len() >= max_n {
             return Some(format!("this shard holds its maximum of {max_n} retained messages"));

@@ -140,21 +140,6 @@ impl Auth {
         })
     }
 
-    /// Everyone in, every topic open: the zero-configuration single node.
-    pub fn open() -> Auth {
-        let config = AuthConfig {
-            allow_anonymous: true,
-            password_file: None,
-            acl_file: None,
-            jwt: None,
-            cert_source: IdentitySource::None,
-            cert_use: IdentityUse { username: true, client_id: false },
-            concurrency: 1,
-            redis: false,
-        };
-        Auth::new(config).unwrap_or_else(|_| unreachable!("no files to read"))
-    }
-
     /// The configured credential backends, by name.
     pub fn backends(&self) -> Vec<&'static str> {
         let mut b = Vec::new();
@@ -305,9 +290,14 @@ impl Auth {
         }
     }
 
+    /// Is an ACL (file or Redis) in force for every client?
+    pub fn has_acl(&self) -> bool {
+        self.has_acl.load(Ordering::Acquire)
+    }
+
     /// Do any rules apply to this client?
     pub fn restricts(&self, identity: &Identity) -> bool {
-        identity.acl.is_some() || self.has_acl.load(Ordering::Acquire)
+        identity.acl.is_some() || self.has_acl()
     }
 
     /// May this client receive a message on `topic` (checked at delivery, so that a revoked

@@ -85,10 +85,6 @@ impl PasswordFile {
         self.users.contains_key(user)
     }
 
-    pub fn len(&self) -> usize {
-        self.users.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }

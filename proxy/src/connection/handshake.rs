@@ -47,15 +47,8 @@ where
     let connect = first_packet(&ctx, &mut io, &shutdown).await?;
     let protocol = connect.protocol;
     if ctx.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        let mut ack = ConnAck::new(ReasonCode::UseAnotherServer, false);
-        if protocol.is_v5() {
-            ack.properties.server_reference = ctx.server_reference();
-            ack.properties.reason_string = Some("this server is draining; connect to another".into());
-        }
-        ctx.metrics.connects.get_or_create(&Metrics::code(ReasonCode::UseAnotherServer)).inc();
-        io.output.queue(&Packet::ConnAck(ack), protocol);
-        let _ = tokio::time::timeout(Duration::from_secs(1), io.output.flush_all()).await;
-        io.output.shutdown().await;
+        let refusal = Refusal { reason: ReasonCode::UseAnotherServer, detail: "this server is draining; connect to another".into() };
+        refuse(&ctx, &mut io, protocol, refusal).await;
         return None;
     }
     let slot = match admitted {
@@ -304,6 +297,9 @@ where
     let mut ack = ConnAck::new(refusal.reason, false);
     if protocol.is_v5() {
         ack.properties.reason_string = Some(refusal.detail.into());
+        if refusal.reason == ReasonCode::UseAnotherServer {
+            ack.properties.server_reference = ctx.server_reference();
+        }
     }
     io.output.queue(&Packet::ConnAck(ack), protocol);
     let _ = tokio::time::timeout(Duration::from_secs(1), io.output.flush_all()).await;

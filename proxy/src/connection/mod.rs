@@ -339,18 +339,27 @@ where
     /// cannot answer, the client is let through (a rate limit is not worth an outage) and the
     /// failure logged.
     async fn charge_fleet_publish(&mut self) {
-        let ctx = self.ctx.clone();
-        let Some(cluster) = &ctx.cluster else { return };
-        let raw = &ctx.settings.raw;
-        let tenant = self.identity.username.clone().map(|u| format!("tenant:{u}"));
-        let buckets = [
-            (u64::from(raw.fleet_publish_rate), Some(self.client_id.to_string()), 0usize, "fleet_publish_rate"),
-            (u64::from(raw.fleet_tenant_publish_rate), tenant, 1, "fleet_tenant_publish_rate"),
-        ];
-        for (rate, key, lease, limit) in buckets {
-            let Some(key) = key.filter(|_| rate > 0) else { continue };
+        let raw = &self.ctx.settings.raw;
+        let rates = [u64::from(raw.fleet_publish_rate), u64::from(raw.fleet_tenant_publish_rate)];
+        if rates == [0, 0] || self.ctx.cluster.is_none() {
+            return;
+        }
+        for (lease, rate) in rates.into_iter().enumerate() {
+            if rate == 0 {
+                continue;
+            }
             if self.fleet_tokens[lease] == 0 {
+                // Only here, about ten times a second at the rate, are keys built and Redis asked.
+                let (key, limit) = match lease {
+                    0 => (self.client_id.to_string(), "fleet_publish_rate"),
+                    _ => match &self.identity.username {
+                        Some(u) => (format!("tenant:{u}"), "fleet_tenant_publish_rate"),
+                        None => continue,
+                    },
+                };
                 let chunk = rate.div_ceil(10);
+                let ctx = self.ctx.clone();
+                let Some(cluster) = &ctx.cluster else { return };
                 match cluster.redis.take_tokens(&key, "publish", rate, rate, chunk).await {
                     Ok(0) => self.throttle(Duration::from_secs_f64(chunk as f64 / rate as f64), limit),
                     Ok(n) => self.fleet_tokens[lease] = n,

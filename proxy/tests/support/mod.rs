@@ -418,19 +418,23 @@ pub fn paho(script: &str, addr: SocketAddr) -> String {
     stdout
 }
 
-/// Adds a user to a password file with the real `mqfleet-proxy passwd` command.
-pub fn add_user(file: &Path, user: &str, password: &str) {
+/// Runs an operator command of the real `mqfleet-proxy` (`passwd`, `acl`) with `stdin`.
+pub fn proxy_tool(args: &[&str], stdin: &str) -> std::process::Output {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_mqfleet-proxy"))
-        .arg("passwd")
-        .arg(file)
-        .arg(user)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Adds a user to a password file with the real `mqfleet-proxy passwd` command.
+pub fn add_user(file: &Path, user: &str, password: &str) {
+    let out = proxy_tool(&["passwd", file.to_str().unwrap(), user], &format!("{password}\n"));
     assert!(out.status.success(), "passwd failed: {out:?}");
 }
 
@@ -444,7 +448,11 @@ pub fn login(protocol: Protocol, client_id: &str, username: Option<&str>, passwo
 
 /// The value of a Prometheus sample (`name{labels}`) on the broker's /metrics, 0 if absent.
 pub async fn metric(b: &TestBroker, sample: &str) -> u64 {
-    let (_, text) = b.http_get("/metrics").await;
+    sample_in(&b.http_get("/metrics").await.1, sample)
+}
+
+/// The value of a Prometheus sample in a /metrics text, 0 if absent.
+pub fn sample_in(text: &str, sample: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse::<f64>().ok())).map_or(0, |v| v as u64)
 }
 
