@@ -65,6 +65,10 @@ mqfleet_ops::settings! {
     /// messages and subscriptions to the others, then stop. Leave it off for restarts and
     /// rolling upgrades, which keep the shard's topics.
     leave_on_shutdown: bool = false, env "MQFLEET_SHARD_LEAVE_ON_SHUTDOWN";
+    /// File holding the bearer token of the admin API (`/api/v1/…` on the `http` listener; at
+    /// least 32 characters, e.g. `openssl rand -hex 32`); read at start. Empty: the admin API
+    /// is off.
+    admin_token_file: String = String::new(), env "MQFLEET_SHARD_ADMIN_TOKEN_FILE";
 }
 
 /// `mqfleet-shard` command line.
@@ -89,6 +93,8 @@ pub struct Settings {
     pub link: SocketAddr,
     pub advertise: Option<String>,
     pub http: Option<SocketAddr>,
+    /// Guards the admin API; none: the API is off.
+    pub admin_token: Option<mqfleet_ops::admin::AdminToken>,
     pub data_dir: PathBuf,
     pub fsync: SyncPolicy,
     pub store: RedisTarget,
@@ -119,6 +125,7 @@ impl Config {
         }
         let link = p.check("link", parse_addr(&self.link));
         let http = p.check("http", parse_optional_addr(&self.http));
+        let admin_token = p.check("admin_token_file", mqfleet_ops::admin::token_setting(&self.admin_token_file)).flatten();
         let fsync = p.check("fsync", self.fsync.parse::<SyncPolicy>());
         let store = if self.store.is_empty() {
             p.add("store", "required: the Redis the proxies use (redis://HOST:PORT, redis+cluster://H1:P1,H2:P2 or redis+sentinel://H1:P1,H2:P2/MASTER)");
@@ -151,6 +158,7 @@ impl Config {
             link,
             advertise: (!self.advertise.is_empty()).then(|| self.advertise.clone()),
             http,
+            admin_token,
             data_dir: self.data_dir.clone().into(),
             fsync,
             store,

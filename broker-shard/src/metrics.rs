@@ -1,18 +1,21 @@
 //! Shard metrics (Prometheus). Shared by every shard of a process: counters add up, gauges move
 //! by deltas.
 
+use mqfleet_ops::metrics::{latency_histogram, Latencies};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use session_store::KindLabel;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct ShardMetrics {
     /// Messages routed by shards.
     pub messages: Counter,
@@ -28,6 +31,30 @@ pub struct ShardMetrics {
     /// Clustered: accepted QoS 1/2 messages still in the shard's log (not yet queued for every
     /// persistent session or not yet confirmed by every proxy that got them).
     pub log_entries: Gauge,
+    /// Clustered: epoch of the ring this shard routes by.
+    pub ring_epoch: Gauge,
+    /// Durable commits of the shard's own store (message log, retained, subscriptions).
+    pub commit_latency: Histogram,
+    /// Clustered: round trips to Redis (queueing for persistent sessions, membership).
+    pub redis_latency: Latencies<KindLabel>,
+}
+
+impl Default for ShardMetrics {
+    fn default() -> ShardMetrics {
+        ShardMetrics {
+            messages: Counter::default(),
+            deliveries: Counter::default(),
+            dropped: Family::default(),
+            subscriptions: Gauge::default(),
+            retained_messages: Gauge::default(),
+            retained_refused: Counter::default(),
+            store_errors: Counter::default(),
+            log_entries: Gauge::default(),
+            ring_epoch: Gauge::default(),
+            commit_latency: latency_histogram(),
+            redis_latency: Latencies::default(),
+        }
+    }
 }
 
 impl ShardMetrics {
@@ -45,6 +72,13 @@ impl ShardMetrics {
         );
         r.register("store_errors", "Durable writes that failed; their publishers were refused", self.store_errors.clone());
         r.register("log_entries", "Accepted QoS 1/2 messages still in the shard's log", self.log_entries.clone());
+        r.register("ring_epoch", "Epoch of the ring the shard routes by (clustered)", self.ring_epoch.clone());
+        r.register("commit_seconds", "Durable commits of the shard's store (group commit), seconds", self.commit_latency.clone());
+        r.register(
+            "redis_command_seconds",
+            "Round trips to Redis by kind (script, command, pipeline), seconds",
+            self.redis_latency.0.clone(),
+        );
     }
 
     pub fn drop_copies(&self, reason: &'static str, n: u64) {

@@ -89,6 +89,7 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::ResyncDone),
         (any::<u64>(), any::<u64>()).prop_map(|(accepted, queued)| Request::Received { accepted, queued }),
         any::<u64>().prop_map(|id| Request::Flush { id: RequestId(id) }),
+        any::<u64>().prop_map(|id| Request::Stats { id: RequestId(id) }),
         (any::<u64>(), vec(message(), 0..3), vec(text(), 0..3)).prop_map(|(id, messages, removed)| Request::AdoptRetained {
             id: RequestId(id),
             messages,
@@ -107,6 +108,9 @@ fn event() -> impl Strategy<Value = Event> {
     let reply = prop_oneof![
         Just(Ok(Reply::Done)),
         any::<u64>().prop_map(|position| Ok(Reply::Accepted { position })),
+        any::<[u64; 6]>().prop_map(|[sessions, subscriptions, retained_messages, retained_bytes, log_entries, ring_epoch]| Ok(
+            Reply::Stats(ShardStats { sessions, subscriptions, retained_messages, retained_bytes, log_entries, ring_epoch })
+        )),
         (vec(any::<bool>(), 0..4), vec((message(), delivery()), 0..3))
             .prop_map(|(existed, retained)| Ok(Reply::Subscribed { existed, retained })),
         vec(any::<bool>(), 0..4).prop_map(|existed| Ok(Reply::Unsubscribed { existed })),

@@ -5,6 +5,7 @@
 //! | `/livez`  | 200 while the process serves HTTP at all                            |
 //! | `/readyz` | 200 once the process serves; 503 while starting or draining         |
 //! | `/metrics`| Prometheus text exposition format                                   |
+//! | `/api/v1/…` | the process's admin API, behind a bearer token (see [`crate::admin`]) |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
+
+use crate::admin::{require_token, AdminToken, ApiError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
@@ -23,13 +26,17 @@ pub struct HttpState {
     pub prometheus: Arc<prometheus_client::registry::Registry>,
 }
 
-/// Serves the endpoints until `shutdown`.
-pub async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) {
+/// Serves the endpoints, and `api` (routes under `/api/v1`, guarded by `token`), until
+/// `shutdown`.
+pub async fn serve(listener: TcpListener, state: HttpState, api: Router, token: Option<AdminToken>, shutdown: CancellationToken) {
+    let api = api.route_layer(axum::middleware::from_fn_with_state(token, require_token));
     let app = Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state);
+        .with_state(state)
+        .nest("/api/v1", api)
+        .fallback(|| async { ApiError::not_found("no such path") });
     let result = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
     if let Err(e) = result {
         tracing::error!(error = %e, "HTTP server failed");

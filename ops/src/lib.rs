@@ -4,12 +4,15 @@
 //!   variable and a flag each; validation that reports every problem with its key;
 //! - [`logging`]: `tracing` as text or JSON, level from `RUST_LOG` or the configuration;
 //! - [`signals`]: SIGTERM / SIGINT;
-//! - [`http`]: `/livez`, `/readyz`, `/metrics`;
+//! - [`http`]: `/livez`, `/readyz`, `/metrics`, and a process's admin API under `/api/v1`;
+//! - [`admin`]: the admin API's bearer token and JSON errors; [`metrics`]: latency histograms;
 //! - [`outage::Outage`]: one warning per outage of a recurring operation, not one per attempt.
 
+pub mod admin;
 pub mod config;
 pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod outage;
 pub mod signals;
 

@@ -20,7 +20,7 @@ use broker_shard::now_ms;
 use broker_shard::ring::{Ring, ShardSet};
 use futures::future::join_all;
 use mqfleet_codec::topic::parse_shared;
-use session_store::RedisStore;
+use session_store::{Notice, RedisStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::will_from_store;
@@ -114,10 +114,16 @@ async fn takeover_notices(ctx: Weak<Context>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         };
         match next {
-            Ok(Some(t)) => {
+            Ok(Some(Notice::Takeover(t))) => {
                 if let Some(mailbox) = ctx.registry.taken_over_elsewhere(&t.client_id, t.epoch) {
                     tracing::debug!(client_id = %t.client_id, epoch = t.epoch, "connection taken over on another proxy");
                     let _ = mailbox.send(ConnMsg::TakenOver);
+                }
+            }
+            Ok(Some(Notice::Kick { client_id, discard_session })) => {
+                if let Some((_, mailbox)) = ctx.registry.client(&client_id) {
+                    tracing::info!(client_id = %client_id, discard_session, "disconnecting a client as asked by an operator on another proxy");
+                    let _ = mailbox.send(ConnMsg::Kick { discard_session });
                 }
             }
             Ok(None) => {}

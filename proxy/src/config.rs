@@ -183,6 +183,14 @@ mqfleet_ops::settings! {
     drain_rate: u32 = 500, env "MQFLEET_PROXY_DRAIN_RATE";
     /// On SIGTERM, time given to connections to be told and their sessions saved, in ms.
     shutdown_grace_ms: u64 = 10_000, env "MQFLEET_PROXY_SHUTDOWN_GRACE_MS";
+    /// File holding the bearer token of the admin API (`/api/v1/…` on the `http` listener; at
+    /// least 32 characters, e.g. `openssl rand -hex 32`); re-read on SIGHUP. Empty: the admin
+    /// API is off.
+    admin_token_file: String = String::new(), env "MQFLEET_PROXY_ADMIN_TOKEN_FILE";
+    /// Publish this proxy's statistics under `$SYS/broker/…` every this many ms (retained,
+    /// expiring after three intervals); 0: off. Only ACL rules that name `$SYS` topics grant
+    /// them.
+    sys_interval_ms: u64 = 0, env "MQFLEET_PROXY_SYS_INTERVAL_MS";
 }
 
 /// `mqfleet-proxy` command line.
@@ -251,6 +259,8 @@ pub struct Settings {
     pub ws: Option<SocketAddr>,
     pub wss: Option<TlsListener>,
     pub http: Option<SocketAddr>,
+    /// Guards the admin API; none: the API is off.
+    pub admin_token: Option<mqfleet_ops::admin::AdminToken>,
     pub store: StoreSpec,
     pub store_sync: SyncPolicy,
     pub shards: ShardSpec,
@@ -288,6 +298,7 @@ impl Config {
         let mut p = Problems::default();
         let mqtt = p.check("mqtt", parse_addr(&self.mqtt));
         let http = p.check("http", parse_optional_addr(&self.http));
+        let admin_token = p.check("admin_token_file", mqfleet_ops::admin::token_setting(&self.admin_token_file)).flatten();
         let ws = p.check("ws", parse_optional_addr(&self.ws)).flatten();
         let (mqtts, wss) = self.tls(&mut p);
         let store = p.check("store", parse_store(&self.store));
@@ -372,6 +383,7 @@ impl Config {
             ws,
             wss,
             http,
+            admin_token,
             store,
             store_sync,
             shards,

@@ -13,7 +13,8 @@
 //! - [`lifecycle`]: delayed wills and session expiry for sessions without a connection (single
 //!   node; in a cluster Redis keeps both, see [`cluster`]).
 //! - [`cluster`]: heartbeats, takeover notices, dead proxies, delayed wills, link resync.
-//! - HTTP `/livez`, `/readyz`, `/metrics`: `mqfleet_ops::http`.
+//! - HTTP `/livez`, `/readyz`, `/metrics`: `mqfleet_ops::http`; the admin API under
+//!   `/api/v1`: [`admin`]; [`metrics`]; `$SYS` topics: [`sys`].
 //!
 //! # Two deployments, one code path
 //! Single node: the embedded store and shards in this process, over in-process links.
@@ -29,6 +30,7 @@
 //!
 //! Start reading at [`start`].
 
+pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod cluster;
@@ -42,6 +44,7 @@ pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shards;
+pub mod sys;
 pub mod tls;
 pub mod websocket;
 
@@ -55,7 +58,7 @@ use broker_shard::link::client::{Client, DeliverySink};
 use broker_shard::link::{ProxyId, Request, SessionInfo, SubscribeItem};
 use broker_shard::{now_ms, Message, ShardConfig, ShardMetrics};
 use mqfleet_codec::{ByteString, QoS, RetainHandling, SubscriptionOptions};
-use session_store::{EmbeddedConfig, EmbeddedStore, Op, RedisStore, RedisTarget, SessionRecord, Store, StoredSubscription};
+use session_store::{EmbeddedConfig, EmbeddedStore, Op, RedisLatency, RedisStore, RedisTarget, SessionRecord, Store, StoredSubscription};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -83,11 +86,56 @@ pub struct Context {
     pub admission: Arc<admission::Admission>,
     /// Draining: new CONNECTs are sent elsewhere (0x9C), connected clients are moved off.
     pub draining: AtomicBool,
+    /// What `/readyz` answers.
+    pub ready: Arc<AtomicBool>,
+    /// Unix ms at start.
+    pub started_at_ms: u64,
     /// Set when the proxy is part of a cluster.
     pub cluster: Option<Cluster>,
 }
 
 impl Context {
+    /// This proxy's name: its cluster id, or `local` for a single node.
+    pub fn name(&self) -> &str {
+        self.cluster.as_ref().map_or("local", |c| c.id.as_str())
+    }
+
+    /// Moves clients off this proxy: `/readyz` fails, new CONNECTs are refused with 0x9C Use
+    /// another server (with `server_reference`), and connected clients are disconnected the
+    /// same way at `drain_rate` per second, each session saved as it goes (in a cluster the
+    /// clients resume on other proxies). Returns when all are gone, `within` has passed, or
+    /// the drain was cancelled ([`Context::undrain`]).
+    pub async fn drain(&self, within: Duration) {
+        self.ready.store(false, Ordering::SeqCst);
+        self.draining.store(true, Ordering::SeqCst);
+        let rate = f64::from(self.settings.raw.drain_rate.max(1));
+        let deadline = tokio::time::Instant::now() + within;
+        let mailboxes = self.registry.all();
+        tracing::info!(clients = mailboxes.len(), rate, "draining: moving clients to other proxies");
+        let started = tokio::time::Instant::now();
+        for (i, mailbox) in mailboxes.into_iter().enumerate() {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            if due >= deadline {
+                break;
+            }
+            tokio::time::sleep_until(due).await;
+            if !self.draining.load(Ordering::SeqCst) {
+                tracing::info!("drain cancelled");
+                return;
+            }
+            let _ = mailbox.send(registry::ConnMsg::Close(mqfleet_codec::ReasonCode::UseAnotherServer));
+        }
+        while !self.registry.is_empty() && tokio::time::Instant::now() < deadline && self.draining.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Ends a drain started by the admin API: CONNECTs are welcome again, `/readyz` passes.
+    pub fn undrain(&self) {
+        self.draining.store(false, Ordering::SeqCst);
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
     /// The Server Reference draining clients are given, if configured.
     pub fn server_reference(&self) -> Option<ByteString> {
         Some(self.settings.raw.server_reference.as_str()).filter(|r| !r.is_empty()).map(ByteString::from)
@@ -124,7 +172,6 @@ pub struct Broker {
     tracker: TaskTracker,
     /// Ends what must outlive the drain: shard links, cluster heartbeats.
     background: CancellationToken,
-    ready: Arc<AtomicBool>,
 }
 
 /// Starts the broker: opens the store, reaches the shards, restores what needs restoring,
@@ -164,7 +211,7 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
         }
         StoreSpec::Redis(target) => {
             let id = settings.proxy_id(mqtt_addr.port());
-            let (cluster, topology, states) = join_cluster(&settings, &limits, target, id, &sink, &background).await?;
+            let (cluster, topology, states) = join_cluster(&settings, &limits, target, id, &sink, &background, &metrics).await?;
             (Store::Redis(cluster.redis.clone()), topology, Some(cluster), states)
         }
     };
@@ -179,6 +226,8 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
         metrics,
         lifecycle,
         draining: AtomicBool::new(false),
+        ready: Arc::new(AtomicBool::new(false)),
+        started_at_ms: now_ms(),
         admission: Arc::new(admission::Admission::new(
             settings.raw.max_connections_per_ip,
             f64::from(settings.raw.max_connect_rate_per_ip),
@@ -192,6 +241,11 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(lifecycle_task.run(Arc::downgrade(&ctx), shutdown.clone()));
+    tokio::spawn(metrics::sample(Arc::downgrade(&ctx), background.clone()));
+    if ctx.settings.raw.sys_interval_ms > 0 {
+        let every = Duration::from_millis(ctx.settings.raw.sys_interval_ms);
+        tokio::spawn(sys::publish_every(Arc::downgrade(&ctx), every, shutdown.clone()));
+    }
     let tls_poll = (settings.raw.tls_reload_ms > 0).then(|| Duration::from_millis(settings.raw.tls_reload_ms));
     tokio::spawn(reload::watch(Arc::downgrade(&ctx), tls_poll, background.clone()));
     let backends = ctx.settings.auth.backends();
@@ -226,7 +280,7 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
         tracker.spawn(server::accept_loop(l, accept, ctx.clone(), shutdown.clone(), tracker.clone()));
     }
 
-    let ready = Arc::new(AtomicBool::new(false));
+    let ready = ctx.ready.clone();
     let http_addr = match settings.http {
         Some(addr) => {
             let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what: "http", addr, source })?;
@@ -234,13 +288,14 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
             tracing::info!(address = %bound, "HTTP listener bound");
             let state = mqfleet_ops::http::HttpState { ready: ready.clone(), prometheus: Arc::new(prometheus) };
             // Outlives the drain: /readyz answers 503 while connections close.
-            tokio::spawn(mqfleet_ops::http::serve(l, state, background.clone()));
+            let api = admin::router(ctx.clone());
+            tokio::spawn(mqfleet_ops::http::serve(l, state, api, settings.admin_token.clone(), background.clone()));
             Some(bound)
         }
         None => None,
     };
     ready.store(true, Ordering::SeqCst);
-    Ok(Broker { mqtt_addr, mqtts_addr, ws_addr, wss_addr, http_addr, ctx, shutdown, tracker, background, ready })
+    Ok(Broker { mqtt_addr, mqtts_addr, ws_addr, wss_addr, http_addr, ctx, shutdown, tracker, background })
 }
 
 /// The embedded store and in-process shards, each with the retained messages it owns.
@@ -254,6 +309,7 @@ async fn single_node(
     let mut store_config = EmbeddedConfig::new(dir);
     store_config.sync = settings.store_sync;
     store_config.max_queue_len = limits.session_queue_capacity();
+    store_config.commit_latency = Some(shard_metrics.commit_latency.clone());
     let store = Store::Embedded(EmbeddedStore::open(store_config)?);
     tracing::info!(dir = %dir.display(), "session store opened");
 
@@ -292,8 +348,10 @@ async fn join_cluster(
     id: String,
     sink: &Arc<dyn DeliverySink>,
     background: &CancellationToken,
+    metrics: &Metrics,
 ) -> Result<(Cluster, Topology, Vec<Arc<LinkState>>), StartError> {
-    let redis = RedisStore::connect(target.clone(), limits.session_queue_capacity(), settings.redis_timeout).await?;
+    let mut redis = RedisStore::connect(target.clone(), limits.session_queue_capacity(), settings.redis_timeout).await?;
+    redis.observe_latency(RedisLatency::new(&metrics.redis_latency));
     let dynamic = matches!(settings.shards, ShardSpec::Discover);
     let (shards, epoch): (Vec<(String, String)>, u64) = match &settings.shards {
         ShardSpec::Static(addrs) => (addrs.iter().map(|a| (a.clone(), a.clone())).collect(), 0),
@@ -356,32 +414,12 @@ impl Broker {
 
     /// `/readyz` answers 503 from now on, so load balancers stop sending new clients here.
     pub fn mark_unready(&self) {
-        self.ready.store(false, Ordering::SeqCst);
+        self.ctx.ready.store(false, Ordering::SeqCst);
     }
 
-    /// Moves clients off this proxy: `/readyz` fails, new CONNECTs are refused with 0x9C Use
-    /// another server (with `server_reference`), and connected clients are disconnected the
-    /// same way at `drain_rate` per second, each session saved as it goes (in a cluster the
-    /// clients resume on other proxies). Returns when all are gone or `within` has passed.
+    /// See [`Context::drain`].
     pub async fn drain(&self, within: Duration) {
-        self.mark_unready();
-        self.ctx.draining.store(true, Ordering::SeqCst);
-        let rate = f64::from(self.ctx.settings.raw.drain_rate.max(1));
-        let deadline = tokio::time::Instant::now() + within;
-        let mailboxes = self.ctx.registry.all();
-        tracing::info!(clients = mailboxes.len(), rate, "draining: moving clients to other proxies");
-        let started = tokio::time::Instant::now();
-        for (i, mailbox) in mailboxes.into_iter().enumerate() {
-            let due = started + Duration::from_secs_f64(i as f64 / rate);
-            if due >= deadline {
-                break;
-            }
-            tokio::time::sleep_until(due).await;
-            let _ = mailbox.send(registry::ConnMsg::Close(mqfleet_codec::ReasonCode::UseAnotherServer));
-        }
-        while !self.ctx.registry.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.ctx.drain(within).await;
     }
 
     /// Graceful shutdown: in a cluster, drain (see [`Broker::drain`]) within the grace period;

@@ -23,9 +23,23 @@ use crate::Context;
 use broker_shard::ring::ShardSet;
 
 enum Cmd {
-    Will { client_id: ByteString, will: Box<WillSpec>, after: Duration, persistent: bool },
-    Expire { client_id: ByteString, at_ms: u64 },
-    Cancel { client_id: ByteString },
+    Will {
+        client_id: ByteString,
+        will: Box<WillSpec>,
+        after: Duration,
+        persistent: bool,
+    },
+    Expire {
+        client_id: ByteString,
+        at_ms: u64,
+    },
+    Cancel {
+        client_id: ByteString,
+    },
+    /// End an offline session now (admin API), its pending will first.
+    EndNow {
+        client_id: ByteString,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -57,6 +71,12 @@ impl Lifecycle {
 
     pub fn schedule_expiry(&self, client_id: &ByteString, at_ms: u64) {
         let _ = self.tx.send(Cmd::Expire { client_id: client_id.clone(), at_ms });
+    }
+
+    /// Ends an offline session now, as if it expired (admin API): its pending will is
+    /// published, then the session removed.
+    pub fn end_now(&self, client_id: &ByteString) {
+        let _ = self.tx.send(Cmd::EndNow { client_id: client_id.clone() });
     }
 
     /// A connection for this client id exists again: no will, no expiry.
@@ -95,6 +115,14 @@ impl LifecycleTask {
                             }
                             wills.remove(&client_id);
                         }
+                        Cmd::EndNow { client_id } => {
+                            for t in [Timer::Will(client_id.clone()), Timer::Expire(client_id.clone())] {
+                                if let Some(k) = keys.remove(&t) { queue.remove(&k); }
+                            }
+                            let will = wills.remove(&client_id).map(|(w, _)| w);
+                            let Some(ctx) = ctx.upgrade() else { return };
+                            expire(&ctx, &client_id, will, true).await;
+                        }
                     }
                 }
                 Some(expired) = queue.next(), if !queue.is_empty() => {
@@ -110,7 +138,7 @@ impl LifecycleTask {
                         Timer::Expire(client_id) => {
                             let will = wills.remove(&client_id).map(|(w, _)| w);
                             if let Some(k) = keys.remove(&Timer::Will(client_id.clone())) { queue.remove(&k); }
-                            expire(&ctx, &client_id, will).await;
+                            expire(&ctx, &client_id, will, false).await;
                         }
                     }
                 }
@@ -139,7 +167,8 @@ async fn fire_will(ctx: &Arc<Context>, client_id: &ByteString, will: WillSpec, p
     }
 }
 
-async fn expire(ctx: &Arc<Context>, client_id: &ByteString, will: Option<WillSpec>) {
+/// Ends an offline session whose expiry has come (or at once with `now`).
+async fn expire(ctx: &Arc<Context>, client_id: &ByteString, will: Option<WillSpec>, now: bool) {
     if ctx.registry.is_connected(client_id) {
         return;
     }
@@ -155,7 +184,7 @@ async fn expire(ctx: &Arc<Context>, client_id: &ByteString, will: Option<WillSpe
     if record.connected {
         return;
     }
-    if let Some(at) = record.expires_at_ms() {
+    if let Some(at) = record.expires_at_ms().filter(|_| !now) {
         if at > now_ms() + 100 {
             ctx.lifecycle.schedule_expiry(client_id, at);
             return;

@@ -1,10 +1,12 @@
 //! Proxy metrics (Prometheus text format on `/metrics`). Client ids never appear in labels.
 
+use mqfleet_ops::metrics::Latencies;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use session_store::KindLabel;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QosLabel {
@@ -20,6 +22,11 @@ pub struct ReasonLabel {
 pub struct CodeLabel {
     /// MQTT 5 reason code, e.g. "0x81".
     pub code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabel {
+    pub shard: String,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -39,6 +46,26 @@ pub struct Metrics {
     pub auth_failures: Family<ReasonLabel, Counter>,
     pub acl_denied: Family<ReasonLabel, Counter>,
     pub limited: Family<ReasonLabel, Counter>,
+    /// Deliveries sent to connected clients and not yet acknowledged.
+    pub inflight: Gauge,
+    /// Deliveries waiting at connected clients for room in their in-flight window.
+    pub queued: Gauge,
+    /// Subscriptions of connected clients.
+    pub subscriptions: Gauge,
+    /// PUBLISH received → PUBACK/PUBREC sent (QoS 1/2: the shard made it durable), or handed
+    /// to the shard (QoS 0).
+    pub publish_latency: Latencies<QosLabel>,
+    /// Round trips of link requests that have a reply, per shard.
+    pub link_latency: Latencies<ShardLabel>,
+    /// Link requests awaiting their reply, per shard (sampled each second).
+    pub link_awaiting: Family<ShardLabel, Gauge>,
+    /// Link requests queued and not yet written, per shard (sampled each second).
+    pub link_queued: Family<ShardLabel, Gauge>,
+    /// Epoch of the ring this proxy routes by (0: a fixed ring).
+    pub ring_epoch: Gauge,
+    pub redis_latency: Latencies<KindLabel>,
+    /// `$SYS` messages published.
+    pub sys_published: Counter,
 }
 
 impl Metrics {
@@ -62,6 +89,24 @@ impl Metrics {
             "Work refused or slowed by a limit: max_connections_per_ip, connect_rate_per_ip, connect_rate (CONNACK), publish_rate (throttled)",
             self.limited.clone(),
         );
+        r.register("inflight_messages", "Deliveries sent to connected clients and not yet acknowledged", self.inflight.clone());
+        r.register(
+            "queued_messages",
+            "Deliveries waiting at connected clients for room in their in-flight window (offline queues are in the store)",
+            self.queued.clone(),
+        );
+        r.register("subscriptions", "Subscriptions of connected clients", self.subscriptions.clone());
+        r.register(
+            "publish_seconds",
+            "PUBLISH received to PUBACK/PUBREC sent (QoS 1/2, after the shard made it durable) or handed to the shard (QoS 0)",
+            self.publish_latency.0.clone(),
+        );
+        r.register("link_request_seconds", "Round trips of link requests to each shard", self.link_latency.0.clone());
+        r.register("link_awaiting_reply", "Link requests awaiting the shard's reply", self.link_awaiting.clone());
+        r.register("link_queued", "Link requests queued for a shard and not yet sent", self.link_queued.clone());
+        r.register("ring_epoch", "Epoch of the ring the proxy routes by (0: a fixed list of shards)", self.ring_epoch.clone());
+        r.register("redis_command_seconds", "Round trips to Redis by kind (script, command, pipeline)", self.redis_latency.0.clone());
+        r.register("sys_messages_published", "$SYS messages published", self.sys_published.clone());
         r.register(
             "acl_denied",
             "Actions refused by the ACL: publish, subscribe, will, revoked (subscriptions removed on reload)",
@@ -75,5 +120,33 @@ impl Metrics {
 
     pub fn code(code: mqfleet_codec::ReasonCode) -> CodeLabel {
         CodeLabel { code: format!("0x{:02X}", code as u8) }
+    }
+}
+
+/// Every second: the links' queue gauges and the ring epoch, and latency histograms attached
+/// to links made since (a shard that joined). Holds the context weakly; ends with `stop`.
+pub async fn sample(ctx: std::sync::Weak<crate::Context>, stop: tokio_util::sync::CancellationToken) {
+    let mut shown: Vec<ShardLabel> = Vec::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let Some(ctx) = ctx.upgrade() else { return };
+        let m = &ctx.metrics;
+        let topology = ctx.shards.now();
+        m.ring_epoch.set(topology.epoch as i64);
+        let labels: Vec<ShardLabel> = topology.keys().iter().map(|k| ShardLabel { shard: k.clone() }).collect();
+        for (label, link) in labels.iter().zip(topology.links()) {
+            link.observe_latency(m.link_latency.get_or_create(label).clone());
+            m.link_awaiting.get_or_create(label).set(link.awaiting_reply() as i64);
+            m.link_queued.get_or_create(label).set(link.queued() as i64);
+        }
+        for gone in shown.iter().filter(|l| !labels.contains(l)) {
+            m.link_awaiting.remove(gone);
+            m.link_queued.remove(gone);
+        }
+        shown = labels;
     }
 }

@@ -7,14 +7,16 @@
 //! read-write lock that connects and disconnects take briefly for writing.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use broker_shard::link::{ConnId, Recipient, Request, RequestId, SessionInfo, SubscribeItem};
 use broker_shard::Message;
-use mqfleet_codec::{ByteString, ReasonCode};
+use mqfleet_codec::{ByteString, Protocol, ReasonCode};
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{mpsc, watch};
+use session_store::StoredSubscription;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// What a connection task receives besides socket input.
 #[derive(Debug)]
@@ -27,6 +29,44 @@ pub enum ConnMsg {
     Close(ReasonCode),
     /// The ACL was reloaded: subscriptions it no longer allows are removed.
     AclChanged,
+    /// The admin API asks for this connection's state.
+    Inspect(oneshot::Sender<ConnectionView>),
+    /// An operator disconnects the client (DISCONNECT 0x98); with `discard_session` its
+    /// session ends too instead of waiting for the client.
+    Kick { discard_session: bool },
+}
+
+/// What the admin API lists about a connected client: fixed at CONNECT, so listing thousands
+/// of clients does not disturb them.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub client_id: ByteString,
+    /// Verified username, if any.
+    pub username: Option<String>,
+    pub protocol: Protocol,
+    pub peer: SocketAddr,
+    /// The listener it came through (`mqtt`, `mqtts`, `ws`, `wss`).
+    pub listener: &'static str,
+    pub connected_at_ms: u64,
+    pub keep_alive: u16,
+    pub clean_start: bool,
+    /// Seconds the session outlives the connection, as negotiated at CONNECT.
+    pub session_expiry: u32,
+}
+
+/// A connection's live state, as it answers [`ConnMsg::Inspect`].
+#[derive(Debug, Clone)]
+pub struct ConnectionView {
+    pub subscriptions: Vec<StoredSubscription>,
+    /// Deliveries sent and not yet acknowledged by the client.
+    pub inflight: usize,
+    /// Deliveries waiting for room in the in-flight window.
+    pub queued: usize,
+    /// QoS 2 PUBLISHes received and awaiting PUBREL.
+    pub awaiting_release: usize,
+    /// Seconds the session outlives the connection now (a 5.0 DISCONNECT may change it).
+    pub session_expiry: u32,
+    pub has_will: bool,
 }
 
 /// A connection's mailbox. Unbounded so that routing never waits for a device; the
@@ -39,6 +79,7 @@ pub type Exited = watch::Receiver<()>;
 
 struct Owner {
     conn: ConnId,
+    info: Arc<ClientInfo>,
     mailbox: Mailbox,
     exited: Exited,
     /// Cluster: the connection epoch from the session store; 0 until the claim there is done.
@@ -75,9 +116,10 @@ impl Registry {
 
     /// Registers `conn` as the owner of `client_id` and as a delivery target. Returns the
     /// previous owner, which the caller must take over [MQTT-3.1.4-3].
-    pub fn claim(&self, client_id: &ByteString, conn: ConnId, mailbox: Mailbox, exited: Exited) -> Option<Previous> {
+    pub fn claim(&self, info: Arc<ClientInfo>, conn: ConnId, mailbox: Mailbox, exited: Exited) -> Option<Previous> {
         self.conns.write().insert(conn, mailbox.clone());
-        let prev = self.clients.lock().insert(client_id.clone(), Owner { conn, mailbox, exited, epoch: 0 });
+        let client_id = info.client_id.clone();
+        let prev = self.clients.lock().insert(client_id, Owner { conn, info, mailbox, exited, epoch: 0 });
         prev.map(|o| Previous { conn: o.conn, mailbox: o.mailbox, exited: o.exited })
     }
 
@@ -141,6 +183,16 @@ impl Registry {
     /// The connection that owns `client_id`, if any.
     pub fn owner(&self, client_id: &str) -> Option<ConnId> {
         self.clients.lock().get(client_id).map(|o| o.conn)
+    }
+
+    /// Every connected client (admin API), in no particular order.
+    pub fn clients(&self) -> Vec<Arc<ClientInfo>> {
+        self.clients.lock().values().map(|o| o.info.clone()).collect()
+    }
+
+    /// A connected client's description and mailbox (admin API).
+    pub fn client(&self, client_id: &str) -> Option<(Arc<ClientInfo>, Mailbox)> {
+        self.clients.lock().get(client_id).map(|o| (o.info.clone(), o.mailbox.clone()))
     }
 
     pub fn is_connected(&self, client_id: &str) -> bool {

@@ -1,5 +1,5 @@
 //! Configuration that follows its files while running: TLS certificates (rotated by
-//! cert-manager or a Secret update), the password file and the ACL file.
+//! cert-manager or a Secret update), the password file, the ACL file and the admin token.
 //!
 //! SIGHUP reloads everything; the TLS files are also watched by modification time every
 //! `tls_reload_ms`, because a Kubernetes Secret update swaps files without signalling anyone.
@@ -43,6 +43,9 @@ pub fn reload_all(ctx: &Context) -> Vec<String> {
         }
         Ok(()) => {}
         Err(e) => problems.push(e),
+    }
+    if let Err(e) = ctx.settings.admin_token.as_ref().map_or(Ok(()), |t| t.reload()) {
+        problems.push(format!("admin_token_file: {e}"));
     }
     if problems.is_empty() {
         tracing::info!("configuration files reloaded");

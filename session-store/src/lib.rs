@@ -30,7 +30,9 @@ mod error;
 mod record;
 pub mod redis;
 
-pub use self::redis::{Claim, Inbox, Orphaned, RedisStore, RedisTarget, RingChange, RingState, Takeover};
+pub use self::redis::{
+    Claim, Inbox, KindLabel, LatencyFamily, Notice, Orphaned, RedisLatency, RedisStore, RedisTarget, RingChange, RingState, Takeover,
+};
 pub use embedded::{EmbeddedConfig, EmbeddedStore, SyncPolicy};
 pub use error::Error;
 pub use record::*;

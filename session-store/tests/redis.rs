@@ -412,7 +412,11 @@ async fn takeover_notices_reach_the_proxy_that_lost_the_client() {
     let mut inbox = r.inbox("proxy-a", Duration::from_secs(2)).await.unwrap();
     assert_eq!(inbox.next().await.unwrap(), None, "nothing yet (waits at most a second)");
     r.notify_takeover("proxy-a", "line\nbreak id", 7).await.unwrap();
-    assert_eq!(inbox.next().await.unwrap(), Some(Takeover { client_id: "line\nbreak id".into(), epoch: 7 }));
+    assert_eq!(inbox.next().await.unwrap(), Some(Notice::Takeover(Takeover { client_id: "line\nbreak id".into(), epoch: 7 })));
+    r.notify_kick("proxy-a", "dev\n1", true).await.unwrap();
+    r.notify_kick("proxy-a", "dev-2", false).await.unwrap();
+    assert_eq!(inbox.next().await.unwrap(), Some(Notice::Kick { client_id: "dev\n1".into(), discard_session: true }));
+    assert_eq!(inbox.next().await.unwrap(), Some(Notice::Kick { client_id: "dev-2".into(), discard_session: false }));
 }
 
 #[tokio::test]

@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
 use super::local::{Inbound, EVENT_CHANNEL_CAPACITY};
@@ -50,6 +51,8 @@ pub(crate) struct Inner {
     /// up on them.
     pub(crate) waiters: Arc<Waiters>,
     pub(crate) next_id: Arc<AtomicU64>,
+    /// Round trips of requests with a reply, once the proxy's metrics are attached.
+    pub(crate) latency: OnceLock<Histogram>,
 }
 
 impl Client {
@@ -66,6 +69,7 @@ impl Client {
                 transport: Transport::Local { tx: shard.tx.clone(), proxy },
                 waiters,
                 next_id: Arc::new(AtomicU64::new(1)),
+                latency: OnceLock::new(),
             }),
         })
     }
@@ -77,6 +81,24 @@ impl Client {
     /// The shard's name (its address until a TCP link learned the name).
     pub fn shard(&self) -> Arc<str> {
         self.inner.shard.lock().clone()
+    }
+
+    /// Times every request with a reply from now on (the first histogram given stays).
+    pub fn observe_latency(&self, h: Histogram) {
+        let _ = self.inner.latency.set(h);
+    }
+
+    /// Requests sent and awaiting their reply.
+    pub fn awaiting_reply(&self) -> usize {
+        self.inner.waiters.lock().len()
+    }
+
+    /// Requests queued for the link task and not yet written (TCP links; 0 in process).
+    pub fn queued(&self) -> usize {
+        match &self.inner.transport {
+            Transport::Local { .. } => 0,
+            Transport::Tcp { tx, capacity } => capacity.saturating_sub(tx.capacity()),
+        }
     }
 
     fn down(&self) -> LinkError {
@@ -117,11 +139,16 @@ impl Client {
             return Err(e);
         }
         let down = self.down();
+        let timing = self.inner.latency.get().map(|h| (h.clone(), tokio::time::Instant::now()));
         Ok(async move {
-            match rx.await {
+            let result = match rx.await {
                 Ok(result) => result,
                 Err(_) => Err(down),
+            };
+            if let Some((h, started)) = timing {
+                h.observe(started.elapsed().as_secs_f64());
             }
+            result
         })
     }
 

@@ -16,7 +16,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use mqfleet_codec::{ByteString, QoS, RetainHandling, SubscriptionOptions};
 
 use super::{
-    ConnId, Deliver, DeliveryOptions, Event, LogRef, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, SubscribeItem,
+    ConnId, Deliver, DeliveryOptions, Event, LogRef, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, ShardStats,
+    SubscribeItem,
 };
 use crate::message::Message;
 
@@ -255,6 +256,10 @@ fn encode_request(r: &Request, b: &mut BytesMut) {
                 put_str(b, t);
             }
         }
+        Request::Stats { id } => {
+            b.put_u8(12);
+            b.put_u64(id.0);
+        }
         Request::AdoptSubscriptions { id, items } => {
             b.put_u8(11);
             b.put_u64(id.0);
@@ -298,6 +303,12 @@ fn encode_event(e: &Event, b: &mut BytesMut) {
                 Ok(Reply::Accepted { position }) => {
                     b.put_u8(4);
                     b.put_u64(*position);
+                }
+                Ok(Reply::Stats(st)) => {
+                    b.put_u8(6);
+                    for v in [st.sessions, st.subscriptions, st.retained_messages, st.retained_bytes, st.log_entries, st.ring_epoch] {
+                        b.put_u64(v);
+                    }
                 }
                 Err(ShardError::Store { shard, detail }) => {
                     b.put_u8(3);
@@ -545,6 +556,7 @@ fn decode_request(r: &mut Rd) -> Result<Request, FrameError> {
             }
             Request::AdoptSubscriptions { id, items }
         }
+        12 => Request::Stats { id: RequestId(r.u64("request id")?) },
         tag => return Err(FrameError::UnknownTag { what: "request", tag }),
     })
 }
@@ -570,6 +582,14 @@ fn decode_event(r: &mut Rd) -> Result<Event, FrameError> {
                     Ok(Reply::Unsubscribed { existed: (0..n).map(|_| r.bool("existed")).collect::<Result<_, _>>()? })
                 }
                 4 => Ok(Reply::Accepted { position: r.u64("log position")? }),
+                6 => Ok(Reply::Stats(ShardStats {
+                    sessions: r.u64("sessions")?,
+                    subscriptions: r.u64("subscriptions")?,
+                    retained_messages: r.u64("retained messages")?,
+                    retained_bytes: r.u64("retained bytes")?,
+                    log_entries: r.u64("log entries")?,
+                    ring_epoch: r.u64("ring epoch")?,
+                })),
                 3 => Err(ShardError::Store { shard: r.string("shard")?.to_string(), detail: r.string("detail")?.to_string() }),
                 5 => Err(ShardError::QuotaExceeded { shard: r.string("shard")?.to_string(), detail: r.string("detail")?.to_string() }),
                 tag => return Err(FrameError::UnknownTag { what: "reply", tag }),

@@ -137,6 +137,10 @@ pub enum Request {
         messages: Vec<Arc<Message>>,
         removed: Vec<ByteString>,
     },
+    /// What the shard holds (admin API): replies with [`Reply::Stats`] at once.
+    Stats {
+        id: RequestId,
+    },
     /// Subscriptions of persistent sessions for topics this shard takes over, from their
     /// previous owner. A session this shard already knows keeps its route. Replies once durable.
     AdoptSubscriptions {
@@ -162,6 +166,21 @@ pub enum Reply {
     Unsubscribed {
         existed: Vec<bool>,
     },
+    Stats(ShardStats),
+}
+
+/// What a shard holds, for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShardStats {
+    /// Sessions with a subscription here (connected or not).
+    pub sessions: u64,
+    pub subscriptions: u64,
+    pub retained_messages: u64,
+    pub retained_bytes: u64,
+    /// Accepted QoS 1/2 messages still in the log (clustered).
+    pub log_entries: u64,
+    /// Epoch of the ring this shard routes by (0: a fixed ring).
+    pub ring_epoch: u64,
 }
 
 /// How one message is delivered to one session.

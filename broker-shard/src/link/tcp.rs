@@ -120,6 +120,7 @@ impl Client {
             transport: Transport::Tcp { tx, capacity: config.max_buffered },
             waiters: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
+            latency: std::sync::OnceLock::new(),
         });
         let task = LinkTask {
             config,

@@ -1,6 +1,7 @@
 //! The `mqfleet-shard` process: its disk, its link listener, its place in the cluster (heartbeats,
 //! the ring: [`ring`]), its HTTP endpoint, and an orderly stop.
 
+mod admin;
 mod peers;
 mod ring;
 
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use session_store::{EmbeddedConfig, EmbeddedStore, RedisStore, Store};
+use session_store::{EmbeddedConfig, EmbeddedStore, RedisLatency, RedisStore, Store};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -47,28 +48,49 @@ pub struct Node {
     router: JoinHandle<()>,
     local: EmbeddedStore,
     grace: Duration,
-    /// Set with `leave_on_shutdown`.
-    leave: Option<Leave>,
+    leave: Arc<Leave>,
+    leave_on_shutdown: bool,
 }
 
-/// What leaving the ring at shutdown needs.
-struct Leave {
+/// Leaving the ring (scale-down): on SIGTERM with `leave_on_shutdown`, or by the admin API.
+pub(crate) struct Leave {
+    name: String,
     redis: RedisStore,
+    /// Read by the ring watch: while set, it asks the ring to drop this shard, never to add it.
     leaving: Arc<AtomicBool>,
     metrics: ShardMetrics,
     heartbeat: Duration,
+    state: parking_lot::Mutex<LeaveState>,
+}
+
+/// Where a shard stands with respect to the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaveState {
+    Serving,
+    Leaving,
+    /// Out of the ring, everything handed over: safe to stop.
+    Left,
+    /// The last shard of the ring cannot leave it, or the ring change did not commit in time.
+    Failed,
 }
 
 /// Opens the disk, restores the shard, joins the cluster, listens.
 pub async fn start(settings: Settings) -> Result<Node, StartError> {
+    let metrics = ShardMetrics::default();
+    let metrics_view = metrics.clone();
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    metrics.register(&mut prometheus);
     let dir = settings.data_dir.clone();
     let mut store_config = EmbeddedConfig::new(&dir);
     store_config.sync = settings.fsync;
+    store_config.commit_latency = Some(metrics.commit_latency.clone());
     let local = EmbeddedStore::open(store_config).map_err(|source| StartError::Store { dir: dir.clone(), source })?;
     let log_id = log_id(&dir)?;
     // The session queue holds the in-flight window too (see the proxy's `Limits::session_queue_capacity`).
     let capacity = settings.raw.max_queued_messages.saturating_add(u32::from(settings.raw.max_inflight));
-    let redis = RedisStore::connect(settings.store.clone(), capacity, settings.redis_timeout).await.map_err(StartError::Redis)?;
+    let mut redis = RedisStore::connect(settings.store.clone(), capacity, settings.redis_timeout).await.map_err(StartError::Redis)?;
+    redis.observe_latency(RedisLatency::new(&metrics.redis_latency));
     let restored = Restored::load(&local).await.map_err(|source| StartError::Store { dir: dir.clone(), source })?;
     let expected = match redis.live_proxies(settings.proxy_dead_after).await {
         Ok(p) => p,
@@ -87,10 +109,6 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         "shard store opened"
     );
 
-    let metrics = ShardMetrics::default();
-    let metrics_view = metrics.clone();
-    let mut prometheus = prometheus_client::registry::Registry::default();
-    metrics.register(&mut prometheus);
     let mut config = ShardConfig::new(settings.name.clone());
     config.queue_qos0_offline = settings.raw.queue_qos0_offline;
     config.max_retained_messages = settings.raw.max_retained_messages;
@@ -126,7 +144,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
 
     let advertise = settings.advertise.clone().unwrap_or_else(|| link_addr.to_string());
     redis.shard_beat(&settings.name, &advertise).await.map_err(StartError::Redis)?;
-    tracker.spawn(heartbeat(redis.clone(), settings.name.clone(), advertise, settings.heartbeat, shutdown.clone()));
+    tracker.spawn(heartbeat(redis.clone(), settings.name.clone(), advertise.clone(), settings.heartbeat, shutdown.clone()));
     let leaving = Arc::new(AtomicBool::new(false));
     let watch = ring::RingWatch {
         me: settings.name.clone(),
@@ -141,19 +159,28 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     tracker.spawn(watch.run(shutdown.clone()));
     tokio::spawn(ring::forward(forward_rx, peers, peers_stop.clone()));
 
+    let leave = Arc::new(Leave {
+        name: settings.name.clone(),
+        redis,
+        leaving,
+        metrics: metrics_view,
+        heartbeat: settings.heartbeat,
+        state: parking_lot::Mutex::new(LeaveState::Serving),
+    });
     let ready = Arc::new(AtomicBool::new(false));
     let http_addr = match settings.http {
         Some(addr) => {
             let (l, bound) = bind("http", addr).await?;
             tracing::info!(address = %bound, "HTTP listener bound");
             let state = mqfleet_ops::http::HttpState { ready: ready.clone(), prometheus: Arc::new(prometheus) };
-            tracker.spawn(mqfleet_ops::http::serve(l, state, shutdown.clone()));
+            let api =
+                admin::router(admin::AdminState { leave: leave.clone(), ready: ready.clone(), link_addr, advertise: advertise.clone() });
+            tracker.spawn(mqfleet_ops::http::serve(l, state, api, settings.admin_token.clone(), shutdown.clone()));
             Some(bound)
         }
         None => None,
     };
     ready.store(true, Ordering::SeqCst);
-    let leave = settings.raw.leave_on_shutdown.then(|| Leave { redis, leaving, metrics: metrics_view, heartbeat: settings.heartbeat });
     Ok(Node {
         link_addr,
         http_addr,
@@ -166,6 +193,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         local,
         grace: settings.shutdown_grace,
         leave,
+        leave_on_shutdown: settings.raw.leave_on_shutdown,
     })
 }
 
@@ -175,8 +203,8 @@ impl Node {
     /// topics. Returns false if the grace period ran out first.
     pub async fn shutdown(self) -> bool {
         self.ready.store(false, Ordering::SeqCst);
-        if let Some(leave) = &self.leave {
-            self.leave_ring(leave).await;
+        if self.leave_on_shutdown && self.leave.state() != LeaveState::Left {
+            self.leave.run().await;
         }
         self.shutdown.cancel();
         self.tracker.close();
@@ -190,6 +218,12 @@ impl Node {
         if !finished {
             tracing::warn!(grace = ?self.grace, "grace period over with work in flight; the log replays it at the next start");
         }
+        if self.leave.state() == LeaveState::Left {
+            // After the heartbeats stopped, so nothing registers it again.
+            if let Err(e) = self.leave.redis.shard_leave(&self.name).await {
+                tracing::warn!(error = %e, "could not deregister");
+            }
+        }
         self.peers_stop.cancel();
         if let Err(e) = self.local.flush().await {
             tracing::error!(error = %e, "final flush of the shard store failed");
@@ -198,16 +232,21 @@ impl Node {
     }
 }
 
-impl Node {
+impl Leave {
+    pub(crate) fn state(&self) -> LeaveState {
+        *self.state.lock()
+    }
+
     /// Scale-down: asks the ring to drop this shard, waits until the change is committed (the
     /// ring watch hands everything over meanwhile), then until the proxies have switched and
     /// every message this shard accepted is delivered or queued.
-    async fn leave_ring(&self, leave: &Leave) {
-        leave.leaving.store(true, Ordering::SeqCst);
+    pub(crate) async fn run(&self) -> LeaveState {
+        self.leaving.store(true, Ordering::SeqCst);
+        *self.state.lock() = LeaveState::Leaving;
         tracing::info!(shard = %self.name, "leaving the ring");
         let left = async {
             loop {
-                match leave.redis.ring().await {
+                match self.redis.ring().await {
                     Ok(r) if !r.members.contains(&self.name) && r.next.is_none() => break,
                     Ok(r) if r.members == [self.name.clone()] => {
                         tracing::warn!("the last shard of the ring stays in it");
@@ -216,27 +255,38 @@ impl Node {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot read the ring; retrying"),
                 }
-                tokio::time::sleep(leave.heartbeat).await;
+                tokio::time::sleep(self.heartbeat).await;
             }
             // Proxies switch within a heartbeat of the commit, after draining this shard.
-            tokio::time::sleep(leave.heartbeat * 3).await;
-            while leave.metrics.log_entries.get() > 0 {
-                tokio::time::sleep(leave.heartbeat).await;
+            tokio::time::sleep(self.heartbeat * 3).await;
+            while self.metrics.log_entries.get() > 0 {
+                tokio::time::sleep(self.heartbeat).await;
             }
             true
         };
-        match tokio::time::timeout(LEAVE_TIMEOUT, left).await {
+        let outcome = match tokio::time::timeout(LEAVE_TIMEOUT, left).await {
             Ok(true) => {
                 tracing::info!(shard = %self.name, "left the ring");
-                if let Err(e) = leave.redis.shard_leave(&self.name).await {
-                    tracing::warn!(error = %e, "could not deregister");
-                }
+                LeaveState::Left
             }
-            Ok(false) => {}
+            Ok(false) => LeaveState::Failed,
             Err(_) => {
-                tracing::warn!(shard = %self.name, timeout = ?LEAVE_TIMEOUT, "could not leave the ring in time; stopping as a member")
+                tracing::warn!(shard = %self.name, timeout = ?LEAVE_TIMEOUT, "could not leave the ring in time; stopping as a member");
+                LeaveState::Failed
             }
+        };
+        if outcome == LeaveState::Failed {
+            // Back to serving: the watch must not keep proposing a change that cannot happen.
+            self.leaving.store(false, Ordering::SeqCst);
         }
+        *self.state.lock() = outcome;
+        outcome
+    }
+
+    /// Undoes a leave (admin API): the ring watch asks for this shard to be added back.
+    pub(crate) fn rejoin(&self) {
+        self.leaving.store(false, Ordering::SeqCst);
+        *self.state.lock() = LeaveState::Serving;
     }
 }
 

@@ -41,7 +41,9 @@ use self::peers::Peer;
 use self::rebalance::RingView;
 use self::sessions::Sessions;
 use crate::link::local::Inbound;
-use crate::link::{ConnId, DeliveryOptions, Event, ProxyId, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, SubscribeItem};
+use crate::link::{
+    ConnId, DeliveryOptions, Event, ProxyId, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, ShardStats, SubscribeItem,
+};
 use crate::log::{self, Publisher};
 use crate::message::Message;
 use crate::metrics::ShardMetrics;
@@ -368,6 +370,17 @@ impl Router {
                 peer.confirm(accepted, queued, |p| book.confirmed(p));
             }
             Request::Flush { id } => self.pipeline.emit_after_queueing(vec![(proxy, Event::Reply { id, result: Ok(Reply::Done) })]),
+            Request::Stats { id } => {
+                let stats = ShardStats {
+                    sessions: self.sessions.slots().count() as u64,
+                    subscriptions: self.index.len() as u64,
+                    retained_messages: self.retained.len() as u64,
+                    retained_bytes: self.retained.bytes() as u64,
+                    log_entries: self.book.as_ref().map_or(0, |b| b.len() as u64),
+                    ring_epoch: self.ring.as_ref().and_then(|r| r.current.as_ref()).map_or(0, |(epoch, _)| *epoch),
+                };
+                self.pipeline.emit(vec![(proxy, Event::Reply { id, result: Ok(Reply::Stats(stats)) })]);
+            }
             Request::AdoptRetained { id, messages, removed } => {
                 let ops = self.adopt_retained(messages, removed);
                 self.pipeline.write_local_then_reply(ops, (proxy, id));

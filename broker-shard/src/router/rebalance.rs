@@ -79,6 +79,7 @@ impl Router {
             if known.is_some() {
                 view.cleanup_at = Some(Instant::now() + CLEANUP_AFTER);
             }
+            self.metrics.ring_epoch.set(current.as_ref().map_or(0, |(e, _)| *e as i64));
             view.current = current.map(|(e, c)| (e, Ring::new(&c)));
         }
     }

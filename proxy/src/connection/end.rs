@@ -54,6 +54,7 @@ where
             let _ = tokio::time::timeout(FINAL_FLUSH, self.io.output.flush_all()).await;
         }
         self.io.output.shutdown().await;
+        self.unreport();
         self.ctx.metrics.bytes_received.inc_by(self.io.input.bytes);
         self.ctx.metrics.bytes_sent.inc_by(self.io.output.bytes);
 

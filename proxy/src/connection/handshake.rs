@@ -20,7 +20,7 @@ use crate::admission::{IpSlot, Refused, TokenBucket};
 use crate::auth::acl::Action;
 use crate::auth::{Identity, Login};
 use crate::metrics::{Metrics, ReasonLabel};
-use crate::registry::{wait_exited, ConnMsg};
+use crate::registry::{wait_exited, ClientInfo, ConnMsg};
 use crate::session::alias::{InboundAliases, OutboundAliases};
 use crate::session::connect::{negotiate, Negotiated, Refusal};
 use crate::session::inbound::Inbound;
@@ -80,7 +80,18 @@ where
     let (mailbox_tx, mailbox) = mpsc::unbounded_channel();
     let own_mailbox = mailbox_tx.clone();
     let (exit, exited) = watch::channel(());
-    if let Some(prev) = ctx.registry.claim(&negotiated.client_id, conn, mailbox_tx, exited) {
+    let info = ClientInfo {
+        client_id: negotiated.client_id.clone(),
+        username: identity.username.clone(),
+        protocol,
+        peer: peer.addr,
+        listener: peer.listener,
+        connected_at_ms: now_ms(),
+        keep_alive: negotiated.keep_alive,
+        clean_start: negotiated.clean_start,
+        session_expiry: negotiated.session_expiry,
+    };
+    if let Some(prev) = ctx.registry.claim(Arc::new(info), conn, mailbox_tx, exited) {
         tracing::debug!(previous = %prev.conn, "taking over the session from another connection");
         let _ = prev.mailbox.send(ConnMsg::TakenOver);
         if tokio::time::timeout(TAKEOVER_WAIT, wait_exited(prev.exited)).await.is_err() {
@@ -136,6 +147,7 @@ where
         resume_floor: 0,
         held: VecDeque::new(),
         store_ops: Vec::new(),
+        reported: Default::default(),
         shutdown,
         _exit: exit,
         ctx,

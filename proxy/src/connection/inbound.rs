@@ -10,6 +10,7 @@ use mqfleet_codec::topic::{parse_shared, validate_topic_filter, validate_topic_n
 use mqfleet_codec::{Ack, ByteString, Disconnect, Packet, PacketId, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe};
 use session_store::{Op, SessionRecord, StoredSubscription};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 
 use super::{link_down, protocol_error, Connection, End, OpDone, PublishFailed};
 use crate::auth::acl::Action;
@@ -48,6 +49,7 @@ where
     // === PUBLISH ===
 
     async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+        let received = Instant::now();
         let qos = p.qos;
         self.ctx.metrics.messages_received.get_or_create(&QosLabel { qos: qos as u8 }).inc();
         self.charge_publish(p.payload.len());
@@ -97,12 +99,21 @@ where
         let ctx = self.ctx.clone();
         let _gate = ctx.shards.publish_gate().await;
         let link = ctx.shards.now().owner(&message.topic).clone();
+        let latency = ctx.metrics.publish_latency.get_or_create(&QosLabel { qos: qos as u8 }).clone();
         match pkid {
-            None => link.send(Request::Publish { id: None, message, qos2_marker: None }).await.map_err(link_down)?,
+            None => {
+                link.send(Request::Publish { id: None, message, qos2_marker: None }).await.map_err(link_down)?;
+                latency.observe(received.elapsed().as_secs_f64());
+            }
             Some(pkid) => {
                 let reply = link.start(|id| Request::Publish { id: Some(id), message, qos2_marker }).await.map_err(link_down)?;
                 self.ops.push_back(
-                    async move { OpDone::Published { pkid, qos, result: reply.await.map(|_| ()).map_err(PublishFailed::from) } }.boxed(),
+                    async move {
+                        let result = reply.await.map(|_| ()).map_err(PublishFailed::from);
+                        latency.observe(received.elapsed().as_secs_f64());
+                        OpDone::Published { pkid, qos, result }
+                    }
+                    .boxed(),
                 );
             }
         }

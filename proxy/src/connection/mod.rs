@@ -38,7 +38,7 @@ use tracing::Instrument;
 use crate::admission::{IpSlot, TokenBucket};
 use crate::auth::cert::CertNames;
 use crate::auth::Identity;
-use crate::registry::ConnMsg;
+use crate::registry::{ConnMsg, ConnectionView};
 use crate::session::alias::{InboundAliases, OutboundAliases};
 use crate::session::connect::WillSpec;
 use crate::session::inbound::Inbound;
@@ -190,6 +190,14 @@ impl SessionState {
     }
 }
 
+/// Counts a connection adds to the proxy's gauges.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Reported {
+    inflight: i64,
+    queued: i64,
+    subscriptions: i64,
+}
+
 /// The state of an accepted connection.
 pub(crate) struct Connection<R, W> {
     ctx: Arc<Context>,
@@ -228,6 +236,8 @@ pub(crate) struct Connection<R, W> {
     held: VecDeque<(Publish, Option<u16>)>,
     /// Store writes nobody waits for (delivery acknowledgements), flushed once per loop turn.
     store_ops: Vec<Op>,
+    /// This connection's share of the proxy-wide gauges, as last added to them.
+    reported: Reported,
     shutdown: CancellationToken,
     /// Dropped when this connection is completely finished; a connection taking over the
     /// client id waits for that.
@@ -272,6 +282,7 @@ where
         }
         loop {
             self.flush_store_ops();
+            self.report();
             let throttled = self.throttled_until.filter(|t| *t > Instant::now());
             let input_open = self.io.output.pending() < self.ctx.limits.max_write_buffer
                 && self.ops.len() < usize::from(self.ctx.limits.receive_maximum)
@@ -393,12 +404,59 @@ where
                 Ok(())
             }
             ConnMsg::AclChanged => self.recheck_subscriptions().await,
+            ConnMsg::Inspect(reply) => {
+                let _ = reply.send(ConnectionView {
+                    subscriptions: self.session.subscriptions.values().cloned().collect(),
+                    inflight: self.outbound.inflight_len(),
+                    queued: self.outbound.pending_len(),
+                    awaiting_release: self.inbound.unacknowledged(),
+                    session_expiry: self.session.expiry,
+                    has_will: self.session.will.is_some(),
+                });
+                Ok(())
+            }
+            ConnMsg::Kick { discard_session } => {
+                if discard_session {
+                    self.session.expiry = 0;
+                }
+                Err(End::Server { reason: ReasonCode::AdministrativeAction, detail: "disconnected by an operator".into() })
+            }
             ConnMsg::TakenOver => Err(End::TakenOver),
             ConnMsg::Close(ReasonCode::UseAnotherServer) => {
                 Err(End::Server { reason: ReasonCode::UseAnotherServer, detail: "this server is draining; connect to another".into() })
             }
             ConnMsg::Close(reason) => Err(End::Server { reason, detail: "closed by the server".into() }),
         }
+    }
+
+    /// Brings the proxy-wide gauges up to date with this connection's counts: a few compares
+    /// per loop turn, an atomic add only when a count changed.
+    fn report(&mut self) {
+        let now = Reported {
+            inflight: self.outbound.inflight_len() as i64,
+            queued: self.outbound.pending_len() as i64,
+            subscriptions: self.session.subscriptions.len() as i64,
+        };
+        let m = &self.ctx.metrics;
+        let before = std::mem::replace(&mut self.reported, now);
+        for (gauge, was, is) in [
+            (&m.inflight, before.inflight, now.inflight),
+            (&m.queued, before.queued, now.queued),
+            (&m.subscriptions, before.subscriptions, now.subscriptions),
+        ] {
+            if was != is {
+                gauge.inc_by(is - was);
+            }
+        }
+    }
+
+    /// Takes this connection's counts out of the gauges (it ends).
+    fn unreport(&mut self) {
+        let r = std::mem::take(&mut self.reported);
+        let m = &self.ctx.metrics;
+        m.inflight.dec_by(r.inflight);
+        m.queued.dec_by(r.queued);
+        m.subscriptions.dec_by(r.subscriptions);
     }
 
     fn flush_store_ops(&mut self) {

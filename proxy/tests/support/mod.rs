@@ -100,6 +100,35 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// An admin API request (`Authorization: Bearer token` when given); returns the status and the
+/// body parsed as JSON (`Null` if it is not JSON).
+pub async fn api(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+}
+
+/// A token file for the admin API in `dir`; returns (its path, the token).
+pub fn admin_token(dir: &Path) -> (String, String) {
+    let token = "0123456789abcdef0123456789abcdef-test".to_string();
+    let path = dir.join("admin-token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    (path.display().to_string(), token)
+}
+
 // === the real binary ===
 
 /// `mqfleet-proxy` as a child process; killed (SIGKILL) on drop.

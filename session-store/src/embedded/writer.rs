@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
+use prometheus_client::metrics::histogram::Histogram;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
@@ -110,11 +111,12 @@ pub(super) fn spawn(
     state: State,
     known: Arc<RwLock<HashSet<String>>>,
     sync: SyncPolicy,
+    commit_latency: Option<Histogram>,
 ) -> Result<(Handle, std::thread::JoinHandle<()>), Error> {
     let (tx, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || run(db, state, known, sync, rx))
+        .spawn(move || run(db, state, known, sync, rx, commit_latency))
         .map_err(|e| Error::Open { path: "store-writer thread".into(), source: std::sync::Arc::new(e) })?;
     Ok((Handle { tx }, thread))
 }
@@ -122,7 +124,14 @@ pub(super) fn spawn(
 // The writer is an OS thread, not a tokio task: its group-commit window is wall-clock time,
 // which a paused tokio clock must not stretch.
 #[allow(clippy::disallowed_types)]
-fn run(db: Arc<Database>, mut state: State, known: Arc<RwLock<HashSet<String>>>, sync: SyncPolicy, rx: mpsc::Receiver<Request>) {
+fn run(
+    db: Arc<Database>,
+    mut state: State,
+    known: Arc<RwLock<HashSet<String>>>,
+    sync: SyncPolicy,
+    rx: mpsc::Receiver<Request>,
+    commit_latency: Option<Histogram>,
+) {
     let mut dirty = false; // committed without fsync since the last durable commit
     loop {
         let first = match (sync, dirty) {
@@ -166,7 +175,11 @@ fn run(db: Arc<Database>, mut state: State, known: Arc<RwLock<HashSet<String>>>,
         }
         let force_sync = batch.iter().any(|r| matches!(r, Request::Flush { .. }));
         let durable = force_sync || matches!(sync, SyncPolicy::Batch | SyncPolicy::Window(_));
+        let started = std::time::Instant::now();
         let outcome = apply_batch(&db, &mut state, &known, &batch, durable);
+        if let Some(h) = &commit_latency {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         dirty = !durable && outcome.is_ok();
         respond(batch, outcome);
     }

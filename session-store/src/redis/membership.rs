@@ -286,12 +286,39 @@ impl RedisStore {
         pipe.query_async::<()>(&mut self.conn()).await.map_err(|e| Error::redis("notifying a takeover", e))
     }
 
+    /// Asks `proxy` to disconnect its connection of `client_id` (admin API; DISCONNECT 0x98),
+    /// ending the session too with `discard_session`.
+    pub async fn notify_kick(&self, proxy: &str, client_id: &str, discard_session: bool) -> Result<(), Error> {
+        let key = keys::proxy_inbox(proxy);
+        let kind = if discard_session { KICK_DISCARD } else { KICK_KEEP };
+        let mut pipe = redis::pipe();
+        pipe.cmd("RPUSH").arg(&key).arg(format!("{kind}\n{client_id}")).ignore();
+        pipe.cmd("PEXPIRE").arg(&key).arg(NOTICE_TTL_MS).ignore();
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(|e| Error::redis("asking a proxy to disconnect a client", e))
+    }
+
     /// A dedicated connection on which `proxy` waits for takeover notices (a blocking read
     /// must not hold up the shared connection).
     pub async fn inbox(&self, proxy: &str, timeout: Duration) -> Result<Inbox, Error> {
         let conn = Conn::connect_with(self.target(), timeout, timeout + INBOX_WAIT).await?;
         Ok(Inbox { conn, key: keys::proxy_inbox(proxy) })
     }
+}
+
+/// Notice kinds besides takeovers (whose first line is an epoch). A proxy of an older version
+/// finds no epoch there and ignores the notice.
+const KICK_KEEP: &str = "kick";
+const KICK_DISCARD: &str = "kick-discard";
+
+/// What a proxy is told through its inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Takeover(Takeover),
+    /// An operator disconnects this client (see [`RedisStore::notify_kick`]).
+    Kick {
+        client_id: String,
+        discard_session: bool,
+    },
 }
 
 /// How long one blocking read of the inbox waits.
@@ -305,7 +332,7 @@ pub struct Inbox {
 
 impl Inbox {
     /// The next notice, waiting up to a second; `None` if there was none.
-    pub async fn next(&mut self) -> Result<Option<Takeover>, Error> {
+    pub async fn next(&mut self) -> Result<Option<Notice>, Error> {
         let r: Option<(String, String)> = redis::cmd("BLPOP")
             .arg(&self.key)
             .arg(INBOX_WAIT.as_secs_f64())
@@ -313,8 +340,13 @@ impl Inbox {
             .await
             .map_err(|e| Error::redis("reading takeover notices", e))?;
         Ok(r.and_then(|(_, v)| {
-            let (epoch, client_id) = v.split_once('\n')?;
-            Some(Takeover { client_id: client_id.to_string(), epoch: epoch.parse().ok()? })
+            let (kind, client_id) = v.split_once('\n')?;
+            let client_id = client_id.to_string();
+            match kind {
+                KICK_KEEP => Some(Notice::Kick { client_id, discard_session: false }),
+                KICK_DISCARD => Some(Notice::Kick { client_id, discard_session: true }),
+                epoch => Some(Notice::Takeover(Takeover { client_id, epoch: epoch.parse().ok()? })),
+            }
         }))
     }
 }

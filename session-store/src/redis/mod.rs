@@ -16,12 +16,13 @@ mod membership;
 mod scripts;
 mod sentinel;
 
-pub use membership::{Inbox, Orphaned, RingChange, RingState, Takeover};
+pub use membership::{Inbox, Notice, Orphaned, RingChange, RingState, Takeover};
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::join_all;
+use prometheus_client::metrics::histogram::Histogram;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
@@ -99,36 +100,93 @@ impl RedisTarget {
     }
 }
 
-/// A connection that reconnects by itself, to one Redis, a Cluster, or the master Sentinel names.
+/// A connection that reconnects by itself, to one Redis, a Cluster, or the master Sentinel
+/// names; with [`RedisLatency`] attached, it times every command it sends.
 #[derive(Clone)]
-pub enum Conn {
+pub struct Conn {
+    link: Link,
+    latency: Option<RedisLatency>,
+}
+
+#[derive(Clone)]
+enum Link {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
     Sentinel(SentinelConn),
 }
 
+/// Round-trip times of Redis commands, by kind: `script` (the Lua scripts that keep each
+/// client's state consistent), `command`, `pipeline`. The histograms belong to a family in the
+/// process's metrics registry.
+#[derive(Clone, Debug)]
+pub struct RedisLatency {
+    script: Histogram,
+    command: Histogram,
+    pipeline: Histogram,
+}
+
+/// The label of [`RedisLatency`]'s family.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// A family of latency histograms, one per kind.
+pub type LatencyFamily = prometheus_client::metrics::family::Family<KindLabel, Histogram, fn() -> Histogram>;
+
+impl RedisLatency {
+    pub fn new(family: &LatencyFamily) -> RedisLatency {
+        let h = |kind| family.get_or_create(&KindLabel { kind }).clone();
+        RedisLatency { script: h("script"), command: h("command"), pipeline: h("pipeline") }
+    }
+}
+
+/// Observes the time `fut` takes into `h`, if there is one.
+fn timed<'a, T: Send + 'a>(h: Option<&Histogram>, fut: RedisFuture<'a, T>) -> RedisFuture<'a, T> {
+    match h {
+        None => fut,
+        Some(h) => {
+            let h = h.clone();
+            Box::pin(async move {
+                let started = tokio::time::Instant::now();
+                let r = fut.await;
+                h.observe(started.elapsed().as_secs_f64());
+                r
+            })
+        }
+    }
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-            Conn::Sentinel(c) => c.req_packed_command(cmd),
-        }
+        let script = cmd
+            .args_iter()
+            .next()
+            .is_some_and(|a| matches!(a, redis::Arg::Simple(b) if b.eq_ignore_ascii_case(b"EVALSHA") || b.eq_ignore_ascii_case(b"EVAL")));
+        let h = self.latency.as_ref().map(|l| if script { &l.script } else { &l.command });
+        let fut = match &mut self.link {
+            Link::Single(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
+            Link::Sentinel(c) => c.req_packed_command(cmd),
+        };
+        timed(h, fut)
     }
 
     fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
-        }
+        let h = self.latency.as_ref().map(|l| &l.pipeline);
+        let fut = match &mut self.link {
+            Link::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Link::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
+        };
+        timed(h, fut)
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-            Conn::Sentinel(c) => c.get_db(),
+        match &self.link {
+            Link::Single(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
+            Link::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -151,7 +209,7 @@ impl Conn {
                         .set_response_timeout(Some(response_timeout))
                         .set_number_of_retries(2);
                     let m = client.get_connection_manager_with_config(config).await.map_err(|e| Error::redis("connecting", e))?;
-                    Ok(Conn::Single(m))
+                    Ok(Link::Single(m))
                 }
                 RedisTarget::Cluster(nodes) => {
                     let client = redis::cluster::ClusterClient::builder(nodes.clone())
@@ -160,20 +218,21 @@ impl Conn {
                         .build()
                         .map_err(|e| Error::redis("parsing the Redis Cluster nodes", e))?;
                     let c = client.get_async_connection().await.map_err(|e| Error::redis("connecting to the cluster", e))?;
-                    Ok(Conn::Cluster(c))
+                    Ok(Link::Cluster(c))
                 }
                 RedisTarget::Sentinel(t) => {
                     let c = SentinelConn::connect(t, timeout, response_timeout)
                         .await
                         .map_err(|e| Error::redis("asking the Sentinels for the master", e))?;
-                    Ok(Conn::Sentinel(c))
+                    Ok(Link::Sentinel(c))
                 }
             }
         };
-        tokio::time::timeout(timeout, fut).await.map_err(|_| Error::Redis {
+        let link = tokio::time::timeout(timeout, fut).await.map_err(|_| Error::Redis {
             doing: "connecting",
             source: std::sync::Arc::new(redis::RedisError::from((redis::ErrorKind::Io, "timed out"))),
-        })?
+        })??;
+        Ok(Conn { link, latency: None })
     }
 }
 
@@ -241,6 +300,11 @@ impl RedisStore {
 
     pub fn conn(&self) -> Conn {
         self.conn.clone()
+    }
+
+    /// Times every command sent from now on (by this store and its clones made afterwards).
+    pub fn observe_latency(&mut self, latency: RedisLatency) {
+        self.conn.latency = Some(latency);
     }
 
     pub fn target(&self) -> &RedisTarget {
