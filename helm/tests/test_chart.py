@@ -133,7 +133,10 @@ def main():
             cm = find(docs, "ConfigMap", "-proxy")[0]["data"]
             check(cm.get("MQFLEET_PROXY_TLS_CLIENT_AUTH") == "required" and cm.get("MQFLEET_PROXY_TLS_IDENTITY") == "cn", f"{label}: TLS config {cm}")
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
-            check({"/etc/mqfleet/tls", "/etc/mqfleet/client-ca", "/etc/mqfleet/auth", "/etc/mqfleet/acl"} <= mounts, f"{label}: mounts {mounts}")
+            check({"/etc/mqfleet/tls", "/etc/mqfleet/client-ca", "/etc/mqfleet/auth", "/etc/mqfleet/acl", "/etc/mqfleet/admin"} <= mounts, f"{label}: mounts {mounts}")
+            check(cm.get("MQFLEET_PROXY_ADMIN_TOKEN_FILE") == "/etc/mqfleet/admin/token", f"{label}: admin token {cm}")
+            shard_cm = find(docs, "ConfigMap", "-shard")[0]["data"]
+            check(shard_cm.get("MQFLEET_SHARD_ADMIN_TOKEN_FILE") == "/etc/mqfleet/admin/token", f"{label}: shard admin token {shard_cm}")
 
     # A configuration change rolls the proxies: the checksum follows the settings.
     a, _ = render({"proxy": {"config": {"max_connections": 1000}}})

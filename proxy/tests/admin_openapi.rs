@@ -33,7 +33,9 @@ async fn the_admin_api_keeps_to_its_openapi_description() {
     connect.clean_start = false;
     connect.properties.session_expiry_interval = Some(3600);
     let (mut probe, _) = Raw::session(b.addr, connect).await;
-    probe.send(Packet::Subscribe(Subscribe::new(PacketId::new(1).unwrap(), vec![("probe/#".into(), SubscriptionOptions::default())]))).await;
+    probe
+        .send(Packet::Subscribe(Subscribe::new(PacketId::new(1).unwrap(), vec![("probe/#".into(), SubscriptionOptions::default())])))
+        .await;
     assert!(matches!(probe.recv().await, Some(Packet::SubAck(_))));
 
     let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi/proxy.yaml");
@@ -52,6 +54,10 @@ async fn the_admin_api_keeps_to_its_openapi_description() {
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "schemathesis found the API out of line with docs/openapi/proxy.yaml:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "schemathesis found the API out of line with docs/openapi/proxy.yaml:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("Tested: 9"), "every operation was tested:\n{stdout}");
 }
