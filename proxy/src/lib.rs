@@ -206,7 +206,7 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     let background = CancellationToken::new();
     let (store, topology, cluster, link_states) = match &settings.store {
         StoreSpec::Embedded(dir) => {
-            let (store, topology) = single_node(&settings, &limits, dir, &sink, &shard_metrics).await?;
+            let (store, topology) = single_node(&settings, &limits, dir, &sink, &shard_metrics, &metrics).await?;
             (store, topology, None, Vec::new())
         }
         StoreSpec::Redis(target) => {
@@ -305,11 +305,13 @@ async fn single_node(
     dir: &std::path::Path,
     sink: &Arc<dyn DeliverySink>,
     shard_metrics: &ShardMetrics,
+    metrics: &Metrics,
 ) -> Result<(Store, Topology), StartError> {
     let mut store_config = EmbeddedConfig::new(dir);
     store_config.sync = settings.store_sync;
     store_config.max_queue_len = limits.session_queue_capacity();
     store_config.commit_latency = Some(shard_metrics.commit_latency.clone());
+    store_config.queued = Some(metrics.stored_queued.clone());
     let store = Store::Embedded(EmbeddedStore::open(store_config)?);
     tracing::info!(dir = %dir.display(), "session store opened");
 

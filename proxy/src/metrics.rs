@@ -52,6 +52,8 @@ pub struct Metrics {
     pub queued: Gauge,
     /// Subscriptions of connected clients.
     pub subscriptions: Gauge,
+    /// Single node: messages in the stored session queues (offline sessions' and in-flight).
+    pub stored_queued: Gauge,
     /// PUBLISH received → PUBACK/PUBREC sent (QoS 1/2: the shard made it durable), or handed
     /// to the shard (QoS 0).
     pub publish_latency: Latencies<QosLabel>,
@@ -96,6 +98,11 @@ impl Metrics {
             self.queued.clone(),
         );
         r.register("subscriptions", "Subscriptions of connected clients", self.subscriptions.clone());
+        r.register(
+            "stored_queued_messages",
+            "Single node: messages in the stored session queues (offline sessions and unacknowledged deliveries)",
+            self.stored_queued.clone(),
+        );
         r.register(
             "publish_seconds",
             "PUBLISH received to PUBACK/PUBREC sent (QoS 1/2, after the shard made it durable) or handed to the shard (QoS 0)",

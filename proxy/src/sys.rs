@@ -39,6 +39,8 @@ fn figures(ctx: &Context) -> Vec<(&'static str, String)> {
         ("messages/received", sum(&m.messages_received).to_string()),
         ("messages/sent", sum(&m.messages_sent).to_string()),
         ("messages/inflight", m.inflight.get().to_string()),
+        ("bytes/received", m.bytes_received.get().to_string()),
+        ("bytes/sent", m.bytes_sent.get().to_string()),
         ("subscriptions/count", m.subscriptions.get().to_string()),
     ]
 }

@@ -338,6 +338,9 @@ async fn metrics_cover_latency_inflight_subscriptions_and_the_store() {
         sub.next_publish().await;
     }
     assert_eq!(metric(&b, "mqfleet_proxy_subscriptions ").await, 1);
+    // Socket bytes count while connections are open, not only when they end.
+    eventually_metric(&b, "mqfleet_proxy_received_bytes_total ", |v| v > 5 * 3).await;
+    eventually_metric(&b, "mqfleet_proxy_sent_bytes_total ", |v| v > 5 * 3).await;
     assert_eq!(metric(&b, "mqfleet_proxy_publish_seconds_count{qos=\"1\"} ").await, 5);
     assert!(metric(&b, "mqfleet_shard_commit_seconds_count ").await >= 1, "the store's commits are timed");
     eventually_metric(&b, "mqfleet_proxy_link_request_seconds_count{shard=\"shard-", |v| v >= 5).await;
@@ -345,6 +348,11 @@ async fn metrics_cover_latency_inflight_subscriptions_and_the_store() {
     sub.client.disconnect().await.unwrap();
     eventually_metric(&b, "mqfleet_proxy_subscriptions ", |v| v == 0).await;
     assert_eq!(metric(&b, "mqfleet_proxy_inflight_messages ").await, 0);
+    // Offline, its session queue fills in the store.
+    for i in 6..=8 {
+        assert_eq!(p.publish_qos1(i, "m/x").await, ReasonCode::Success);
+    }
+    eventually_metric(&b, "mqfleet_proxy_stored_queued_messages ", |v| v == 3).await;
 }
 
 /// Polls the sum of the samples starting with `prefix` until `ok`.
@@ -425,7 +433,7 @@ topics = ["#"]
     // `#` never matches `$SYS/…` [MQTT-4.7.2-1]: several intervals pass without one.
     let quiet = tokio::time::timeout(Duration::from_millis(800), dev.recv()).await;
     assert!(quiet.is_err(), "a $SYS message reached a `#` subscriber: {quiet:?}");
-    assert!(metric(&b, "mqfleet_proxy_sys_messages_published_total ").await >= 7);
+    assert!(metric(&b, "mqfleet_proxy_sys_messages_published_total ").await >= 9);
 
     // mosquitto_sub as ops reads the tree too.
     let mut m = mosquitto_sub(b.addr, &["-u", "ops", "-P", "ops-secret", "-t", "$SYS/broker/version", "-C", "1"]);

@@ -55,8 +55,6 @@ where
         }
         self.io.output.shutdown().await;
         self.unreport();
-        self.ctx.metrics.bytes_received.inc_by(self.io.input.bytes);
-        self.ctx.metrics.bytes_sent.inc_by(self.io.output.bytes);
 
         // No more deliveries are taken from here on; a persistent session has them queued in
         // the store. The client id stays claimed until the session is saved, so a reconnect

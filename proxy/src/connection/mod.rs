@@ -196,6 +196,9 @@ pub(crate) struct Reported {
     inflight: i64,
     queued: i64,
     subscriptions: i64,
+    /// Socket bytes already added to the counters.
+    bytes_in: u64,
+    bytes_out: u64,
 }
 
 /// The state of an accepted connection.
@@ -436,9 +439,16 @@ where
             inflight: self.outbound.inflight_len() as i64,
             queued: self.outbound.pending_len() as i64,
             subscriptions: self.session.subscriptions.len() as i64,
+            bytes_in: self.io.input.bytes,
+            bytes_out: self.io.output.bytes,
         };
         let m = &self.ctx.metrics;
         let before = std::mem::replace(&mut self.reported, now);
+        for (counter, was, is) in [(&m.bytes_received, before.bytes_in, now.bytes_in), (&m.bytes_sent, before.bytes_out, now.bytes_out)] {
+            if is > was {
+                counter.inc_by(is - was);
+            }
+        }
         for (gauge, was, is) in [
             (&m.inflight, before.inflight, now.inflight),
             (&m.queued, before.queued, now.queued),
@@ -450,8 +460,9 @@ where
         }
     }
 
-    /// Takes this connection's counts out of the gauges (it ends).
+    /// Takes this connection's counts out of the gauges (it ends), after adding its last bytes.
     fn unreport(&mut self) {
+        self.report();
         let r = std::mem::take(&mut self.reported);
         let m = &self.ctx.metrics;
         m.inflight.dec_by(r.inflight);

@@ -86,11 +86,13 @@ pub struct EmbeddedConfig {
     pub max_queue_len: u32,
     /// Observes the duration of every commit (batch of writes, fsync included when durable).
     pub commit_latency: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// Follows the number of messages in all session queues.
+    pub queued: Option<prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl EmbeddedConfig {
     pub fn new(dir: impl Into<PathBuf>) -> EmbeddedConfig {
-        EmbeddedConfig { dir: dir.into(), sync: SyncPolicy::Batch, max_queue_len: 1000, commit_latency: None }
+        EmbeddedConfig { dir: dir.into(), sync: SyncPolicy::Batch, max_queue_len: 1000, commit_latency: None, queued: None }
     }
 }
 
@@ -143,7 +145,7 @@ impl EmbeddedStore {
         let db = Database::create(&path).map_err(|e| open_err(&path, e.into()))?;
         restrict_permissions(&path);
         let db = Arc::new(db);
-        let state = writer::State::load(&db, config.max_queue_len)?;
+        let state = writer::State::load(&db, config.max_queue_len, config.queued.clone())?;
         let known = Arc::new(RwLock::new(state.session_ids()?));
         let (writer, thread) = writer::spawn(db.clone(), state, known.clone(), config.sync, config.commit_latency.clone())?;
         Ok(EmbeddedStore { inner: Arc::new(Inner { db, writer: Some(writer), thread: Some(thread), known, path }) })

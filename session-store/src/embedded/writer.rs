@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
@@ -58,12 +59,14 @@ pub(super) struct State {
     next_id: u64,
     queue_len: HashMap<String, u32>,
     max_queue_len: u32,
+    /// Follows the total of `queue_len`, for the metrics.
+    queued_gauge: Option<Gauge>,
     db: Arc<Database>,
 }
 
 impl State {
     /// Creates missing tables and rebuilds the counters from the file.
-    pub fn load(db: &Arc<Database>, max_queue_len: u32) -> Result<State, Error> {
+    pub fn load(db: &Arc<Database>, max_queue_len: u32, queued_gauge: Option<Gauge>) -> Result<State, Error> {
         let doing = "opening tables";
         let txn = db.begin_write().map_err(|e| Error::storage(doing, e))?;
         let mut next_id = 1;
@@ -90,7 +93,10 @@ impl State {
             let (k, _) = item.map_err(|e| Error::storage(doing, e))?;
             *queue_len.entry(k.value().0.to_owned()).or_insert(0u32) += 1;
         }
-        Ok(State { next_id, queue_len, max_queue_len, db: db.clone() })
+        if let Some(g) = &queued_gauge {
+            g.set(queue_len.values().map(|n| i64::from(*n)).sum());
+        }
+        Ok(State { next_id, queue_len, max_queue_len, queued_gauge, db: db.clone() })
     }
 
     pub fn session_ids(&self) -> Result<HashSet<String>, Error> {
@@ -253,7 +259,10 @@ fn apply_batch(db: &Database, state: &mut State, known: &RwLock<HashSet<String>>
     }
     txn.commit().map_err(|e| Error::storage("committing", e))?;
     state.next_id = next_id;
-    queue_len.apply_to(&mut state.queue_len);
+    let queued = queue_len.apply_to(&mut state.queue_len);
+    if let Some(g) = &state.queued_gauge {
+        g.inc_by(queued);
+    }
     let mut k = known.write();
     for id in sessions_removed {
         k.remove(&id);
@@ -277,15 +286,21 @@ impl QueueLenDelta {
         *self.0.entry(client.to_owned()).or_insert(0) += d;
     }
 
-    fn apply_to(self, base: &mut HashMap<String, u32>) {
+    /// Applies the changes; returns how much the total of all queues changed.
+    fn apply_to(self, base: &mut HashMap<String, u32>) -> i64 {
+        let mut total = 0;
         for (client, d) in self.0 {
-            let v = i64::from(base.get(&client).copied().unwrap_or(0)) + d;
+            let before = i64::from(base.get(&client).copied().unwrap_or(0));
+            let v = before + d;
             if v <= 0 {
                 base.remove(&client);
+                total -= before;
             } else {
                 base.insert(client, v as u32);
+                total += v - before;
             }
         }
+        total
     }
 }
 
