@@ -7,8 +7,7 @@ mod support;
 use std::io::Read;
 use std::time::Duration;
 
-use bytes::Bytes;
-use mqfleet_codec::{Connect, Packet, PacketId, Protocol, QoS, ReasonCode, Subscribe, SubscriptionOptions, Will};
+use mqfleet_codec::{Connect, Packet, PacketId, Protocol, QoS, ReasonCode, Subscribe, SubscriptionOptions};
 use serde_json::{json, Value};
 use support::*;
 
@@ -174,22 +173,6 @@ async fn eventually_api(b: &TestBroker, token: &str, path: &str, ok: impl Fn(&Va
     }
 }
 
-fn with_will(client_id: &str, delay: u32, session_expiry: u32) -> Connect {
-    let mut c = Connect::new(Protocol::V5, client_id);
-    let mut w = Will {
-        topic: "wills/x".into(),
-        payload: Bytes::from(format!("{client_id} is gone")),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        properties: Default::default(),
-    };
-    w.properties.will_delay_interval = Some(delay);
-    c.will = Some(w);
-    c.clean_start = false;
-    c.properties.session_expiry_interval = Some(session_expiry);
-    c
-}
-
 #[tokio::test]
 async fn kicking_with_discard_ends_the_session_and_publishes_a_delayed_will_at_once() {
     let (b, token) = broker_with_api().await;
@@ -197,7 +180,7 @@ async fn kicking_with_discard_ends_the_session_and_publishes_a_delayed_will_at_o
     watcher.subscribe("wills/#", v5::QoS::AtLeastOnce).await;
 
     // Connected: kicked with discard, its will (delayed an hour) goes out now [MQTT-3.1.2-8].
-    let (mut c, ack) = Raw::session(b.addr, with_will("w-1", 3600, 3600)).await;
+    let (mut c, ack) = Raw::session(b.addr, with_will(Protocol::V5, "w-1", Some(3600), Some(3600))).await;
     assert_eq!(ack.reason, ReasonCode::Success);
     let (status, _) = api(b.http.unwrap(), "DELETE", "/api/v1/clients/w-1?discard_session=true", Some(&token), None).await;
     assert_eq!(status, 200);
@@ -211,7 +194,7 @@ async fn kicking_with_discard_ends_the_session_and_publishes_a_delayed_will_at_o
 
     // Offline with a pending will: discarding the session publishes it (the session ends
     // before the delay) [MQTT-3.1.3-9 is about reconnects; MQTT 5 §3.1.2.5: whichever first].
-    let (c, _) = Raw::session(b.addr, with_will("w-2", 3600, 3600)).await;
+    let (c, _) = Raw::session(b.addr, with_will(Protocol::V5, "w-2", Some(3600), Some(3600))).await;
     drop(c);
     eventually_api(&b, &token, "/api/v1/clients/w-2", |v| v["session"]["connected"] == false).await;
     watcher.expect_no_publish().await;

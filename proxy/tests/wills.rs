@@ -4,27 +4,8 @@ mod support;
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use mqfleet_codec::{Connect, Disconnect, Packet, Protocol, QoS, ReasonCode, Will};
+use mqfleet_codec::{Connect, Disconnect, Packet, Protocol, ReasonCode};
 use support::*;
-
-fn with_will(protocol: Protocol, client_id: &str, delay: Option<u32>, expiry: Option<u32>) -> Connect {
-    let mut c = Connect::new(protocol, client_id);
-    let mut w = Will {
-        topic: "wills/x".into(),
-        payload: Bytes::from(format!("{client_id} is gone")),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        properties: Default::default(),
-    };
-    w.properties.will_delay_interval = delay;
-    c.will = Some(w);
-    if let Some(e) = expiry {
-        c.clean_start = false;
-        c.properties.session_expiry_interval = Some(e);
-    }
-    c
-}
 
 async fn watcher(b: &TestBroker) -> v5::Client {
     let mut w = v5::connect(v5::options(b.addr, "watcher")).await;

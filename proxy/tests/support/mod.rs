@@ -475,6 +475,26 @@ pub fn login(protocol: Protocol, client_id: &str, username: Option<&str>, passwo
     c
 }
 
+/// A CONNECT with a will on `wills/x` ("<client id> is gone"); with `expiry`, a persistent
+/// session (Clean Start 0).
+pub fn with_will(protocol: Protocol, client_id: &str, delay: Option<u32>, expiry: Option<u32>) -> Connect {
+    let mut c = Connect::new(protocol, client_id);
+    let mut w = mqfleet_codec::Will {
+        topic: "wills/x".into(),
+        payload: bytes::Bytes::from(format!("{client_id} is gone")),
+        qos: mqfleet_codec::QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    };
+    w.properties.will_delay_interval = delay;
+    c.will = Some(w);
+    if let Some(e) = expiry {
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(e);
+    }
+    c
+}
+
 /// The value of a Prometheus sample (`name{labels}`) on the broker's /metrics, 0 if absent.
 pub async fn metric(b: &TestBroker, sample: &str) -> u64 {
     sample_in(&b.http_get("/metrics").await.1, sample)
