@@ -146,7 +146,9 @@ pub enum Arrival {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Received {
     pub bits: Bits,
-    pub max: Option<u64>,
+    /// Highest sequence number received, by publish QoS: MQTT orders messages per topic and
+    /// QoS (MQTT-4.6.0-6), so a QoS 1 message may overtake a QoS 0 one and that is no reorder.
+    pub max: [Option<u64>; 3],
     /// By publish QoS.
     pub duplicated: [u64; 3],
     pub reordered: [u64; 3],
@@ -168,8 +170,8 @@ impl Tracker {
             r.duplicated[q] += 1;
             return Arrival::Duplicate;
         }
-        let reordered = r.max.is_some_and(|m| h.seq < m);
-        r.max = Some(r.max.map_or(h.seq, |m| m.max(h.seq)));
+        let reordered = r.max[q].is_some_and(|m| h.seq < m);
+        r.max[q] = Some(r.max[q].map_or(h.seq, |m| m.max(h.seq)));
         if reordered {
             r.reordered[q] += 1;
             Arrival::Reordered
@@ -192,7 +194,9 @@ impl Tracker {
                 for q in 0..3 {
                     g.duplicated[q] += r.duplicated[q];
                 }
-                g.max = g.max.max(r.max);
+                for q in 0..3 {
+                    g.max[q] = g.max[q].max(r.max[q]);
+                }
             }
         }
         group
@@ -336,6 +340,17 @@ mod tests {
         let c = t.by_qos[1];
         assert_eq!((c.delivered, c.lost, c.duplicated, c.reordered), (4, 1, 1, 1));
         assert_eq!(t.lost_examples, vec![LostCopy { sink: "s".into(), stream: 1, seq: 3, qos: 1 }]);
+    }
+
+    #[test]
+    fn order_is_judged_within_a_qos_level_as_mqtt_promises_it() {
+        let mut tr = Tracker::default();
+        // A QoS 1 message overtaking QoS 0 ones is allowed (MQTT-4.6.0-6: per topic and QoS).
+        assert_eq!(tr.record(&header(1, 5, 1)), Arrival::New);
+        assert_eq!(tr.record(&header(1, 3, 0)), Arrival::New);
+        assert_eq!(tr.record(&header(1, 4, 2)), Arrival::New);
+        // Within QoS 1 it is a reorder.
+        assert_eq!(tr.record(&header(1, 2, 1)), Arrival::Reordered);
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub enum Command {
     Reqresp(Options),
     /// Persistent devices get commands while --drop-percent of them drop every --drop-every s and come back.
     Reconnect(Options),
+    /// Fault injection: start a local cluster (proxies, shards, Redis) from the built binaries,
+    /// run a swarm of persistent QoS 0/1/2 clients and clients with wills while a seeded
+    /// nemesis kills, pauses and cuts its parts, then check every message and will.
+    Chaos(crate::chaos::ChaosOptions),
     /// Run the stages of a scenario file (TOML) in order.
     Run {
         /// The scenario file.
@@ -371,6 +375,7 @@ pub fn prepare(scenario: &str, o: &Options) -> Result<Prepared, String> {
         offline: secs(o.offline.unwrap_or(1.0), "offline")?,
         broker_pid: o.broker_pid,
         progress: !o.quiet,
+        retry_connect: false,
     };
     let mut echo = BTreeMap::new();
     let mut put = |k: &str, v: serde_json::Value| {

@@ -78,11 +78,23 @@ impl ClientError {
 }
 
 /// A QoS 1/2 PUBLISH of ours the broker has not completed yet; `tag` is the caller's.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Pending {
     pub qos: QoS,
     pub tag: (u32, u64),
     pub released: bool,
+    /// The PUBLISH as sent, to send again (DUP) on the next connection of a persistent session.
+    pub packet: Publish,
+}
+
+/// What a persistent session keeps from one connection to the next on the client's side
+/// (MQTT 5 §4.1): our QoS 1/2 PUBLISHes not completed — sent again with their packet ids, or
+/// their PUBREL — and the QoS 2 ids we received and have not seen released.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    inflight: HashMap<u16, Pending>,
+    next_id: u16,
+    awaiting_rel: HashSet<u16>,
 }
 
 /// What the broker sent that the device cares about.
@@ -229,6 +241,37 @@ impl Client {
         }
     }
 
+    /// The session state this connection leaves for the next one (see [`SessionState`]).
+    pub fn take_session(&mut self) -> SessionState {
+        SessionState {
+            inflight: std::mem::take(&mut self.inflight),
+            next_id: self.next_id,
+            awaiting_rel: std::mem::take(&mut self.awaiting_rel),
+        }
+    }
+
+    /// Resumes a session the broker kept (CONNACK Session Present): incomplete PUBLISHes go
+    /// again with their ids and DUP, released ones get their PUBREL again [MQTT-4.4.0-1]; a
+    /// received QoS 2 id not yet released stays known, so its resend is not delivered twice.
+    /// Without Session Present the state is simply dropped.
+    pub fn resume_session(&mut self, s: SessionState) {
+        let mut ids: Vec<u16> = s.inflight.keys().copied().collect();
+        ids.sort_unstable();
+        for id in &ids {
+            let p = &s.inflight[id];
+            if p.released {
+                self.queue(&Packet::PubRel(Ack::new(PacketId::new(*id).expect("ids skip 0"))));
+            } else {
+                let mut again = p.packet.clone();
+                again.dup = true;
+                self.queue(&Packet::Publish(again));
+            }
+        }
+        self.inflight = s.inflight;
+        self.next_id = s.next_id.max(1);
+        self.awaiting_rel = s.awaiting_rel;
+    }
+
     /// Our QoS 1/2 PUBLISHes not completed yet.
     pub fn inflight(&self) -> usize {
         self.inflight.len()
@@ -237,13 +280,13 @@ impl Client {
     /// Queues a PUBLISH; `tag` comes back in [`Event::Acked`].
     pub fn publish(&mut self, topic: &str, qos: QoS, payload: Bytes, retain: bool, properties: PublishProperties, tag: (u32, u64)) {
         let pkid = (qos != QoS::AtMostOnce).then(|| self.allocate());
-        if let Some(id) = pkid {
-            self.inflight.insert(id.get(), Pending { qos, tag, released: false });
-        }
         let mut p = Publish::new(topic, qos, payload, pkid);
         p.retain = retain;
         p.properties = properties;
-        self.queue(&Packet::Publish(p));
+        self.queue(&Packet::Publish(p.clone()));
+        if let Some(id) = pkid {
+            self.inflight.insert(id.get(), Pending { qos, tag, released: false, packet: p });
+        }
     }
 
     pub fn subscribe(&mut self, filters: Vec<(String, SubscriptionOptions)>, id: Option<u32>) {

@@ -9,8 +9,10 @@
 //! - [`payload`]: the accounting header every message carries; [`accounting`]: the verdict
 //!   per message (delivered, lost, duplicated, reordered).
 //! - [`stats`], [`procstat`], [`progress`]: live measurements; [`report`], [`chart`]: output.
+//! - [`chaos`]: a local cluster under the swarm while a seeded nemesis injects faults.
 
 pub mod accounting;
+pub mod chaos;
 pub mod chart;
 pub mod cli;
 pub mod client;

@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         Command::Pairs(o) => vec![("pairs".into(), o)],
         Command::Reqresp(o) => vec![("reqresp".into(), o)],
         Command::Reconnect(o) => vec![("reconnect".into(), o)],
+        Command::Chaos(o) => return chaos(o),
     };
     let mut prepared = Vec::new();
     for (name, o) in &stages {
@@ -92,6 +93,42 @@ fn main() -> ExitCode {
         }
     }
     if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_VIOLATION)
+    }
+}
+
+fn chaos(o: loadtest::chaos::ChaosOptions) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mqfleet-loadtest: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_CANNOT_RUN);
+        }
+    };
+    let report_path = o.report.clone();
+    let report = match runtime.block_on(loadtest::chaos::run(o)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mqfleet-loadtest chaos: {e}");
+            return ExitCode::from(EXIT_CANNOT_RUN);
+        }
+    };
+    print!("{}", report.summary());
+    if let Some(path) = report_path {
+        let written = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other).and_then(|j| std::fs::write(&path, j));
+        match written {
+            Ok(()) => eprintln!("report: {}", path.display()),
+            Err(e) => {
+                eprintln!("mqfleet-loadtest: cannot write {}: {e}", path.display());
+                return ExitCode::from(EXIT_CANNOT_RUN);
+            }
+        }
+    }
+    // The cluster's processes and relays end with the runtime.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    if report.ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_VIOLATION)

@@ -80,11 +80,32 @@ async fn heartbeats(ctx: Weak<Context>, shutdown: CancellationToken) {
         let ctx = ctx.upgrade()?;
         Some(async move {
             let c = cluster(&ctx);
-            c.redis.proxy_beat(&c.id).await
+            if !c.redis.proxy_beat(&c.id).await? {
+                fence(&ctx);
+            }
+            Ok::<(), session_store::Error>(())
         })
     };
     let failed = "cannot send heartbeats to Redis; other proxies will take this one for dead if it lasts";
     mqfleet_ops::outage::repeat(every, shutdown, "heartbeats reach Redis again", failed, beat).await;
+}
+
+/// This proxy was taken for dead (it was paused, or cut off from Redis, for longer than
+/// `dead_after`) and another proxy settled its sessions: their wills are published and their
+/// claims gone. Its connections must not go on as if nothing happened — a client would then
+/// have a live connection here and a settled session elsewhere — so all of them are closed
+/// (5.0: DISCONNECT 0x8E, the session was taken over by the cluster); their wills are not
+/// published again (`withdraw_will` finds them settled). Clients reconnect and resume.
+fn fence(ctx: &Context) {
+    let mailboxes = ctx.registry.all();
+    tracing::warn!(
+        connections = mailboxes.len(),
+        "this proxy was taken for dead by the cluster (paused or cut off from Redis too long) and its sessions settled elsewhere; closing its connections"
+    );
+    ctx.metrics.fenced.inc();
+    for m in mailboxes {
+        let _ = m.send(ConnMsg::Close(mqfleet_codec::ReasonCode::SessionTakenOver));
+    }
 }
 
 /// Closes our connections that a newer connection on another proxy took over (5.0:
@@ -169,26 +190,47 @@ async fn settle(ctx: Weak<Context>, shutdown: CancellationToken) {
 async fn reap(ctx: &Arc<Context>) -> Result<(), session_store::Error> {
     let c = cluster(ctx);
     for dead in c.redis.reap_dead_proxies(c.dead_after).await? {
-        let clients = c.redis.claimed_by(&dead).await?;
-        tracing::warn!(proxy = %dead, clients = clients.len(), "proxy stopped beating; settling its sessions");
-        let (mut wills, mut offline) = (0usize, 0usize);
-        for client_id in clients {
-            let Some(orphaned) = c.redis.orphan(&client_id, &dead).await? else { continue };
-            offline += 1;
-            let Some(will) = orphaned.will else { continue };
-            if orphaned.will_delay.is_zero() {
-                if let Some(w) = will_from_store(&will) {
-                    ctx.publish_will(w).await;
-                    wills += 1;
-                }
-            } else {
-                c.redis.schedule_will(&client_id, now_ms() + orphaned.will_delay.as_millis() as u64).await?;
-            }
-        }
-        c.redis.forget_proxy(&dead).await?;
-        tracing::info!(proxy = %dead, sessions = offline, wills_published = wills, "dead proxy settled");
+        tracing::warn!(proxy = %dead, "proxy stopped beating; settling its sessions");
+        let (sessions, wills) = settle_proxy(ctx, &dead).await?;
+        tracing::info!(proxy = %dead, sessions, wills_published = wills, "dead proxy settled");
     }
     Ok(())
+}
+
+/// At start, before this proxy claims anything: settles what an earlier process of the same
+/// name left (it was killed and restarted faster than the others take a proxy for dead, so
+/// nobody reaped it) — otherwise its clients' wills would never fire and their sessions would
+/// stay owned by a connection that no longer exists.
+pub async fn settle_previous_run(ctx: &Arc<Context>) -> Result<(), session_store::Error> {
+    let c = cluster(ctx);
+    let (sessions, wills) = settle_proxy(ctx, &c.id).await?;
+    if sessions > 0 {
+        tracing::warn!(sessions, wills_published = wills, "settled the sessions of this proxy's previous run (it did not stop cleanly)");
+    }
+    Ok(())
+}
+
+/// Orphans the sessions `proxy` claimed (each exactly once across the cluster: `ORPHAN` is
+/// atomic per client) and publishes or schedules their wills. Returns (sessions, wills).
+async fn settle_proxy(ctx: &Arc<Context>, proxy: &str) -> Result<(usize, usize), session_store::Error> {
+    let c = cluster(ctx);
+    let clients = c.redis.claimed_by(proxy).await?;
+    let (mut wills, mut offline) = (0usize, 0usize);
+    for client_id in &clients {
+        let Some(orphaned) = c.redis.orphan(client_id, proxy).await? else { continue };
+        offline += 1;
+        let Some(will) = orphaned.will else { continue };
+        if orphaned.will_delay.is_zero() {
+            if let Some(w) = will_from_store(&will) {
+                ctx.publish_will(w).await;
+                wills += 1;
+            }
+        } else {
+            c.redis.schedule_will(client_id, now_ms() + orphaned.will_delay.as_millis() as u64).await?;
+        }
+    }
+    c.redis.forget_claims(proxy, &clients).await?;
+    Ok((offline, wills))
 }
 
 async fn due_wills(ctx: &Arc<Context>) -> Result<(), session_store::Error> {

@@ -263,6 +263,7 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
     match &ctx.cluster {
         None => restore_sessions(&ctx).await?,
         Some(c) => {
+            cluster::settle_previous_run(&ctx).await?;
             c.redis.proxy_beat(&c.id).await?;
             Cluster::spawn(&ctx, &background);
             tracing::info!(proxy = %c.id, shards = ctx.shards.now().len(), "joined the cluster");

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub redis_latency: Latencies<KindLabel>,
     /// `$SYS` messages published.
     pub sys_published: Counter,
+    /// Times this proxy found itself taken for dead and closed its connections.
+    pub fenced: Counter,
 }
 
 impl Metrics {
@@ -114,6 +116,11 @@ impl Metrics {
         r.register("ring_epoch", "Epoch of the ring the proxy routes by (0: a fixed list of shards)", self.ring_epoch.clone());
         r.register("redis_command_seconds", "Round trips to Redis by kind (script, command, pipeline)", self.redis_latency.0.clone());
         r.register("sys_messages_published", "$SYS messages published", self.sys_published.clone());
+        r.register(
+            "fenced",
+            "Times this proxy found it was taken for dead (paused or cut off from Redis past dead_after) and closed its connections",
+            self.fenced.clone(),
+        );
         r.register(
             "acl_denied",
             "Actions refused by the ACL: publish, subscribe, will, revoked (subscriptions removed on reload)",

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use broker_shard::link::{ConnId, Recipient, Request, RequestId, SessionInfo, SubscribeItem};
@@ -38,7 +38,7 @@ pub enum ConnMsg {
 
 /// What the admin API lists about a connected client: fixed at CONNECT, so listing thousands
 /// of clients does not disturb them.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ClientInfo {
     pub client_id: ByteString,
     /// Verified username, if any.
@@ -52,6 +52,8 @@ pub struct ClientInfo {
     pub clean_start: bool,
     /// Seconds the session outlives the connection, as negotiated at CONNECT.
     pub session_expiry: u32,
+    /// The connection has ended and is saving its session: no longer a live connection.
+    pub closing: AtomicBool,
 }
 
 /// A connection's live state, as it answers [`ConnMsg::Inspect`].
@@ -185,9 +187,18 @@ impl Registry {
         self.clients.lock().get(client_id).map(|o| o.conn)
     }
 
-    /// Every connected client (admin API), in no particular order.
+    /// Every live connection's client (admin API), in no particular order; connections that
+    /// are closing are left out.
     pub fn clients(&self) -> Vec<Arc<ClientInfo>> {
-        self.clients.lock().values().map(|o| o.info.clone()).collect()
+        self.clients.lock().values().filter(|o| !o.info.closing.load(Ordering::Relaxed)).map(|o| o.info.clone()).collect()
+    }
+
+    /// `conn` has ended: it stays the owner of its client id until released, but is no longer
+    /// listed as connected.
+    pub fn mark_closing(&self, client_id: &str, conn: ConnId) {
+        if let Some(o) = self.clients.lock().get(client_id).filter(|o| o.conn == conn) {
+            o.info.closing.store(true, Ordering::Relaxed);
+        }
     }
 
     /// A connected client's description and mailbox (admin API).

@@ -1,11 +1,17 @@
-//! A TCP relay between two components that a test can cut and restore: the link failure a
-//! real network produces (connections reset, new ones refused), on loopback.
+//! A TCP relay between two components that a test can cut and restore — the link failure a
+//! real network produces (connections reset, new ones refused) — or black-hole: connections
+//! stay open but nothing passes until it is restored, as when a network drops every packet and
+//! TCP keeps retransmitting (both ends see silence, not an error; nothing is lost or reordered
+//! once it heals).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub struct Relay {
@@ -18,6 +24,8 @@ struct State {
     cut: AtomicBool,
     /// Cancelled to reset every open connection.
     connections: Mutex<CancellationToken>,
+    /// True while black-holed.
+    paused: watch::Sender<bool>,
 }
 
 impl Relay {
@@ -25,7 +33,11 @@ impl Relay {
     pub async fn start(upstream: SocketAddr) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the relay");
         let addr = listener.local_addr().expect("relay address");
-        let state = Arc::new(State { cut: AtomicBool::new(false), connections: Mutex::new(CancellationToken::new()) });
+        let state = Arc::new(State {
+            cut: AtomicBool::new(false),
+            connections: Mutex::new(CancellationToken::new()),
+            paused: watch::Sender::new(false),
+        });
         let stop = CancellationToken::new();
         let (s, st) = (state.clone(), stop.clone());
         tokio::spawn(async move {
@@ -40,7 +52,7 @@ impl Relay {
                     continue;
                 }
                 let token = s.connections.lock().expect("relay lock").clone();
-                tokio::spawn(forward(down, upstream, token));
+                tokio::spawn(forward(down, upstream, token, s.paused.subscribe()));
             }
         });
         Relay { addr, state, stop }
@@ -54,8 +66,16 @@ impl Relay {
         *c = CancellationToken::new();
     }
 
+    /// Stops every byte in both directions, on open and new connections, until
+    /// [`Relay::restore`]; nothing is closed.
+    pub fn blackhole(&self) {
+        self.state.paused.send_replace(true);
+    }
+
+    /// Ends a cut or a black hole.
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
+        self.state.paused.send_replace(false);
     }
 }
 
@@ -66,13 +86,33 @@ impl Drop for Relay {
     }
 }
 
-async fn forward(mut down: TcpStream, upstream: SocketAddr, cut: CancellationToken) {
-    let Ok(mut up) = TcpStream::connect(upstream).await else { return };
+async fn forward(down: TcpStream, upstream: SocketAddr, cut: CancellationToken, paused: watch::Receiver<bool>) {
+    let Ok(up) = TcpStream::connect(upstream).await else { return };
     let _ = down.set_nodelay(true);
     let _ = up.set_nodelay(true);
+    let ((down_r, down_w), (up_r, up_w)) = (down.into_split(), up.into_split());
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+        _ = pump(down_r, up_w, paused.clone()) => {}
+        _ = pump(up_r, down_w, paused) => {}
         // Both sockets close: each side sees its link end mid-stream.
         () = cut.cancelled() => {}
+    }
+}
+
+/// Copies one direction, holding bytes (not dropping them) while paused.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut paused: watch::Receiver<bool>) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        // A black hole: the chunk waits here, and TCP back-pressure stops the sender.
+        while *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+        to.write_all(&buf[..n]).await?;
     }
 }

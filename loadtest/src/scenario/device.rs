@@ -56,14 +56,23 @@ pub async fn run(ctx: Arc<RunCtx>, spec: DeviceSpec, ready: Arc<super::Barrier>,
     let mut out = Outcome::default();
     let mut seqs: BTreeMap<u32, u64> = BTreeMap::new();
     let mut first = true;
+    // A persistent session's client-side state, carried from one connection to the next.
+    let mut session_state = None;
     loop {
-        let Some(mut client) = connect(&ctx, &spec, first).await else {
+        let Some((mut client, session_present)) = connect(&ctx, &spec, first).await else {
             if first {
                 ready.arrive();
             }
             return out;
         };
         out.connected = true;
+        if spec.persistent && !first && !session_present {
+            // The broker lost a session it had confirmed: its subscriptions and queue are gone.
+            ctx.stats.error("session_lost".to_string());
+        }
+        if let (Some(state), true) = (session_state.take(), session_present) {
+            client.resume_session(state);
+        }
         if first || !spec.persistent {
             if let Err(e) = subscribe(&ctx, &spec, &mut client, &mut out).await {
                 ctx.stats.error(e.kind());
@@ -75,7 +84,11 @@ pub async fn run(ctx: Arc<RunCtx>, spec: DeviceSpec, ready: Arc<super::Barrier>,
             ready.arrive();
         }
         first = false;
-        match session(&ctx, &spec, &mut client, &mut out, &mut seqs, drop_now.as_deref()).await {
+        let ended = session(&ctx, &spec, &mut client, &mut out, &mut seqs, drop_now.as_deref()).await;
+        if spec.persistent {
+            session_state = Some(client.take_session());
+        }
+        match ended {
             Ended::Finished => {
                 ctx.stats.connected.fetch_sub(1, Relaxed);
                 client.disconnect().await;
@@ -101,9 +114,11 @@ pub async fn run(ctx: Arc<RunCtx>, spec: DeviceSpec, ready: Arc<super::Barrier>,
     }
 }
 
-async fn connect(ctx: &RunCtx, spec: &DeviceSpec, first: bool) -> Option<Client> {
+/// Connects to the device's broker; returns the client and CONNACK's Session Present. With
+/// `retry_connect` (fault injection) a device that cannot connect tries the next target, as a
+/// device behind a load balancer would, until the run stops.
+async fn connect(ctx: &RunCtx, spec: &DeviceSpec, first: bool) -> Option<(Client, bool)> {
     let _permit = if spec.ramped && first { Some(ctx.handshakes.acquire().await.ok()?) } else { None };
-    let target = &ctx.targets[spec.index % ctx.targets.len()];
     let source = (!ctx.sources.is_empty()).then(|| ctx.sources[spec.index % ctx.sources.len()]);
     let options = ConnectOptions {
         protocol: ctx.protocol,
@@ -116,18 +131,29 @@ async fn connect(ctx: &RunCtx, spec: &DeviceSpec, first: bool) -> Option<Client>
         will: None,
         timeout: ctx.connect_timeout,
     };
-    ctx.stats.connect_attempts.fetch_add(1, Relaxed);
-    let started = Instant::now();
-    match Client::connect(target, ctx.tls.as_ref(), source, &options).await {
-        Ok((client, _)) => {
-            ctx.stats.connect_latency.lock().record_us(started.elapsed().as_micros() as u64);
-            ctx.stats.connected.fetch_add(1, Relaxed);
-            Some(client)
-        }
-        Err(e) => {
-            ctx.stats.connect_failures.fetch_add(1, Relaxed);
-            ctx.stats.error(e.kind());
-            None
+    let mut attempt = 0usize;
+    loop {
+        let target = &ctx.targets[(spec.index + attempt) % ctx.targets.len()];
+        ctx.stats.connect_attempts.fetch_add(1, Relaxed);
+        let started = Instant::now();
+        match Client::connect(target, ctx.tls.as_ref(), source, &options).await {
+            Ok((client, ack)) => {
+                ctx.stats.connect_latency.lock().record_us(started.elapsed().as_micros() as u64);
+                ctx.stats.connected.fetch_add(1, Relaxed);
+                return Some((client, ack.session_present));
+            }
+            Err(e) => {
+                ctx.stats.connect_failures.fetch_add(1, Relaxed);
+                ctx.stats.error(e.kind());
+                if !ctx.retry_connect || ctx.stop.is_cancelled() {
+                    return None;
+                }
+                attempt += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    () = ctx.stop.cancelled() => return None,
+                }
+            }
         }
     }
 }

@@ -93,6 +93,9 @@ pub struct Settings {
     pub offline: Duration,
     pub broker_pid: Option<u32>,
     pub progress: bool,
+    /// Devices that cannot connect keep trying (the next target each time) until the run
+    /// stops, instead of giving up (fault injection).
+    pub retry_connect: bool,
 }
 
 /// A one-way gate: clients wait at it until it opens.
@@ -176,6 +179,8 @@ pub struct RunCtx {
     /// Copies delivered per stream, for the closed-loop window.
     pub delivered: Vec<AtomicU64>,
     pub copies_per_message: u64,
+    /// See [`Settings::retry_connect`].
+    pub retry_connect: bool,
     start: (Instant, u64),
 }
 
@@ -230,6 +235,7 @@ pub async fn run(plan: Plan, s: Settings, settings_json: std::collections::BTree
         stop: CancellationToken::new(),
         delivered: (0..plan.streams).map(|_| AtomicU64::new(0)).collect(),
         copies_per_message: plan.copies_per_message,
+        retry_connect: s.retry_connect,
         start: (started, now_ns()),
     });
 

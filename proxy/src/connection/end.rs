@@ -21,6 +21,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     pub(super) async fn finish(mut self, end: End) {
+        self.ctx.registry.mark_closing(&self.client_id, self.conn);
         self.ctx.metrics.disconnects.get_or_create(&ReasonLabel { reason: end.label() }).inc();
         let told = match &end {
             End::Protocol { reason, detail } => {
@@ -82,11 +83,21 @@ where
 
     /// Publishes the will now. In a cluster it is first removed from Redis, so that no other
     /// proxy publishes it again should this one die meanwhile.
+    /// Publishes the will of this connection now. In a cluster it takes the right to first:
+    /// if another proxy took this one for dead meanwhile (a pause, a partition) and settled
+    /// this connection, that proxy published the will and this one must not — each will once.
     async fn publish_will_now(&mut self, will: crate::session::connect::WillSpec) {
         let (ctx, client_id, epoch) = (self.ctx.clone(), self.client_id.clone(), self.session.epoch);
         if let Some(c) = &ctx.cluster {
-            if let Err(e) = c.redis.set_will(&client_id, epoch, None).await {
-                tracing::warn!(error = %e, "could not withdraw the will from Redis before publishing it");
+            match c.redis.withdraw_will(&client_id, epoch).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!("will not published here: this connection was settled (and its will published) by another proxy");
+                    return;
+                }
+                // Redis cannot say: publishing risks a duplicate only if this proxy was also
+                // taken for dead; not publishing would lose the will for certain.
+                Err(e) => tracing::warn!(error = %e, "could not withdraw the will from Redis; publishing it anyway"),
             }
         }
         ctx.publish_will(will).await;

@@ -14,6 +14,8 @@
 //! | `mqf:{H}:n:<id>` | string | last queue position given out |
 //! | `mqf:{H}:in:<id>` | set | packet ids of accepted QoS 2 PUBLISHes awaiting PUBREL |
 //! | `mqf:{H}:w:<id>` | hash | shard → "log position:queue position" of its last enqueue (replay is idempotent) |
+//! | `mqf:{H}:wt:<id>` | hash (10 min) | connection epoch → who took its will (`self`: its own proxy; `settled`: a dead proxy's settlement): each will once |
+//! | `mqf:{H}:prev:<id>` | hash (10 min) | epoch of a connection a newer one replaced before it was released → "owner\ndelay ms\nwill": the will it may still owe if its proxy died |
 //! | `mqf:{m}:proxies` | hash | proxy id → "last heartbeat ms\|" (Redis clock) |
 //! | `mqf:{m}:shards` | hash | shard name → "last heartbeat ms\|link address" |
 //! | `mqf:{m}:ring` | hash | `epoch`, `members` (the shard set the ring is built from); during a change `next`, `next_epoch`, `next_since` |
@@ -49,6 +51,12 @@ pub struct ClientKeys {
     pub counter: String,
     pub inbound: String,
     pub watermark: String,
+    /// Who took the will of which connection; not among [`ClientKeys::all`]: it outlives the
+    /// session (see `scripts::WITHDRAW_WILL`, `scripts::ORPHAN`).
+    pub wills_taken: String,
+    /// Connections replaced before they were released (see `scripts::CLAIM`); not among
+    /// [`ClientKeys::all`] either.
+    pub replaced: String,
 }
 
 impl ClientKeys {
@@ -61,6 +69,8 @@ impl ClientKeys {
             counter: format!("{tag}:n:{client_id}"),
             inbound: format!("{tag}:in:{client_id}"),
             watermark: format!("{tag}:w:{client_id}"),
+            wills_taken: format!("{tag}:wt:{client_id}"),
+            replaced: format!("{tag}:prev:{client_id}"),
         }
     }
 

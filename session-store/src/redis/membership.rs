@@ -53,15 +53,16 @@ fn names(csv: &str) -> Vec<String> {
 const NOTICE_TTL_MS: u64 = 60_000;
 
 impl RedisStore {
-    async fn beat(&self, members: &str, member: &str, suffix: &str) -> Result<(), Error> {
-        let _: u64 = scripts::BEAT
+    /// Records a heartbeat; true if the member was registered before it.
+    async fn beat(&self, members: &str, member: &str, suffix: &str) -> Result<bool, Error> {
+        let known: u8 = scripts::BEAT
             .key(members)
             .arg(member)
             .arg(suffix)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| Error::redis("heartbeat", e))?;
-        Ok(())
+        Ok(known == 1)
     }
 
     async fn members(&self, members: &str, dead_after: Duration, reap: bool) -> Result<Vec<(String, String)>, Error> {
@@ -75,8 +76,9 @@ impl RedisStore {
         Ok(flat.chunks_exact(2).map(|c| (c[0].clone(), c[1].clone())).collect())
     }
 
-    /// This proxy is alive.
-    pub async fn proxy_beat(&self, proxy: &str) -> Result<(), Error> {
+    /// This proxy is alive. Returns false if it was not registered: at its first beat, or when
+    /// another proxy took it for dead since its last one (its sessions were settled then).
+    pub async fn proxy_beat(&self, proxy: &str) -> Result<bool, Error> {
         self.beat(keys::PROXIES, proxy, "").await
     }
 
@@ -101,7 +103,7 @@ impl RedisStore {
 
     /// This shard is alive and takes links at `addr`.
     pub async fn shard_beat(&self, shard: &str, addr: &str) -> Result<(), Error> {
-        self.beat(keys::SHARDS, shard, addr).await
+        self.beat(keys::SHARDS, shard, addr).await.map(|_| ())
     }
 
     /// Live shards: (name, link address), by name.
@@ -137,6 +139,8 @@ impl RedisStore {
         for key in k.all() {
             inv.key(key);
         }
+        inv.key(&k.wills_taken);
+        inv.key(&k.replaced);
         let (will, delay): (Vec<u8>, i64) =
             inv.arg(dead_proxy).invoke_async(&mut self.conn()).await.map_err(|e| Error::redis("settling a dead proxy's session", e))?;
         if delay < 0 {
@@ -145,6 +149,18 @@ impl RedisStore {
         let delay = delay as u64;
         let will = if will.is_empty() { None } else { Some(decode("will", &will)?) };
         Ok(Some(Orphaned { will, will_delay: Duration::from_millis(delay) }))
+    }
+
+    /// Removes the claims of `clients` by `proxy` (once their sessions are settled) and the
+    /// proxy's takeover notices. Only these claims: a proxy restarted under the same name may
+    /// be claiming new connections meanwhile.
+    pub async fn forget_claims(&self, proxy: &str, clients: &[String]) -> Result<(), Error> {
+        let mut pipe = redis::pipe();
+        for chunk in clients.chunks(512) {
+            pipe.cmd("SREM").arg(keys::proxy_clients(proxy)).arg(chunk).ignore();
+        }
+        pipe.cmd("DEL").arg(keys::proxy_inbox(proxy)).ignore();
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(|e| Error::redis("forgetting settled claims", e))
     }
 
     /// Removes what is left of a proxy that is gone: its claims and its takeover notices.
@@ -178,6 +194,22 @@ impl RedisStore {
             .await
             .map_err(|e| Error::redis("recording a will", e))?;
         Ok(done == 1)
+    }
+
+    /// The connection with `epoch` ended and would publish its will: false if a dead-proxy
+    /// settlement took that will first (its proxy was paused or cut off, not dead), else true,
+    /// and the will is this caller's to publish (see `scripts::WITHDRAW_WILL`).
+    pub async fn withdraw_will(&self, client_id: &str, epoch: u64) -> Result<bool, Error> {
+        let k = ClientKeys::new(client_id);
+        let taken: u8 = scripts::WITHDRAW_WILL
+            .key(&k.session)
+            .key(&k.wills_taken)
+            .key(&k.replaced)
+            .arg(epoch)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("withdrawing a will", e))?;
+        Ok(taken == 1)
     }
 
     /// The will of `client_id` is due at `due_ms` (Unix ms) unless the client comes back.

@@ -327,6 +327,7 @@ impl RedisStore {
         for key in k.all() {
             inv.key(key);
         }
+        inv.key(&k.replaced);
         let (previous, epoch, has): (String, u64, u8) =
             inv.arg(proxy).invoke_async(&mut self.conn.clone()).await.map_err(|e| Error::redis("claiming a client id", e))?;
         let previous_owner = (!previous.is_empty()).then_some(previous);

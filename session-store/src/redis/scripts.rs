@@ -108,18 +108,56 @@ return 1
     )
 });
 
-/// KEYS: the client's six keys. ARGV: the dead proxy's id.
+/// KEYS: session, wills taken, replaced connections. ARGV: epoch. The connection with `epoch`
+/// ended and is about to publish its will: takes the right to (1), unless a dead-proxy
+/// settlement took it first (0: its proxy was only paused or cut off, and the will went out
+/// there). The will is removed from the session if the connection still owns it.
+pub static WITHDRAW_WILL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HSETNX', KEYS[2], ARGV[1], 'self') == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[2], 600000)
+redis.call('HDEL', KEYS[3], ARGV[1])
+if tonumber(redis.call('HGET', KEYS[1], 'epoch')) == tonumber(ARGV[1]) then
+  redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms')
+end
+return 1
+"#,
+    )
+});
+
+/// KEYS: the client's six keys, then its wills-taken and replaced-connections hashes. ARGV: the
+/// dead proxy's id.
 /// The session was owned by a proxy that died: it has no connection any more. A clean session
 /// ends (its will is due now); a persistent one goes offline and starts expiring. Returns
 /// { will or '', delay ms }: a will with a delay is left in place for the will timer (the
-/// delay is capped by the session expiry, MQTT 5 §3.1.2.5). Returns { '', -1 } if another
-/// connection owns the session (the client came back elsewhere: no will).
+/// delay is capped by the session expiry, MQTT 5 §3.1.2.5). If the client came back elsewhere
+/// before this settlement, the dead proxy's connection may still owe its will — a will
+/// without delay is due when the connection ends, whatever follows [MQTT-3.1.3-9] — so the
+/// will its replacement recorded is returned, unless that connection's proxy published it;
+/// { '', -1 } if there is nothing to do. Each will is taken once (the wills-taken hash).
 pub static ORPHAN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return { '', -1 } end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  local entries = redis.call('HGETALL', KEYS[8])
+  for i = 1, #entries, 2 do
+    local owner, delay, will = string.match(entries[i + 1], '^([^\n]*)\n([^\n]*)\n(.*)$')
+    if owner == ARGV[1] then
+      redis.call('HDEL', KEYS[8], entries[i])
+      if redis.call('HSETNX', KEYS[7], entries[i], 'settled') == 1 then
+        redis.call('PEXPIRE', KEYS[7], 600000)
+        if will ~= '' and tonumber(delay) == 0 then return { will, 0 } end
+      end
+    end
+  end
+  return { '', -1 }
+end
 redis.call('HDEL', KEYS[1], 'owner')
-local will = redis.call('HGET', KEYS[1], 'will') or ''
+local mine = redis.call('HSETNX', KEYS[7], redis.call('HGET', KEYS[1], 'epoch') or '0', 'settled')
+redis.call('PEXPIRE', KEYS[7], 600000)
+local will = ''
+if mine == 1 then will = redis.call('HGET', KEYS[1], 'will') or '' end
 local delay = tonumber(redis.call('HGET', KEYS[1], 'will_delay_ms') or '0')
 if redis.call('HEXISTS', KEYS[1], 'rec') == 0 then
   for i = 1, 6 do redis.call('DEL', KEYS[i]) end
@@ -150,19 +188,35 @@ return will
     )
 });
 
-/// KEYS: the client's six keys. ARGV: proxy id. Takes ownership of a client id for a new
-/// connection: bumps the epoch, records the owner, stops the session from expiring, cancels a
-/// pending will (the client is back, MQTT 5 §3.1.2.5).
+/// KEYS: the client's six keys, then its replaced-connections hash. ARGV: proxy id. Takes
+/// ownership of a client id for a new connection: bumps the epoch, records the owner, stops
+/// the session from expiring, cancels a pending delayed will (the client is back, MQTT 5
+/// §3.1.2.5). A connection still owning the id is recorded as replaced, with its will: if its
+/// proxy is dead rather than about to be told, the settlement publishes it (`ORPHAN`).
 /// Returns { previous owner or '', new epoch, has record (0/1) }.
 pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local previous = redis.call('HGET', KEYS[1], 'owner') or ''
-local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+local last = redis.call('HGET', KEYS[1], 'epoch') or '0'
+if previous ~= '' then
+  local will = redis.call('HGET', KEYS[1], 'will') or ''
+  local delay = redis.call('HGET', KEYS[1], 'will_delay_ms') or '0'
+  redis.call('HSET', KEYS[7], last, previous .. '\n' .. delay .. '\n' .. will)
+  redis.call('PEXPIRE', KEYS[7], 600000)
+end
+-- Epochs grow for ever, even across the session hash being deleted (a clean session ends, a
+-- settlement): Redis time in microseconds, or one more than the last, whichever is larger.
+-- Kept as decimal strings: Lua's own number formatting would round them.
+local t = redis.call('TIME')
+local epoch = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if tonumber(last) >= epoch then epoch = tonumber(last) + 1 end
+epoch = string.format('%d', epoch)
+redis.call('HSET', KEYS[1], 'epoch', epoch)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
 redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms')
 for i = 1, 6 do redis.call('PERSIST', KEYS[i]) end
-return { previous, epoch, redis.call('HEXISTS', KEYS[1], 'rec') }
+return { previous, tonumber(epoch), redis.call('HEXISTS', KEYS[1], 'rec') }
 "#,
     )
 });
@@ -215,14 +269,16 @@ return 1
 
 /// KEYS: members hash. ARGV: member, value suffix ('' for proxies, the link address for shards).
 /// Records a heartbeat as "<Redis time in ms>|<suffix>": liveness is judged by one clock,
-/// Redis's, whatever the members' clocks say.
+/// Redis's, whatever the members' clocks say. Returns 1 if the member was registered before
+/// (0: it is new, or it was taken for dead and removed since its last beat).
 pub static BEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local known = redis.call('HEXISTS', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], now .. '|' .. ARGV[2])
-return now
+return known
 "#,
     )
 });
