@@ -528,3 +528,53 @@ async fn message_expiring_while_queued_behind_the_window_is_not_sent() {
     c.send(Packet::PubAck(Ack::new(first.pkid.unwrap()))).await;
     assert_eq!(&next_publish(&mut c).await.payload[..], b"last", "the expired message is skipped");
 }
+
+/// Found by the fault-injection soak: the store went away just as a QoS 2 flow completed, so
+/// the entry's removal was lost; its packet id was then reused for a newer message. On resume
+/// the older entry is complete (an id is reused only after its flow ends) and the newer one is
+/// resent with its id — not the other way round, which delivered the newer message twice.
+#[tokio::test]
+async fn an_entry_whose_completion_was_not_recorded_does_not_push_a_newer_one_onto_a_fresh_id() {
+    let b = TestBroker::start().await;
+    let (mut c, _) = Raw::session(b.addr, persistent_v5("lossy", 600)).await;
+    subscribe(&mut c, "t", QoS::ExactlyOnce).await;
+    c.send(Packet::Disconnect(mqfleet_codec::Disconnect::new(ReasonCode::Success))).await;
+    assert_eq!(c.until_closed().await, None);
+
+    // The store as the lost write left it: A completed with id 7 (only PUBREL recorded), B
+    // then sent with id 7.
+    let store = &b.context().store;
+    let mut seqs = Vec::new();
+    for payload in ["A", "B"] {
+        let m = broker_shard::Message::from_publish(Publish::new("t", QoS::ExactlyOnce, payload, Some(id(1))), None, 0);
+        let delivery = session_store::Delivery { qos: 2, retain: false, subscription_ids: Vec::new() };
+        let op =
+            session_store::Op::Enqueue { message: m.encode(), expires_at_ms: None, to: vec![("lossy".into(), delivery)], origin: None };
+        match store.write(vec![op]).await.unwrap().pop() {
+            Some(session_store::OpResult::Enqueued(p)) => seqs.push(p[0].expect("queued")),
+            other => panic!("{other:?}"),
+        }
+    }
+    let set = |seq, state| session_store::Op::SetState { client_id: "lossy".into(), seq, state };
+    store
+        .write(vec![
+            set(seqs[0], session_store::DeliveryState::Released { pkid: 7 }),
+            set(seqs[1], session_store::DeliveryState::Sent { pkid: 7 }),
+        ])
+        .await
+        .unwrap();
+
+    let (mut c, ack) = Raw::session(b.addr, persistent_v5("lossy", 600)).await;
+    assert!(ack.session_present);
+    // B again with its id and DUP [MQTT-4.4.0-1]; nothing of A.
+    match c.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!((&p.payload[..], p.pkid, p.dup), (&b"B"[..], Some(id(7)), true));
+        }
+        other => panic!("expected B resent, got {other:?}"),
+    }
+    c.send(Packet::PubRec(Ack::new(id(7)))).await;
+    assert_eq!(c.recv().await, Some(Packet::PubRel(Ack::new(id(7)))));
+    c.send(Packet::PubComp(Ack::new(id(7)))).await;
+    c.expect_silence().await;
+}

@@ -222,7 +222,25 @@ where
     /// PUBREL again; the rest are sent as new.
     pub(super) fn restore(&mut self, queue: Vec<QueuedMessage>) {
         let persistent = self.session.persistent();
+        // A packet id is reused only once its flow completed, so of two entries that recorded
+        // the same id the older one is complete — its acknowledgement was recorded by a write
+        // that was lost (the store went away at that moment). Restoring it would push the newer
+        // entry onto a fresh id and deliver that one twice.
+        let mut newest: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
+        for q in &queue {
+            if let DeliveryState::Sent { pkid } | DeliveryState::Released { pkid } = q.state {
+                let e = newest.entry(pkid).or_insert(q.seq);
+                *e = (*e).max(q.seq);
+            }
+        }
         for q in queue {
+            if let DeliveryState::Sent { pkid } | DeliveryState::Released { pkid } = q.state {
+                if newest.get(&pkid).is_some_and(|&n| n > q.seq) {
+                    self.resume_floor = self.resume_floor.max(q.seq);
+                    self.ack_in_store(Some(q.seq));
+                    continue;
+                }
+            }
             self.resume_floor = self.resume_floor.max(q.seq);
             let message = match Message::decode(&q.message) {
                 Ok(m) => Arc::new(m),

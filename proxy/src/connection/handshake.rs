@@ -7,7 +7,6 @@ use std::time::Duration;
 use broker_shard::link::{ConnId, Reply, Request, SessionInfo};
 use broker_shard::now_ms;
 use futures::stream::FuturesOrdered;
-use futures::FutureExt;
 use mqfleet_codec::ByteString;
 use mqfleet_codec::{ConnAck, Connect, DecodeError, Packet, Protocol, ReasonCode};
 use session_store::{Op, QueuedMessage, SessionRecord};
@@ -75,17 +74,6 @@ where
         }
     };
     tracing::Span::current().record("client_id", tracing::field::display(&negotiated.client_id));
-    // A CONNECT that waited (in the accept backlog of a paused process, behind a slow
-    // authentication) may come from a client that gave up meanwhile: claiming its client id
-    // would take the session from the client's newer, live connection. End of stream right
-    // behind the CONNECT means it is gone.
-    if let Some(read) = io.input.read().now_or_never() {
-        if !matches!(read, Ok(n) if n > 0) {
-            tracing::debug!("client left before its CONNECT was answered; not claiming its client id");
-            ctx.metrics.disconnects.get_or_create(&ReasonLabel { reason: "gone_before_connack" }).inc();
-            return None;
-        }
-    }
 
     // Take over: the previous connection of this client id saves its session and exits first,
     // so what follows sees its final state [MQTT-3.1.4-3].

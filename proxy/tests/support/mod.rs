@@ -500,6 +500,11 @@ pub async fn metric(b: &TestBroker, sample: &str) -> u64 {
     sample_in(&b.http_get("/metrics").await.1, sample)
 }
 
+/// The value of a Prometheus sample on a process's /metrics, 0 if absent.
+pub fn metric_of(s: &testkit::service::Service, sample: &str) -> f64 {
+    s.metric(sample).unwrap_or(0.0)
+}
+
 /// The value of a Prometheus sample in a /metrics text, 0 if absent.
 pub fn sample_in(text: &str, sample: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse::<f64>().ok())).map_or(0, |v| v as u64)

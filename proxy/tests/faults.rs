@@ -1,0 +1,102 @@
+//! Regression tests for what the fault-injection soak (`mqfleet-loadtest chaos`,
+//! docs/RELIABILITY.md) found, each reduced to its fault: real redis-server, shard and proxy
+//! processes, signals sent to them.
+//!
+//! - A proxy paused past `dead_after` is taken for dead and its sessions settled (wills
+//!   published); when it resumes it must close its connections and must not publish those
+//!   wills again.
+//! - A proxy killed and restarted faster than the others notice, whose clients came back on
+//!   another proxy first: the wills of its dead connections are still due, once.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqfleet_codec::{Connect, Packet, Protocol, QoS, ReasonCode, Will};
+use support::{metric_of, Raw};
+use testkit::local_cluster::{LocalCluster, RedisKind};
+
+fn signal(pid: u32, sig: &str) {
+    assert!(pid > 0);
+    std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+}
+
+fn with_will(client_id: &str) -> Connect {
+    let mut c = Connect::new(Protocol::V5, client_id);
+    c.will = Some(Will {
+        topic: format!("wills/{client_id}").into(),
+        payload: Bytes::from(format!("{client_id} is gone")),
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    c
+}
+
+/// Subscribes to every will with QoS 2 on `addr`.
+async fn will_watcher(addr: std::net::SocketAddr) -> Raw {
+    let mut w = Raw::v5(addr, "watcher").await;
+    let opts = mqfleet_codec::SubscriptionOptions { qos: QoS::ExactlyOnce, ..Default::default() };
+    w.send(Packet::Subscribe(mqfleet_codec::Subscribe::new(mqfleet_codec::PacketId::new(1).unwrap(), vec![("wills/#".into(), opts)])))
+        .await;
+    assert!(matches!(w.recv().await, Some(Packet::SubAck(_))));
+    w
+}
+
+/// The will payloads `w` receives within `within` (completing each QoS 2 flow).
+async fn wills_within(w: &mut Raw, within: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Ok(Some(p))) = tokio::time::timeout_at(deadline, async { w.recv_within(within).await }).await {
+        match p {
+            Packet::Publish(p) => {
+                got.push(String::from_utf8_lossy(&p.payload).to_string());
+                if let Some(id) = p.pkid {
+                    w.send(Packet::PubRec(mqfleet_codec::Ack::new(id))).await;
+                }
+            }
+            Packet::PubRel(a) => w.send(Packet::PubComp(mqfleet_codec::Ack::new(a.pkid))).await,
+            _ => {}
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_proxy_taken_for_dead_closes_its_connections_and_publishes_no_will_twice() {
+    let c = tokio::task::spawn_blocking(|| LocalCluster::start(RedisKind::Standalone, 1, 2)).await.unwrap();
+    let mut watcher = will_watcher(c.proxy(0)).await;
+    let (mut client, ack) = Raw::session(c.proxy(1), with_will("paused-1")).await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+
+    // Paused three times longer than the others wait: proxy 0 settles proxy 1's sessions.
+    let pid = c.proxies[1].service.pid();
+    signal(pid, "STOP");
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    signal(pid, "CONT");
+    // The will went out once, from the settlement; proxy 1, back, closes the connection (0x8E:
+    // the cluster took the session over) without publishing it again.
+    match tokio::time::timeout(Duration::from_secs(10), client.until_closed()).await.expect("closed in time") {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::SessionTakenOver),
+        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
+    }
+    assert_eq!(wills_within(&mut watcher, Duration::from_secs(3)).await, ["paused-1 is gone"], "{}", c.logs());
+    let fenced = tokio::task::spawn_blocking(move || metric_of(&c.proxies[1].service, "mqfleet_proxy_fenced_total")).await.unwrap();
+    assert_eq!(fenced, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_back_elsewhere_before_its_dead_proxy_was_settled_still_gets_its_will_once() {
+    let mut c = tokio::task::spawn_blocking(|| LocalCluster::start(RedisKind::Standalone, 1, 2)).await.unwrap();
+    let mut watcher = will_watcher(c.proxy(0)).await;
+    let (_gone, _) = Raw::session(c.proxy(1), with_will("moved-1")).await;
+    // Proxy 1 dies; its client is back on proxy 0 at once, then proxy 1 restarts — all faster
+    // than anyone takes proxy 1 for dead.
+    tokio::task::block_in_place(|| c.proxies[1].service.kill9());
+    let (_back, ack) = Raw::session(c.proxy(0), Connect::new(Protocol::V5, "moved-1")).await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+    tokio::task::block_in_place(|| c.restart_proxy(1));
+    // The connection that died with proxy 1 owed its will (no delay: due when it ended).
+    assert_eq!(wills_within(&mut watcher, Duration::from_secs(5)).await, ["moved-1 is gone"], "{}", c.logs());
+}
