@@ -40,6 +40,9 @@ pub struct Cluster {
     /// For links made while running (a shard joined).
     pub sink: Arc<dyn DeliverySink>,
     pub links_stop: CancellationToken,
+    /// Since when this proxy's heartbeats have reached Redis without a miss; `None` while
+    /// they fail. See [`reap`].
+    pub redis_up_since: parking_lot::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// Shard addresses are looked up among all registered shards, live or not: a link to a shard
@@ -80,7 +83,17 @@ async fn heartbeats(ctx: Weak<Context>, shutdown: CancellationToken) {
         let ctx = ctx.upgrade()?;
         Some(async move {
             let c = cluster(&ctx);
-            if !c.redis.proxy_beat(&c.id).await? {
+            let beat = c.redis.proxy_beat(&c.id).await;
+            {
+                let mut up = c.redis_up_since.lock();
+                match &beat {
+                    Ok(_) => {
+                        up.get_or_insert_with(tokio::time::Instant::now);
+                    }
+                    Err(_) => *up = None,
+                }
+            }
+            if !beat? {
                 fence(&ctx);
             }
             Ok::<(), session_store::Error>(())
@@ -187,8 +200,16 @@ async fn settle(ctx: Weak<Context>, shutdown: CancellationToken) {
 /// Settles every proxy that stopped beating: its sessions lose their connection (persistent
 /// ones go offline and start expiring, so shards queue for them), its clients' wills are
 /// published or scheduled.
+///
+/// Only once this proxy's own heartbeats have reached Redis for `dead_after` in a row: after
+/// Redis was away (restarted, failed over, cut off from us), every proxy's last beat is old,
+/// and judging them then would take the whole live cluster for dead.
 async fn reap(ctx: &Arc<Context>) -> Result<(), session_store::Error> {
     let c = cluster(ctx);
+    let settled_view = c.redis_up_since.lock().is_some_and(|t| t.elapsed() >= c.dead_after);
+    if !settled_view {
+        return Ok(());
+    }
     for dead in c.redis.reap_dead_proxies(c.dead_after).await? {
         tracing::warn!(proxy = %dead, "proxy stopped beating; settling its sessions");
         let (sessions, wills) = settle_proxy(ctx, &dead).await?;

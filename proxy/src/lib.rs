@@ -379,6 +379,7 @@ async fn join_cluster(
         dynamic,
         sink: sink.clone(),
         links_stop: background.clone(),
+        redis_up_since: parking_lot::Mutex::new(None),
     };
     Ok((cluster, Topology::new(keys, links, epoch), states))
 }
