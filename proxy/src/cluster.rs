@@ -212,8 +212,14 @@ async fn reap(ctx: &Arc<Context>) -> Result<(), session_store::Error> {
     }
     for dead in c.redis.reap_dead_proxies(c.dead_after).await? {
         tracing::warn!(proxy = %dead, "proxy stopped beating; settling its sessions");
-        let (sessions, wills) = settle_proxy(ctx, &dead).await?;
-        tracing::info!(proxy = %dead, sessions, wills_published = wills, "dead proxy settled");
+        match settle_proxy(ctx, &dead).await {
+            Ok((sessions, wills)) => tracing::info!(proxy = %dead, sessions, wills_published = wills, "dead proxy settled"),
+            Err(e) => {
+                // Settling is idempotent (each session and will once): the next round redoes it.
+                let _ = c.redis.reap_again(&dead).await;
+                return Err(e);
+            }
+        }
     }
     Ok(())
 }
@@ -250,7 +256,9 @@ async fn settle_proxy(ctx: &Arc<Context>, proxy: &str) -> Result<(usize, usize),
             c.redis.schedule_will(client_id, now_ms() + orphaned.will_delay.as_millis() as u64).await?;
         }
     }
-    c.redis.forget_claims(proxy, &clients).await?;
+    // The claims stay listed: a process restarted under the same name may be claiming the same
+    // client ids again right now, and removing them would hide those connections from the next
+    // settlement. A settled entry costs one no-op ORPHAN there; a graceful leave clears the list.
     Ok((offline, wills))
 }
 

@@ -202,6 +202,9 @@ async fn expire(ctx: &Arc<Context>, client_id: &ByteString, will: Option<WillSpe
     }
 }
 
+/// How long a will is retried while the shard owning its topic does not take it.
+const WILL_RETRY_FOR: Duration = Duration::from_secs(60);
+
 /// The stored form of a will.
 pub fn stored_will(w: &WillSpec) -> StoredWill {
     StoredWill {
@@ -224,13 +227,29 @@ impl Context {
         message.expires_at_ms = will.message_expiry_interval.map(|s| now_ms() + u64::from(s) * 1000);
         let topic = message.topic.clone();
         let message = Arc::new(message);
-        let link = self.shards.now().owner(&topic).clone();
-        match link.call(|id| Request::Publish { id: Some(id), message, qos2_marker: None }).await {
-            Ok(_) => {
-                self.metrics.wills_published.inc();
-                tracing::debug!(topic = %topic, "will published");
+        // The right to publish this will was taken (once, in the cluster): it must go out, so a
+        // shard that is away (restarting, cut off) is retried until it takes it.
+        let deadline = tokio::time::Instant::now() + WILL_RETRY_FOR;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let link = self.shards.now().owner(&topic).clone();
+            let message = message.clone();
+            match link.call(|id| Request::Publish { id: Some(id), message, qos2_marker: None }).await {
+                Ok(_) => {
+                    self.metrics.wills_published.inc();
+                    tracing::debug!(topic = %topic, "will published");
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(topic = %topic, error = %e, "will not taken yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(topic = %topic, error = %e, "will could not be published within {WILL_RETRY_FOR:?}");
+                    return;
+                }
             }
-            Err(e) => tracing::error!(topic = %topic, error = %e, "will could not be published"),
         }
     }
 

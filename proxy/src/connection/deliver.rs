@@ -93,10 +93,8 @@ where
             self.ops.push_back(
                 async move {
                     let op = Op::SetState { client_id, seq, state: DeliveryState::Sent { pkid: id } };
-                    if let Err(e) = store.write(vec![op]).await {
-                        tracing::warn!(error = %e, "could not record a QoS 2 packet id; sending anyway");
-                    }
-                    OpDone::Marked { pkid: id }
+                    let failed = store.write(vec![op]).await.err().map(|e| e.to_string());
+                    OpDone::Marked { pkid: id, failed }
                 }
                 .boxed(),
             );

@@ -12,6 +12,9 @@ use super::{Connection, End};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::session::outbound::Stage;
 
+/// How long a will waits for Redis to say it is this connection's to publish.
+const WITHDRAW_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Time to write the last packets to a client that may not be reading.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
@@ -89,15 +92,28 @@ where
     async fn publish_will_now(&mut self, will: crate::session::connect::WillSpec) {
         let (ctx, client_id, epoch) = (self.ctx.clone(), self.client_id.clone(), self.session.epoch);
         if let Some(c) = &ctx.cluster {
-            match c.redis.withdraw_will(&client_id, epoch).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::info!("will not published here: this connection was settled (and its will published) by another proxy");
-                    return;
+            // Redis must say whose will it is: publishing without its answer could publish it a
+            // second time later (a settlement finding it still owed). A Redis restart takes
+            // seconds; only past WITHDRAW_PATIENCE is the will published regardless.
+            let deadline = tokio::time::Instant::now() + WITHDRAW_PATIENCE;
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match c.redis.withdraw_will(&client_id, epoch).await {
+                    Ok(true) => break,
+                    Ok(false) => {
+                        tracing::info!("will not published here: this connection was settled (and its will published) by another proxy");
+                        return;
+                    }
+                    Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                        tracing::debug!(error = %e, "cannot ask Redis whose will this is yet; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis did not answer within {WITHDRAW_PATIENCE:?}; publishing the will anyway");
+                        break;
+                    }
                 }
-                // Redis cannot say: publishing risks a duplicate only if this proxy was also
-                // taken for dead; not publishing would lose the will for certain.
-                Err(e) => tracing::warn!(error = %e, "could not withdraw the will from Redis; publishing it anyway"),
             }
         }
         ctx.publish_will(will).await;

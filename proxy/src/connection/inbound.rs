@@ -184,9 +184,16 @@ where
                 self.send(Packet::UnsubAck(UnsubAck::new(pkid, reasons)));
                 Ok(())
             }
-            OpDone::Marked { pkid } => {
+            OpDone::Marked { pkid, failed: None } => {
                 self.on_marked(pkid);
                 Ok(())
+            }
+            // Sent without a durable id, a resend after this connection could carry another id
+            // and the client would take it for a new message: exactly once would be broken. The
+            // connection ends instead; the message waits in the session's queue and goes out on
+            // the next connection.
+            OpDone::Marked { failed: Some(e), .. } => {
+                Err(End::Server { reason: ReasonCode::ServerBusy, detail: format!("session store unavailable for a QoS 2 delivery: {e}") })
             }
             OpDone::Revoked { failed } => {
                 if let Some(f) = failed {

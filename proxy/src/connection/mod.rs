@@ -162,9 +162,11 @@ pub(crate) enum OpDone {
         reasons: Vec<ReasonCode>,
         failed: Option<String>,
     },
-    /// A QoS 2 delivery's packet id is durable: its PUBLISH may leave.
+    /// A QoS 2 delivery's packet id is durable: its PUBLISH may leave. `failed`: it could not
+    /// be recorded, so it must not leave (see `deliver::send_new`).
     Marked {
         pkid: u16,
+        failed: Option<String>,
     },
     /// Subscriptions the ACL no longer allows are gone from the shards and the store.
     Revoked {

@@ -93,6 +93,18 @@ impl RedisStore {
         Ok(self.members(keys::PROXIES, dead_after, true).await?.into_iter().map(|(p, _)| p).collect())
     }
 
+    /// A dead proxy whose settlement failed half-way (Redis went away) goes back on the
+    /// membership as long dead, so that the next reaper settles the rest.
+    pub async fn reap_again(&self, proxy: &str) -> Result<(), Error> {
+        redis::cmd("HSETNX")
+            .arg(keys::PROXIES)
+            .arg(proxy)
+            .arg("0|")
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("putting a dead proxy back for settlement", e))
+    }
+
     /// A proxy leaves the cluster (graceful shutdown, after its sessions are saved).
     pub async fn proxy_leave(&self, proxy: &str) -> Result<(), Error> {
         let mut pipe = redis::pipe();
@@ -149,18 +161,6 @@ impl RedisStore {
         let delay = delay as u64;
         let will = if will.is_empty() { None } else { Some(decode("will", &will)?) };
         Ok(Some(Orphaned { will, will_delay: Duration::from_millis(delay) }))
-    }
-
-    /// Removes the claims of `clients` by `proxy` (once their sessions are settled) and the
-    /// proxy's takeover notices. Only these claims: a proxy restarted under the same name may
-    /// be claiming new connections meanwhile.
-    pub async fn forget_claims(&self, proxy: &str, clients: &[String]) -> Result<(), Error> {
-        let mut pipe = redis::pipe();
-        for chunk in clients.chunks(512) {
-            pipe.cmd("SREM").arg(keys::proxy_clients(proxy)).arg(chunk).ignore();
-        }
-        pipe.cmd("DEL").arg(keys::proxy_inbox(proxy)).ignore();
-        pipe.query_async::<()>(&mut self.conn()).await.map_err(|e| Error::redis("forgetting settled claims", e))
     }
 
     /// Removes what is left of a proxy that is gone: its claims and its takeover notices.
