@@ -100,3 +100,46 @@ async fn a_client_back_elsewhere_before_its_dead_proxy_was_settled_still_gets_it
     // The connection that died with proxy 1 owed its will (no delay: due when it ended).
     assert_eq!(wills_within(&mut watcher, Duration::from_secs(5)).await, ["moved-1 is gone"], "{}", c.logs());
 }
+
+/// A persistent session's PUBREL leaves only once the store recorded the PUBREC: were it sent
+/// first and the write lost, the resumed session would send the PUBLISH again and the client,
+/// done with that packet id, would take it for a new message (found by the soak as QoS 2
+/// messages delivered twice). With Redis gone the connection ends instead (DISCONNECT 0x89).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_pubrel_before_the_pubrec_is_durable() {
+    let mut c = tokio::task::spawn_blocking(|| LocalCluster::start(RedisKind::Standalone, 1, 1)).await.unwrap();
+    let mut connect = Connect::new(Protocol::V5, "durable-2");
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(600);
+    let (mut sub, _) = Raw::session(c.proxy(0), connect).await;
+    let opts = mqfleet_codec::SubscriptionOptions { qos: QoS::ExactlyOnce, ..Default::default() };
+    sub.send(Packet::Subscribe(mqfleet_codec::Subscribe::new(mqfleet_codec::PacketId::new(1).unwrap(), vec![("q2".into(), opts)]))).await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck(_))));
+    let mut publisher = Raw::v5(c.proxy(0), "pub-2").await;
+    publisher.send(Packet::Publish(mqfleet_codec::Publish::new("q2", QoS::ExactlyOnce, "two", mqfleet_codec::PacketId::new(2)))).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubRec(_))));
+    publisher.send(Packet::PubRel(mqfleet_codec::Ack::new(mqfleet_codec::PacketId::new(2).unwrap()))).await;
+    let pkid = match sub.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!(&p.payload[..], b"two");
+            p.pkid.expect("QoS 2 delivery has an id")
+        }
+        other => panic!("{other:?}"),
+    };
+    // Redis goes away between the client's PUBLISH and its PUBREC.
+    tokio::task::block_in_place(|| match &mut c.redis {
+        testkit::local_cluster::Redis::Standalone(r) => r.kill(),
+        _ => unreachable!("standalone"),
+    });
+    sub.send(Packet::PubRec(mqfleet_codec::Ack::new(pkid))).await;
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(p) = sub.recv().await {
+            seen.push(p);
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection ends in time: {seen:?}");
+    assert!(!seen.iter().any(|p| matches!(p, Packet::PubRel(_))), "PUBREL before the PUBREC was recorded: {seen:?}");
+    assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.reason == ReasonCode::ServerBusy), "{seen:?}");
+}

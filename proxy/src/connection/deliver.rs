@@ -187,13 +187,23 @@ where
             return Ok(());
         }
         match self.outbound.pubrec(a.pkid) {
-            Ok(m) => {
-                if let Some(seq) = m.seq {
-                    let state = DeliveryState::Released { pkid: a.pkid.get() };
-                    self.store_ops.push(Op::SetState { client_id: self.client_id.to_string(), seq, state });
+            // A persistent session's PUBREL leaves only once "released" is durable: were it
+            // sent first and the write lost, a resume would send the PUBLISH again, and the
+            // client — done with that id after the PUBREL — would take it for a new message.
+            Ok(m) => match m.seq {
+                Some(seq) => {
+                    let (store, client_id, pkid) = (self.ctx.store.clone(), self.client_id.to_string(), a.pkid);
+                    self.ops.push_back(
+                        async move {
+                            let op = Op::SetState { client_id, seq, state: DeliveryState::Released { pkid: pkid.get() } };
+                            let failed = store.write(vec![op]).await.err().map(|e| e.to_string());
+                            OpDone::Released { pkid, failed }
+                        }
+                        .boxed(),
+                    );
                 }
-                self.send(Packet::PubRel(Ack::new(a.pkid)));
-            }
+                None => self.send(Packet::PubRel(Ack::new(a.pkid))),
+            },
             Err(_) => {
                 let reason = if self.v5() { ReasonCode::PacketIdentifierNotFound } else { ReasonCode::Success };
                 self.send(Packet::PubRel(Ack::with_reason(a.pkid, reason)));

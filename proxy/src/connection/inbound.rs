@@ -188,12 +188,16 @@ where
                 self.on_marked(pkid);
                 Ok(())
             }
-            // Sent without a durable id, a resend after this connection could carry another id
-            // and the client would take it for a new message: exactly once would be broken. The
-            // connection ends instead; the message waits in the session's queue and goes out on
-            // the next connection.
-            OpDone::Marked { failed: Some(e), .. } => {
+            // Sent without a durable id (or released without a durable PUBREC), a resend after
+            // this connection could reach the client as a new message: exactly once would be
+            // broken. The connection ends instead; the message waits in the session's queue and
+            // its flow goes on over the next connection.
+            OpDone::Marked { failed: Some(e), .. } | OpDone::Released { failed: Some(e), .. } => {
                 Err(End::Server { reason: ReasonCode::ServerBusy, detail: format!("session store unavailable for a QoS 2 delivery: {e}") })
+            }
+            OpDone::Released { pkid, failed: None } => {
+                self.send(Packet::PubRel(Ack::new(pkid)));
+                Ok(())
             }
             OpDone::Revoked { failed } => {
                 if let Some(f) = failed {

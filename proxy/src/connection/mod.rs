@@ -168,6 +168,12 @@ pub(crate) enum OpDone {
         pkid: u16,
         failed: Option<String>,
     },
+    /// A QoS 2 delivery's PUBREC is recorded: its PUBREL may leave (`failed`: it is not, see
+    /// `deliver::on_pubrec`).
+    Released {
+        pkid: PacketId,
+        failed: Option<String>,
+    },
     /// Subscriptions the ACL no longer allows are gone from the shards and the store.
     Revoked {
         failed: Option<String>,
