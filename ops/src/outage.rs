@@ -70,3 +70,27 @@ mod tests {
         assert!(!o.failing());
     }
 }
+
+/// Retrying one operation through a short outage: pauses doubling from 100 ms to 2 s, until a
+/// deadline.
+#[derive(Debug)]
+pub struct Backoff {
+    deadline: tokio::time::Instant,
+    pause: Duration,
+}
+
+impl Backoff {
+    pub fn within(limit: Duration) -> Backoff {
+        Backoff { deadline: tokio::time::Instant::now() + limit, pause: Duration::from_millis(100) }
+    }
+
+    /// Waits before the next attempt; false (at once) if that would pass the deadline.
+    pub async fn pause(&mut self) -> bool {
+        if tokio::time::Instant::now() + self.pause >= self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(2));
+        true
+    }
+}

@@ -229,8 +229,7 @@ impl Context {
         let message = Arc::new(message);
         // The right to publish this will was taken (once, in the cluster): it must go out, so a
         // shard that is away (restarting, cut off) is retried until it takes it.
-        let deadline = tokio::time::Instant::now() + WILL_RETRY_FOR;
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = mqfleet_ops::outage::Backoff::within(WILL_RETRY_FOR);
         loop {
             let link = self.shards.now().owner(&topic).clone();
             let message = message.clone();
@@ -240,14 +239,12 @@ impl Context {
                     tracing::debug!(topic = %topic, "will published");
                     return;
                 }
-                Err(e) if tokio::time::Instant::now() + pause < deadline => {
-                    tracing::debug!(topic = %topic, error = %e, "will not taken yet; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                }
                 Err(e) => {
-                    tracing::error!(topic = %topic, error = %e, "will could not be published within {WILL_RETRY_FOR:?}");
-                    return;
+                    tracing::debug!(topic = %topic, error = %e, "will not taken yet");
+                    if !backoff.pause().await {
+                        tracing::error!(topic = %topic, error = %e, "will could not be published within {WILL_RETRY_FOR:?}");
+                        return;
+                    }
                 }
             }
         }

@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use session_store::KindLabel;
 
@@ -126,6 +127,12 @@ impl Metrics {
             "Actions refused by the ACL: publish, subscribe, will, revoked (subscriptions removed on reload)",
             self.acl_denied.clone(),
         );
+    }
+
+    /// The PUBLISH latency histograms by QoS, for a connection to keep: looking them up in the
+    /// family (a lock and a hash) per message is work the hot path need not do.
+    pub fn publish_latency_by_qos(&self) -> [Histogram; 3] {
+        [0u8, 1, 2].map(|qos| self.publish_latency.get_or_create(&QosLabel { qos }).clone())
     }
 
     pub fn drop(&self, reason: &'static str) {

@@ -95,8 +95,7 @@ where
             // Redis must say whose will it is: publishing without its answer could publish it a
             // second time later (a settlement finding it still owed). A Redis restart takes
             // seconds; only past WITHDRAW_PATIENCE is the will published regardless.
-            let deadline = tokio::time::Instant::now() + WITHDRAW_PATIENCE;
-            let mut pause = Duration::from_millis(100);
+            let mut backoff = mqfleet_ops::outage::Backoff::within(WITHDRAW_PATIENCE);
             loop {
                 match c.redis.withdraw_will(&client_id, epoch).await {
                     Ok(true) => break,
@@ -104,14 +103,12 @@ where
                         tracing::info!("will not published here: this connection was settled (and its will published) by another proxy");
                         return;
                     }
-                    Err(e) if tokio::time::Instant::now() + pause < deadline => {
-                        tracing::debug!(error = %e, "cannot ask Redis whose will this is yet; retrying");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(2));
-                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "Redis did not answer within {WITHDRAW_PATIENCE:?}; publishing the will anyway");
-                        break;
+                        tracing::debug!(error = %e, "cannot ask Redis whose will this is yet");
+                        if !backoff.pause().await {
+                            tracing::warn!(error = %e, "Redis did not answer within {WITHDRAW_PATIENCE:?}; publishing the will anyway");
+                            break;
+                        }
                     }
                 }
             }

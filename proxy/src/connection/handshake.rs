@@ -149,6 +149,7 @@ where
         held: VecDeque::new(),
         store_ops: Vec::new(),
         reported: Default::default(),
+        publish_latency: ctx.metrics.publish_latency_by_qos(),
         shutdown,
         _exit: exit,
         ctx,

@@ -99,14 +99,14 @@ where
         let ctx = self.ctx.clone();
         let _gate = ctx.shards.publish_gate().await;
         let link = ctx.shards.now().owner(&message.topic).clone();
-        let latency = ctx.metrics.publish_latency.get_or_create(&QosLabel { qos: qos as u8 }).clone();
         match pkid {
             None => {
                 link.send(Request::Publish { id: None, message, qos2_marker: None }).await.map_err(link_down)?;
-                latency.observe(received.elapsed().as_secs_f64());
+                self.publish_latency[0].observe(received.elapsed().as_secs_f64());
             }
             Some(pkid) => {
                 let reply = link.start(|id| Request::Publish { id: Some(id), message, qos2_marker }).await.map_err(link_down)?;
+                let latency = self.publish_latency[qos as usize].clone();
                 self.ops.push_back(
                     async move {
                         let result = reply.await.map(|_| ()).map_err(PublishFailed::from);

@@ -249,6 +249,8 @@ pub(crate) struct Connection<R, W> {
     store_ops: Vec<Op>,
     /// This connection's share of the proxy-wide gauges, as last added to them.
     reported: Reported,
+    /// `mqfleet_proxy_publish_seconds` by QoS.
+    publish_latency: [prometheus_client::metrics::histogram::Histogram; 3],
     shutdown: CancellationToken,
     /// Dropped when this connection is completely finished; a connection taking over the
     /// client id waits for that.
