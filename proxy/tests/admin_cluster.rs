@@ -115,7 +115,7 @@ async fn operators_see_the_cluster_kick_across_proxies_and_drain_a_shard_through
     let shard = &cluster.shards[0].service;
     assert!(proxy.metric("mqfleet_proxy_redis_command_seconds_count").unwrap_or(0.0) > 0.0);
     assert!(proxy.metric("mqfleet_proxy_link_request_seconds_count").unwrap_or(0.0) > 0.0);
-    assert!(proxy.metric("mqfleet_proxy_publish_seconds_count").unwrap_or(0.0) > 0.0);
+    assert!(proxy.metric("mqfleet_proxy_publish_seconds_count{qos=\"1\"}").unwrap_or(0.0) > 0.0, "the retained QoS 1 PUBLISHes were timed");
     assert_eq!(proxy.metric("mqfleet_proxy_ring_epoch"), Some(epoch as f64));
     assert_eq!(shard.metric("mqfleet_shard_ring_epoch"), Some(epoch as f64));
     assert!(shard.metric("mqfleet_shard_redis_command_seconds_count").unwrap_or(0.0) > 0.0);
