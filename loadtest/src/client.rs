@@ -183,6 +183,10 @@ pub struct Client {
     /// Topic aliases the broker defined for us.
     aliases: HashMap<u16, ByteString>,
     keep_alive: Option<Duration>,
+    /// New QoS 2 PUBLISHes (DUP 0) whose packet id still awaited its PUBREL: the broker reused
+    /// an id before the exchange completed [MQTT-4.3.3-10 makes us drop them: a loss the
+    /// broker caused]. Counted so that a run can tell.
+    pub reused_ids: u64,
 }
 
 impl Client {
@@ -203,6 +207,7 @@ impl Client {
                 inflight: HashMap::new(),
                 awaiting_rel: HashSet::new(),
                 aliases: HashMap::new(),
+                reused_ids: 0,
                 keep_alive: (o.keep_alive > 0).then(|| Duration::from_secs(u64::from(o.keep_alive))),
             };
             let mut connect = Connect::new(o.protocol, o.client_id.as_str());
@@ -380,6 +385,9 @@ impl Client {
                         self.queue(&Packet::PubRec(Ack::new(id)));
                         // Method B (MQTT 5 §4.3.3): deliver once, remember the id until PUBREL.
                         if !self.awaiting_rel.insert(id.get()) {
+                            if !p.dup {
+                                self.reused_ids += 1;
+                            }
                             return Ok(None);
                         }
                     }

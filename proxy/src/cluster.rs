@@ -245,15 +245,16 @@ async fn settle_proxy(ctx: &Arc<Context>, proxy: &str) -> Result<(usize, usize),
     let (mut wills, mut offline) = (0usize, 0usize);
     for client_id in &clients {
         let Some(orphaned) = c.redis.orphan(client_id, proxy).await? else { continue };
-        offline += 1;
-        let Some(will) = orphaned.will else { continue };
-        if orphaned.will_delay.is_zero() {
-            if let Some(w) = will_from_store(&will) {
-                ctx.publish_will(w).await;
-                wills += 1;
-            }
-        } else {
-            c.redis.schedule_will(client_id, now_ms() + orphaned.will_delay.as_millis() as u64).await?;
+        offline += usize::from(orphaned.went_offline);
+        let mut due = orphaned.replaced_wills;
+        match orphaned.will {
+            Some(will) if orphaned.will_delay.is_zero() => due.push(will),
+            Some(_) => c.redis.schedule_will(client_id, now_ms() + orphaned.will_delay.as_millis() as u64).await?,
+            None => {}
+        }
+        for w in due.iter().filter_map(will_from_store) {
+            ctx.publish_will(w).await;
+            wills += 1;
         }
     }
     // The claims stay listed: a process restarted under the same name may be claiming the same

@@ -92,6 +92,9 @@ pub struct Context {
     pub started_at_ms: u64,
     /// Set when the proxy is part of a cluster.
     pub cluster: Option<Cluster>,
+    /// Work a graceful shutdown waits for: connections, and wills being published after
+    /// their connection ended.
+    pub tasks: TaskTracker,
 }
 
 impl Context {
@@ -234,12 +237,13 @@ pub async fn start(settings: Settings) -> Result<Broker, StartError> {
             f64::from(settings.raw.max_connect_rate),
         )),
         cluster,
+        tasks: TaskTracker::new(),
     });
     for s in &link_states {
         s.attach(&ctx);
     }
     let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
+    let tracker = ctx.tasks.clone();
     tracker.spawn(lifecycle_task.run(Arc::downgrade(&ctx), shutdown.clone()));
     tokio::spawn(metrics::sample(Arc::downgrade(&ctx), background.clone()));
     if ctx.settings.raw.sys_interval_ms > 0 {

@@ -52,8 +52,18 @@ pub struct ClientInfo {
     pub clean_start: bool,
     /// Seconds the session outlives the connection, as negotiated at CONNECT.
     pub session_expiry: u32,
+    /// CONNACK went out: the connection is live. Until then it is a handshake in progress
+    /// (it may be waiting for a previous connection of the client id to finish).
+    pub established: AtomicBool,
     /// The connection has ended and is saving its session: no longer a live connection.
     pub closing: AtomicBool,
+}
+
+impl ClientInfo {
+    /// Past CONNACK and not yet ended.
+    pub fn is_live(&self) -> bool {
+        self.established.load(Ordering::Relaxed) && !self.closing.load(Ordering::Relaxed)
+    }
 }
 
 /// A connection's live state, as it answers [`ConnMsg::Inspect`].
@@ -187,10 +197,10 @@ impl Registry {
         self.clients.lock().get(client_id).map(|o| o.conn)
     }
 
-    /// Every live connection's client (admin API), in no particular order; connections that
-    /// are closing are left out.
+    /// Every live connection's client (admin API), in no particular order; handshakes in
+    /// progress and connections that are closing are left out.
     pub fn clients(&self) -> Vec<Arc<ClientInfo>> {
-        self.clients.lock().values().filter(|o| !o.info.closing.load(Ordering::Relaxed)).map(|o| o.info.clone()).collect()
+        self.clients.lock().values().filter(|o| o.info.is_live()).map(|o| o.info.clone()).collect()
     }
 
     /// `conn` has ended: it stays the owner of its client id until released, but is no longer

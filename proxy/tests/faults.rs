@@ -7,6 +7,8 @@
 //!   wills again.
 //! - A proxy killed and restarted faster than the others notice, whose clients came back on
 //!   another proxy first: the wills of its dead connections are still due, once.
+//! - A will whose shard is away must not hold up the client's reconnect: the takeover waits
+//!   for the previous connection to finish, and that finish used to wait for the shard.
 
 mod support;
 
@@ -142,4 +144,27 @@ async fn no_pubrel_before_the_pubrec_is_durable() {
     assert!(closed.is_ok(), "the connection ends in time: {seen:?}");
     assert!(!seen.iter().any(|p| matches!(p, Packet::PubRel(_))), "PUBREL before the PUBREC was recorded: {seen:?}");
     assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.reason == ReasonCode::ServerBusy), "{seen:?}");
+}
+
+/// The soak saw a client's reconnect wait five seconds (the takeover bound) and its client give
+/// up, because the previous connection was still publishing its will to a shard that was
+/// unreachable. The will's right is taken in Redis at once; the publication itself goes on in
+/// the background and arrives, once, when the shard is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_does_not_wait_for_the_previous_connections_will_to_reach_its_shard() {
+    let c = tokio::task::spawn_blocking(|| LocalCluster::start(RedisKind::Standalone, 1, 1)).await.unwrap();
+    let mut watcher = will_watcher(c.proxy(0)).await;
+    let (gone, ack) = Raw::session(c.proxy(0), with_will("stalled-1")).await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+
+    let shard = c.shards[0].service.pid();
+    signal(shard, "STOP");
+    drop(gone); // ends without DISCONNECT: the will is due, and its shard does not answer
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A client library waiting three seconds for CONNACK gets it (the takeover bound is five).
+    let back = tokio::time::timeout(Duration::from_secs(3), Raw::session(c.proxy(0), Connect::new(Protocol::V5, "stalled-1"))).await;
+    signal(shard, "CONT");
+    let (_back, ack) = back.unwrap_or_else(|_| panic!("the reconnect waited for the will's shard: {}", c.logs()));
+    assert_eq!(ack.reason, ReasonCode::Success);
+    assert_eq!(wills_within(&mut watcher, Duration::from_secs(10)).await, ["stalled-1 is gone"], "{}", c.logs());
 }

@@ -168,13 +168,13 @@ async fn claims_fence_older_connections() {
     assert_eq!(r.load_session("dev").await.unwrap().unwrap().subscriptions.len(), 1, "fenced");
     r.write(vec![Op::PutSession(record("dev", second.epoch, true, 600))]).await.unwrap();
     // Release only by the current owner.
-    assert!(!r.release("dev", "proxy-a", first.epoch).await.unwrap());
-    assert!(r.release("dev", "proxy-b", second.epoch).await.unwrap());
+    assert!(!r.release("dev", "proxy-a", first.epoch, false).await.unwrap());
+    assert!(r.release("dev", "proxy-b", second.epoch, false).await.unwrap());
     assert_eq!(r.owner("dev").await.unwrap(), (None, second.epoch));
     // A clean session (no record) disappears with its release; the next connection's epoch is
     // still higher (fencing and the settled marker compare epochs across connections).
     let c = r.claim("clean", "proxy-a").await.unwrap();
-    assert!(r.release("clean", "proxy-a", c.epoch).await.unwrap());
+    assert!(r.release("clean", "proxy-a", c.epoch, false).await.unwrap());
     assert_eq!(redis.cli(&["EXISTS", &ClientKeys::new("clean").session]), "0");
     assert!(r.claim("clean", "proxy-a").await.unwrap().epoch > c.epoch);
 }
@@ -354,7 +354,7 @@ async fn a_dead_proxys_sessions_are_settled_once(r: RedisStore) {
     claimed.sort();
     assert_eq!(claimed, ["clean", "kept", "moved"]);
     let o = r.orphan("clean", "proxy-a").await.unwrap().expect("owned by the dead proxy");
-    assert_eq!(o, Orphaned { will: Some(will("bye", 0)), will_delay: Duration::ZERO }, "a clean session's will is due now");
+    assert_eq!(o, Orphaned { went_offline: true, will: Some(will("bye", 0)), ..Orphaned::default() }, "a clean session's will is due now");
     assert_eq!(r.owner("clean").await.unwrap(), (None, 0), "the clean session is gone");
     assert_eq!(r.orphan("clean", "proxy-a").await.unwrap(), None, "settled once");
     let o = r.orphan("kept", "proxy-a").await.unwrap().unwrap();
@@ -402,7 +402,7 @@ async fn a_replaced_connection_still_gets_its_will_exactly_once() {
             assert_eq!(r.orphan(client, "proxy-a").await.unwrap(), None, "then the settlement does not");
         } else {
             let o = r.orphan(client, "proxy-a").await.unwrap().expect("the dead proxy's connection owed a will");
-            assert_eq!(o, Orphaned { will: Some(will("gone", 0)), will_delay: Duration::ZERO });
+            assert_eq!(o, Orphaned { replaced_wills: vec![will("gone", 0)], ..Orphaned::default() });
             assert_eq!(r.orphan(client, "proxy-a").await.unwrap(), None, "once");
             assert!(!r.withdraw_will(client, old.epoch).await.unwrap(), "a late end on proxy-a does not publish it again");
         }
@@ -413,6 +413,47 @@ async fn a_replaced_connection_still_gets_its_will_exactly_once() {
     r.set_will("dev-3", old.epoch, Some(&will("later", 30))).await.unwrap();
     r.claim("dev-3", "proxy-b").await.unwrap();
     assert_eq!(r.orphan("dev-3", "proxy-a").await.unwrap(), None);
+}
+
+/// A proxy can die holding several connections of one client that newer ones replaced, none
+/// of which learnt it (each takeover notice unread): every one of them owes its will, not only
+/// the latest. A connection that ended with a normal DISCONNECT owes none [MQTT-3.1.2-10], even
+/// when a newer connection had replaced it before its proxy released it (the soak found that
+/// will published when the proxy died later).
+#[tokio::test]
+async fn a_dead_proxy_owes_every_replaced_connections_will_and_no_discarded_one() {
+    let redis = RedisServer::start();
+    let r = redis_store(&redis.url()).await;
+    let first = r.claim("dev", "proxy-a").await.unwrap();
+    r.set_will("dev", first.epoch, Some(&will("first", 0))).await.unwrap();
+    r.claim("dev", "proxy-b").await.unwrap();
+    let third = r.claim("dev", "proxy-a").await.unwrap();
+    r.set_will("dev", third.epoch, Some(&will("third", 0))).await.unwrap();
+    let fourth = r.claim("dev", "proxy-b").await.unwrap();
+    let o = r.orphan("dev", "proxy-a").await.unwrap().expect("proxy-a's replaced connections owe wills");
+    assert!(!o.went_offline, "the session is proxy-b's");
+    let mut owed: Vec<_> = o.replaced_wills.iter().map(|w| w.message.clone()).collect();
+    owed.sort();
+    assert_eq!(owed, [b"first".to_vec(), b"third".to_vec()], "both, once");
+    assert_eq!(r.orphan("dev", "proxy-a").await.unwrap(), None, "settled once");
+    assert_eq!(r.owner("dev").await.unwrap(), (Some("proxy-b".into()), fourth.epoch));
+
+    // Replaced while its DISCONNECT was being handled: the release records the discarded will.
+    let polite = r.claim("polite", "proxy-a").await.unwrap();
+    r.set_will("polite", polite.epoch, Some(&will("never", 0))).await.unwrap();
+    r.claim("polite", "proxy-b").await.unwrap();
+    assert!(!r.release("polite", "proxy-a", polite.epoch, true).await.unwrap(), "proxy-b owns it now");
+    assert_eq!(r.orphan("polite", "proxy-a").await.unwrap(), None, "a discarded will is not owed");
+    assert!(!r.withdraw_will("polite", polite.epoch).await.unwrap(), "nor publishable later");
+
+    // Still the owner: a persistent session keeps no will to fire after a normal DISCONNECT.
+    let s = Store::Redis(r.clone());
+    let kept = r.claim("kept", "proxy-a").await.unwrap();
+    s.write(vec![Op::PutSession(record("kept", kept.epoch, true, 600))]).await.unwrap();
+    r.set_will("kept", kept.epoch, Some(&will("delayed", 30))).await.unwrap();
+    assert!(r.release("kept", "proxy-a", kept.epoch, true).await.unwrap());
+    r.schedule_will("kept", 1).await.unwrap();
+    assert_eq!(r.take_will("kept").await.unwrap(), None, "the will went with the DISCONNECT");
 }
 
 #[tokio::test]
@@ -435,7 +476,7 @@ async fn a_reconnect_cancels_a_pending_will_and_fences_the_old_connection() {
     let first = r.claim("c", "proxy-a").await.unwrap();
     s.write(vec![Op::PutSession(record("c", first.epoch, false, 600))]).await.unwrap();
     r.set_will("c", first.epoch, Some(&will("w", 10))).await.unwrap();
-    r.release("c", "proxy-a", first.epoch).await.unwrap();
+    r.release("c", "proxy-a", first.epoch, false).await.unwrap();
     r.schedule_will("c", 1).await.unwrap();
 
     let second = r.claim("c", "proxy-b").await.unwrap();

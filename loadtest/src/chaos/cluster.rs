@@ -133,7 +133,7 @@ impl ChaosCluster {
     /// Counters worth reading after a run: dropped copies by reason and fencing, by process.
     pub fn counters(&self) -> std::collections::BTreeMap<String, f64> {
         let mut out = std::collections::BTreeMap::new();
-        for s in self.shards.iter().map(|s| &s.service).chain(self.proxies.iter().map(|p| &p.service)) {
+        for s in self.services() {
             let Some(text) = s.http_get("/metrics") else { continue };
             for line in text.lines().filter(|l| l.contains("dropped_messages_total") || l.starts_with("mqfleet_proxy_fenced_total")) {
                 if let Some((name, value)) = line.rsplit_once(' ') {
@@ -146,10 +146,24 @@ impl ChaosCluster {
         out
     }
 
+    /// Every process's whole log into `dir/<name>.log`.
+    pub fn write_logs(&self, dir: &Path) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for s in self.services() {
+            let file = dir.join(format!("{}.log", s.name));
+            std::fs::write(&file, s.log_text()).map_err(|e| format!("{}: {e}", file.display()))?;
+        }
+        Ok(())
+    }
+
+    fn services(&self) -> impl Iterator<Item = &Service> {
+        self.shards.iter().map(|s| &s.service).chain(self.proxies.iter().map(|p| &p.service))
+    }
+
     /// The last lines of every process's log, for a failing run.
     pub fn logs(&self, lines: usize) -> String {
         let mut out = String::new();
-        for s in self.shards.iter().map(|s| &s.service).chain(self.proxies.iter().map(|p| &p.service)) {
+        for s in self.services() {
             let text = s.log_text();
             let tail: Vec<&str> = text.lines().rev().take(lines).collect();
             out.push_str(&format!("--- {} (last {} lines)\n", s.name, tail.len()));

@@ -67,6 +67,9 @@ pub struct ChaosOptions {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Write every process's whole log into this directory at the end (one file per process).
+    #[arg(long)]
+    pub logs: Option<PathBuf>,
 }
 
 /// The size and pace of a run.
@@ -176,17 +179,19 @@ pub async fn run(o: ChaosOptions) -> Result<ChaosReport, String> {
     let stop_observers = CancellationToken::new();
     let wills = Arc::new(Mutex::new(WillBook::default()));
     let subscribed = Arc::new(tokio::sync::Notify::new());
-    let watcher = tokio::spawn(observers::will_watcher(mqtt.clone(), wills.clone(), subscribed.clone(), stop_observers.clone()));
+    let watcher = tokio::spawn(observers::will_watcher(mqtt.clone(), started, wills.clone(), subscribed.clone(), stop_observers.clone()));
     tokio::time::timeout(Duration::from_secs(30), subscribed.notified())
         .await
         .map_err(|_| "the will watcher could not subscribe".to_string())?;
     let stop_wills = CancellationToken::new();
-    let will_clients = tokio::spawn(observers::will_clients(mqtt.clone(), profile.will_clients, o.seed, wills.clone(), stop_wills.clone()));
+    let will_clients =
+        tokio::spawn(observers::will_clients(mqtt.clone(), profile.will_clients, o.seed, started, wills.clone(), stop_wills.clone()));
     let connections = Arc::new(Mutex::new(ConnectionBook::default()));
     let sampler = tokio::spawn(observers::sample_connections(
         cluster.clone(),
         token,
         Duration::from_secs(1),
+        started,
         connections.clone(),
         stop_observers.clone(),
     ));
@@ -230,7 +235,7 @@ pub async fn run(o: ChaosOptions) -> Result<ChaosReport, String> {
     let kinds = if o.faults.is_empty() { Kind::ALL.to_vec() } else { o.faults.clone() };
     let faults = nemesis::plan(o.seed, &kinds, fault_window, profile.gap_ms, proxies, shards);
     let faults_start = Instant::now() + Duration::from_secs(profile.lead_s);
-    let timeline = nemesis::play(cluster.clone(), faults, faults_start, CancellationToken::new()).await;
+    let timeline = nemesis::play(cluster.clone(), faults, faults_start, started, CancellationToken::new()).await;
     let recovery = observers::recovery(&mqtt, RECOVERY_LIMIT).await;
     eprintln!("chaos: faults over; full service again after {recovery:?} s");
 
@@ -270,9 +275,12 @@ pub async fn run(o: ChaosOptions) -> Result<ChaosReport, String> {
     let checked = ["qos1", "qos2"].iter().filter_map(|q| report.messages.get(*q)).map(|m| m.acknowledged).sum();
     let process_counters = cluster.lock().map(|c| c.counters()).unwrap_or_default();
     let ok = violations.is_empty();
-    if !ok {
-        if let Ok(c) = cluster.lock() {
+    if let Ok(c) = cluster.lock() {
+        if !ok {
             eprintln!("{}", c.logs(40));
+        }
+        if let Some(dir) = &o.logs {
+            c.write_logs(dir)?;
         }
     }
     Ok(ChaosReport {

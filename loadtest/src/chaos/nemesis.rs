@@ -97,22 +97,29 @@ pub struct Happened {
     pub healed_at_s: f64,
 }
 
-/// Plays `plan` from `start`; stops early (healing the current fault) when `stop` fires.
-pub async fn play(cluster: Arc<Mutex<ChaosCluster>>, plan: Vec<Planned>, start: Instant, stop: CancellationToken) -> Vec<Happened> {
+/// Plays `plan` from `start`, reporting times since `clock` (the run's start, which every
+/// observer's record shares); stops early (healing the current fault) when `stop` fires.
+pub async fn play(
+    cluster: Arc<Mutex<ChaosCluster>>,
+    plan: Vec<Planned>,
+    start: Instant,
+    clock: Instant,
+    stop: CancellationToken,
+) -> Vec<Happened> {
     let mut timeline = Vec::new();
     for p in plan {
         tokio::select! {
             () = tokio::time::sleep_until(start + Duration::from_millis(p.at_ms)) => {}
             () = stop.cancelled() => break,
         }
-        let began = start.elapsed().as_secs_f64();
+        let began = clock.elapsed().as_secs_f64();
         let target = inject(&cluster, &p).await;
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(p.lasts_ms)) => {}
             () = stop.cancelled() => {}
         }
         heal(&cluster, &p).await;
-        let healed = start.elapsed().as_secs_f64();
+        let healed = clock.elapsed().as_secs_f64();
         eprintln!("chaos: {:>7.1} s {:?} {} for {:.1} s", began, p.kind, target, healed - began);
         timeline.push(Happened { kind: p.kind, target, at_s: began, healed_at_s: healed });
         if stop.is_cancelled() {

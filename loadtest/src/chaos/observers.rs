@@ -51,6 +51,13 @@ pub struct WillBook {
     pub arrived: HashMap<String, u32>,
     /// Reconnects of the watcher that found its session gone.
     pub watcher_sessions_lost: u32,
+    /// QoS 2 packet ids the broker reused towards the watcher before their PUBREL.
+    pub reused_ids: u64,
+    /// When each will arrived (seconds since the run's start), for the journal.
+    pub arrival_times: HashMap<String, Vec<f64>>,
+    /// How each connection went (proxy, times since the run's start, how it ended): printed
+    /// for a will that is missing or came twice.
+    pub journal: HashMap<String, String>,
 }
 
 impl WillBook {
@@ -60,7 +67,13 @@ impl WillBook {
         let mut missing: Vec<&String> = self.expected.iter().filter(|w| !self.arrived.contains_key(*w)).collect();
         missing.sort();
         if !missing.is_empty() {
-            v.push(format!("{} wills never published: {:?}", missing.len(), missing.iter().take(10).collect::<Vec<_>>()));
+            v.push(format!("{} wills never published: {:?}", missing.len(), self.explain(missing.iter().take(10).copied())));
+        }
+        if self.reused_ids > 0 {
+            v.push(format!(
+                "the broker reused {} QoS 2 packet ids towards the will watcher before their PUBREL (MQTT-4.3.3-10: dropped)",
+                self.reused_ids
+            ));
         }
         if self.watcher_sessions_lost > 0 {
             v.push(format!("the will watcher's persistent session was lost {} times", self.watcher_sessions_lost));
@@ -68,15 +81,31 @@ impl WillBook {
         let mut twice: Vec<(&String, &u32)> = self.arrived.iter().filter(|(_, n)| **n > 1).collect();
         twice.sort();
         if !twice.is_empty() {
-            v.push(format!("{} wills published more than once: {:?}", twice.len(), twice.iter().take(10).collect::<Vec<_>>()));
+            v.push(format!("{} wills published more than once: {:?}", twice.len(), self.explain(twice.iter().take(10).map(|(w, _)| *w))));
         }
         v
+    }
+
+    fn explain<'a>(&self, wills: impl Iterator<Item = &'a String>) -> Vec<String> {
+        wills
+            .map(|w| {
+                let arrived = self.arrival_times.get(w).map(|t| format!(", arrived at {t:.2?} s")).unwrap_or_default();
+                format!("{w}: {}{arrived}", self.journal.get(w).map_or("(no record)", String::as_str))
+            })
+            .collect()
     }
 }
 
 /// Clients that connect with a will (QoS 2, a payload naming the connection), hold a while,
 /// and leave either politely or by dropping the connection; round robin over the proxies.
-pub async fn will_clients(proxies: Vec<SocketAddr>, n: usize, seed: u64, book: Arc<Mutex<WillBook>>, stop: CancellationToken) {
+pub async fn will_clients(
+    proxies: Vec<SocketAddr>,
+    n: usize,
+    seed: u64,
+    clock: Instant,
+    book: Arc<Mutex<WillBook>>,
+    stop: CancellationToken,
+) {
     let tasks: Vec<_> = (0..n)
         .map(|k| {
             let (proxies, book, stop) = (proxies.clone(), book.clone(), stop.clone());
@@ -95,22 +124,37 @@ pub async fn will_clients(proxies: Vec<SocketAddr>, n: usize, seed: u64, book: A
                         retain: false,
                         properties: Default::default(),
                     };
-                    let addr = proxies[(k + incarnation as usize) % proxies.len()];
-                    let Ok((mut c, _)) = Client::connect(&target(addr), None, None, &options(&id, true, Some(will))).await else {
+                    let proxy = (k + incarnation as usize) % proxies.len();
+                    let asked = clock.elapsed().as_secs_f64();
+                    let Ok((mut c, _)) = Client::connect(&target(proxies[proxy]), None, None, &options(&id, true, Some(will))).await else {
                         // Perhaps the broker got the CONNECT: its will may come, and is not checked.
                         tokio::time::sleep(Duration::from_millis(300)).await;
                         continue;
                     };
                     let hold = Duration::from_millis(rng.random_range(300..3_000));
                     let polite = rng.random_bool(0.5);
+                    let connected = clock.elapsed().as_secs_f64();
                     let ended_by_broker = tokio::select! {
-                        r = async { loop { c.next().await?; } } => { let _: Result<(), crate::client::ClientError> = r; true }
-                        () = tokio::time::sleep(hold) => false,
-                        () = stop.cancelled() => false,
+                        r = async { loop { c.next().await?; } } => {
+                            let r: Result<(), crate::client::ClientError> = r;
+                            Some(r.err().map_or_else(String::new, |e| e.to_string()))
+                        }
+                        () = tokio::time::sleep(hold) => None,
+                        () = stop.cancelled() => None,
                     };
-                    let will_due = ended_by_broker || !polite;
+                    let will_due = ended_by_broker.is_some() || !polite;
                     {
                         let mut b = book.lock().expect("will book");
+                        let how = match &ended_by_broker {
+                            Some(e) => format!("ended by the broker ({e})"),
+                            None if polite => "DISCONNECT".to_string(),
+                            None => "dropped".to_string(),
+                        };
+                        let line = format!(
+                            "proxy-{proxy}, CONNECT at {asked:.2} s, CONNACK at {connected:.2} s, {how} at {:.2} s",
+                            clock.elapsed().as_secs_f64()
+                        );
+                        b.journal.insert(payload.clone(), line);
                         if will_due {
                             b.expected.insert(payload);
                         } else {
@@ -135,6 +179,7 @@ pub async fn will_clients(proxies: Vec<SocketAddr>, n: usize, seed: u64, book: A
 /// carrying its QoS 2 state across connections so that nothing counts twice by its own doing.
 pub async fn will_watcher(
     proxies: Vec<SocketAddr>,
+    clock: Instant,
     book: Arc<Mutex<WillBook>>,
     subscribed: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
@@ -170,7 +215,9 @@ pub async fn will_watcher(
                     match e {
                         Event::Publish(p) => {
                             let payload = String::from_utf8_lossy(&p.payload).to_string();
-                            *book.lock().expect("will book").arrived.entry(payload).or_insert(0) += 1;
+                            let mut b = book.lock().expect("will book");
+                            b.arrival_times.entry(payload.clone()).or_default().push(clock.elapsed().as_secs_f64());
+                            *b.arrived.entry(payload).or_insert(0) += 1;
                         }
                         Event::SubAck(_) => {
                             first = false;
@@ -190,6 +237,7 @@ pub async fn will_watcher(
             }
         }
         .await;
+        book.lock().expect("will book").reused_ids += std::mem::take(&mut c.reused_ids);
         state = Some(c.take_session());
         if r.is_ok() {
             c.disconnect().await;
@@ -213,11 +261,11 @@ pub async fn sample_connections(
     cluster: Arc<Mutex<ChaosCluster>>,
     token: String,
     every: Duration,
+    clock: Instant,
     book: Arc<Mutex<ConnectionBook>>,
     stop: CancellationToken,
 ) {
-    let mut previous: HashSet<String> = HashSet::new();
-    let started = Instant::now();
+    let mut previous: BTreeMap<String, Vec<(String, String, u64)>> = BTreeMap::new();
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
@@ -225,31 +273,33 @@ pub async fn sample_connections(
         }
         // The nemesis may hold the cluster while it restarts a process: skip this round then.
         let Ok(addrs) = cluster.try_lock().map(|c| c.proxy_http()) else { continue };
-        let mut holders: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        // Client id → (proxy, peer address, connected at) for every listing of it.
+        let mut holders: BTreeMap<String, Vec<(String, String, u64)>> = BTreeMap::new();
         for (name, http) in addrs {
             let Some(http) = http else { continue };
             // A paused or dead proxy does not answer: it holds no live connection.
             let Ok(Some(ids)) = tokio::time::timeout(Duration::from_millis(800), list_clients(http, &token)).await else { continue };
-            for id in ids {
-                holders.entry(id).or_default().push(name.clone());
+            for (id, peer, since) in ids {
+                holders.entry(id).or_default().push((name.clone(), peer, since));
             }
         }
         let doubled: HashSet<String> = holders.iter().filter(|(_, p)| p.len() > 1).map(|(id, _)| id.clone()).collect();
         let mut b = book.lock().expect("connection book");
         b.samples += 1;
-        for id in doubled.intersection(&previous) {
+        for id in doubled.iter().filter(|id| previous.contains_key(*id)) {
             b.violations.push(format!(
-                "{:.1} s: client {id} connected to {:?} in two samples in a row",
-                started.elapsed().as_secs_f64(),
-                holders[id]
+                "{:.1} s: client {id} connected to {:?} in two samples in a row (before: {:?})",
+                clock.elapsed().as_secs_f64(),
+                holders[id],
+                previous[id]
             ));
         }
-        previous = doubled;
+        previous = holders.into_iter().filter(|(_, p)| p.len() > 1).collect();
     }
 }
 
-/// The client ids a proxy lists (every page).
-async fn list_clients(http: SocketAddr, token: &str) -> Option<Vec<String>> {
+/// The clients a proxy lists (every page): id, peer address, connected at (ms).
+async fn list_clients(http: SocketAddr, token: &str) -> Option<Vec<(String, String, u64)>> {
     let mut ids = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -260,7 +310,7 @@ async fn list_clients(http: SocketAddr, token: &str) -> Option<Vec<String>> {
         let body = http_get(http, &path, token).await?;
         let page: serde_json::Value = serde_json::from_str(&body).ok()?;
         for c in page["clients"].as_array()? {
-            ids.push(c["client_id"].as_str()?.to_string());
+            ids.push((c["client_id"].as_str()?.to_string(), c["peer"].as_str()?.to_string(), c["connected_at_ms"].as_u64()?));
         }
         match page["next"].as_str() {
             Some(n) => after = Some(n.to_string()),

@@ -66,6 +66,7 @@ where
         self.mailbox.close();
 
         // [MQTT-3.1.2-8]: the will is published unless the client disconnected normally.
+        let will_discarded = matches!(end, End::Client { will: false }) && self.session.will.is_some();
         let will = match end {
             End::Client { will: false } => None,
             _ => self.session.will.take(),
@@ -75,17 +76,12 @@ where
         } else {
             self.end_session(will).await;
         }
-        if let Some(c) = &self.ctx.cluster {
-            // Fenced: a no-op if a newer connection holds the client id.
-            if let Err(e) = c.redis.release(&self.client_id, &c.id, self.session.epoch).await {
-                tracing::warn!(error = %e, "could not release the client id; the session settles when this proxy's heartbeat stops");
-            }
+        if self.ctx.cluster.is_some() {
+            release(self.ctx.clone(), self.client_id.to_string(), self.session.epoch, will_discarded).await;
         }
         self.ctx.registry.release(&self.client_id, self.conn);
     }
 
-    /// Publishes the will now. In a cluster it is first removed from Redis, so that no other
-    /// proxy publishes it again should this one die meanwhile.
     /// Publishes the will of this connection now. In a cluster it takes the right to first:
     /// if another proxy took this one for dead meanwhile (a pause, a partition) and settled
     /// this connection, that proxy published the will and this one must not — each will once.
@@ -113,7 +109,11 @@ where
                 }
             }
         }
-        ctx.publish_will(will).await;
+        // Its right taken, the will goes out in the background: a shard that is away makes it
+        // wait (and retry), not this connection's end — a reconnect of the client waits for
+        // that (takeover), and it must not wait for a shard it may not even use.
+        let publisher = ctx.clone();
+        ctx.tasks.spawn(async move { publisher.publish_will(will).await });
     }
 
     /// A persistent session outlives the connection: record where its deliveries stand, keep a
@@ -201,4 +201,26 @@ where
             }
         }
     }
+}
+
+/// Gives the client id up in Redis (a no-op if a newer connection holds it) and records a
+/// discarded will. Tried once here; if Redis does not answer, retried in the background for
+/// [`WITHDRAW_PATIENCE`] — a claim left behind would keep the session owned by this proxy, and
+/// a discarded will not recorded would be published if this proxy died later. Past that, the
+/// session settles when this proxy's heartbeat stops.
+async fn release(ctx: std::sync::Arc<crate::Context>, client_id: String, epoch: u64, will_discarded: bool) {
+    let Some(c) = &ctx.cluster else { return };
+    let Err(e) = c.redis.release(&client_id, &c.id, epoch, will_discarded).await else { return };
+    tracing::warn!(error = %e, "could not release the client id yet; retrying in the background");
+    tokio::spawn(async move {
+        let mut backoff = mqfleet_ops::outage::Backoff::within(WITHDRAW_PATIENCE);
+        while backoff.pause().await {
+            let Some(c) = &ctx.cluster else { return };
+            if c.redis.release(&client_id, &c.id, epoch, will_discarded).await.is_ok() {
+                tracing::info!(client_id, "client id released after Redis came back");
+                return;
+            }
+        }
+        tracing::warn!(client_id, "could not release the client id; the session settles when this proxy's heartbeat stops");
+    });
 }

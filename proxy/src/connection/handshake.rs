@@ -90,9 +90,11 @@ where
         keep_alive: negotiated.keep_alive,
         clean_start: negotiated.clean_start,
         session_expiry: negotiated.session_expiry,
+        established: Default::default(),
         closing: Default::default(),
     };
-    if let Some(prev) = ctx.registry.claim(Arc::new(info), conn, mailbox_tx, exited) {
+    let info = Arc::new(info);
+    if let Some(prev) = ctx.registry.claim(info.clone(), conn, mailbox_tx, exited) {
         tracing::debug!(previous = %prev.conn, "taking over the session from another connection");
         let _ = prev.mailbox.send(ConnMsg::TakenOver);
         if tokio::time::timeout(TAKEOVER_WAIT, wait_exited(prev.exited)).await.is_err() {
@@ -119,6 +121,7 @@ where
     let mut connack = ConnAck::new(ReasonCode::Success, resumed.session_present);
     connack.properties = negotiated.connack.clone();
     io.output.queue(&Packet::ConnAck(connack), protocol);
+    info.established.store(true, std::sync::atomic::Ordering::Relaxed);
     ctx.metrics.connects.get_or_create(&Metrics::code(ReasonCode::Success)).inc();
     tracing::debug!(protocol = %protocol, session_present = resumed.session_present, persistent = resumed.state.persistent(), "connected");
 

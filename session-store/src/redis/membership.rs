@@ -13,11 +13,17 @@ use super::{scripts, Conn, RedisStore};
 use crate::record::{decode, encode};
 use crate::{Error, StoredWill};
 
-/// What a dead proxy's client left: its will, and how long after now it is due.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a dead proxy left of one client id (see `scripts::ORPHAN`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Orphaned {
+    /// The dead proxy held the session's current connection: the session is offline now.
+    pub went_offline: bool,
+    /// That connection's will, and how long after now it is due.
     pub will: Option<StoredWill>,
     pub will_delay: Duration,
+    /// Wills of the dead proxy's connections that newer ones replaced before it published
+    /// them: due now.
+    pub replaced_wills: Vec<StoredWill>,
 }
 
 /// A connection of ours was taken over by a newer one elsewhere.
@@ -143,8 +149,8 @@ impl RedisStore {
             .map_err(|e| Error::redis("listing claims", e))
     }
 
-    /// The session of `client_id` lost its connection with `dead_proxy`; `None` if another
-    /// connection owns it now.
+    /// Settles what `dead_proxy` held of `client_id`: the session's connection, if it was
+    /// there, and wills its replaced connections still owe; `None` if there is nothing to do.
     pub async fn orphan(&self, client_id: &str, dead_proxy: &str) -> Result<Option<Orphaned>, Error> {
         let k = ClientKeys::new(client_id);
         let mut inv = scripts::ORPHAN.prepare_invoke();
@@ -153,14 +159,28 @@ impl RedisStore {
         }
         inv.key(&k.wills_taken);
         inv.key(&k.replaced);
-        let (will, delay): (Vec<u8>, i64) =
+        let reply: Vec<redis::Value> =
             inv.arg(dead_proxy).invoke_async(&mut self.conn()).await.map_err(|e| Error::redis("settling a dead proxy's session", e))?;
-        if delay < 0 {
-            return Ok(None);
+        let malformed = || Error::Corrupt { what: "settlement reply from Redis", detail: format!("{reply:?}") };
+        let int = |v: &redis::Value| redis::from_redis_value::<i64>(v.clone()).map_err(|_| malformed());
+        let will = |v: &redis::Value| -> Result<Option<StoredWill>, Error> {
+            let blob: Vec<u8> = redis::from_redis_value(v.clone()).map_err(|_| malformed())?;
+            if blob.is_empty() {
+                Ok(None)
+            } else {
+                decode("will", &blob).map(Some)
+            }
+        };
+        match reply.as_slice() {
+            [status] if int(status)? < 0 => Ok(None),
+            [status, delay, current, replaced @ ..] => Ok(Some(Orphaned {
+                went_offline: int(status)? == 1,
+                will: will(current)?,
+                will_delay: Duration::from_millis(int(delay)?.max(0) as u64),
+                replaced_wills: replaced.iter().map(|w| will(w)?.ok_or_else(malformed)).collect::<Result<_, _>>()?,
+            })),
+            _ => Err(malformed()),
         }
-        let delay = delay as u64;
-        let will = if will.is_empty() { None } else { Some(decode("will", &will)?) };
-        Ok(Some(Orphaned { will, will_delay: Duration::from_millis(delay) }))
     }
 
     /// Removes what is left of a proxy that is gone: its claims and its takeover notices.

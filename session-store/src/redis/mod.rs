@@ -334,13 +334,17 @@ impl RedisStore {
         Ok(Claim { previous_owner, epoch, has_session: has == 1 })
     }
 
-    /// Gives up ownership taken by [`RedisStore::claim`], if still held.
-    pub async fn release(&self, client_id: &str, proxy: &str, epoch: u64) -> Result<bool, Error> {
+    /// Gives up ownership taken by [`RedisStore::claim`], if still held. `will_discarded`: the
+    /// connection ended with a normal DISCONNECT, so its will must never be published.
+    pub async fn release(&self, client_id: &str, proxy: &str, epoch: u64, will_discarded: bool) -> Result<bool, Error> {
         let k = ClientKeys::new(client_id);
         let released: u8 = scripts::RELEASE
             .key(&k.session)
+            .key(&k.wills_taken)
+            .key(&k.replaced)
             .arg(proxy)
             .arg(epoch)
+            .arg(u8::from(will_discarded))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| Error::redis("releasing a client id", e))?;

@@ -128,30 +128,38 @@ return 1
 
 /// KEYS: the client's six keys, then its wills-taken and replaced-connections hashes. ARGV: the
 /// dead proxy's id.
-/// The session was owned by a proxy that died: it has no connection any more. A clean session
-/// ends (its will is due now); a persistent one goes offline and starts expiring. Returns
-/// { will or '', delay ms }: a will with a delay is left in place for the will timer (the
-/// delay is capped by the session expiry, MQTT 5 §3.1.2.5). If the client came back elsewhere
-/// before this settlement, the dead proxy's connection may still owe its will — a will
-/// without delay is due when the connection ends, whatever follows [MQTT-3.1.3-9] — so the
-/// will its replacement recorded is returned, unless that connection's proxy published it;
-/// { '', -1 } if there is nothing to do. Each will is taken once (the wills-taken hash).
+/// Settles what the dead proxy held of this client id, each will taken once (the wills-taken
+/// hash):
+/// - connections of the dead proxy that newer ones replaced before it could publish their
+///   wills: a will without delay was due when the connection ended, whatever followed
+///   [MQTT-3.1.3-9], so every such will is owed — all of them, not only the latest (a proxy
+///   can die holding several replaced connections of one client that never learnt they were
+///   replaced); a delayed one was cancelled by the reconnect;
+/// - if the dead proxy holds the session's current connection, the session loses it: a clean
+///   session ends (its will is due now); a persistent one goes offline and starts expiring,
+///   and a will with a delay is left in place for the will timer (the delay capped by the
+///   session expiry, MQTT 5 §3.1.2.5).
+///
+/// Returns { 1 if the session went offline else 0, delay ms, current will or '', replaced
+/// wills... }, or { -1 } if there is nothing to do.
 pub static ORPHAN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
-  local entries = redis.call('HGETALL', KEYS[8])
-  for i = 1, #entries, 2 do
-    local owner, delay, will = string.match(entries[i + 1], '^([^\n]*)\n([^\n]*)\n(.*)$')
-    if owner == ARGV[1] then
-      redis.call('HDEL', KEYS[8], entries[i])
-      if redis.call('HSETNX', KEYS[7], entries[i], 'settled') == 1 then
-        redis.call('PEXPIRE', KEYS[7], 600000)
-        if will ~= '' and tonumber(delay) == 0 then return { will, 0 } end
-      end
+local owed = {}
+local entries = redis.call('HGETALL', KEYS[8])
+for i = 1, #entries, 2 do
+  local owner, delay, will = string.match(entries[i + 1], '^([^\n]*)\n([^\n]*)\n(.*)$')
+  if owner == ARGV[1] then
+    redis.call('HDEL', KEYS[8], entries[i])
+    if redis.call('HSETNX', KEYS[7], entries[i], 'settled') == 1 then
+      redis.call('PEXPIRE', KEYS[7], 600000)
+      if will ~= '' and tonumber(delay) == 0 then table.insert(owed, will) end
     end
   end
-  return { '', -1 }
+end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  if #owed == 0 then return { -1 } end
+  return { 0, 0, '', unpack(owed) }
 end
 redis.call('HDEL', KEYS[1], 'owner')
 local mine = redis.call('HSETNX', KEYS[7], redis.call('HGET', KEYS[1], 'epoch') or '0', 'settled')
@@ -161,7 +169,7 @@ if mine == 1 then will = redis.call('HGET', KEYS[1], 'will') or '' end
 local delay = tonumber(redis.call('HGET', KEYS[1], 'will_delay_ms') or '0')
 if redis.call('HEXISTS', KEYS[1], 'rec') == 0 then
   for i = 1, 6 do redis.call('DEL', KEYS[i]) end
-  return { will, 0 }
+  return { 1, 0, will, unpack(owed) }
 end
 local expiry = tonumber(redis.call('HGET', KEYS[1], 'expiry_ms') or '0')
 if expiry > 0 then
@@ -169,7 +177,7 @@ if expiry > 0 then
   if delay > expiry then delay = expiry end
 end
 if will ~= '' and delay == 0 then redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms') end
-return { will, delay }
+return { 1, delay, will, unpack(owed) }
 "#,
     )
 });
@@ -221,11 +229,23 @@ return { previous, tonumber(epoch), redis.call('HEXISTS', KEYS[1], 'rec') }
     )
 });
 
-/// KEYS: session. ARGV: proxy id, epoch. Gives up ownership if still held by this connection;
-/// a session without a record (clean) disappears with it. Returns 1 if released.
+/// KEYS: session, wills taken, replaced connections. ARGV: proxy id, epoch, will discarded
+/// (0/1). Gives up ownership if still held by this connection; a session without a record
+/// (clean) disappears with it. Returns 1 if released.
+///
+/// A connection that ended with a normal DISCONNECT discards its will [MQTT-3.1.2-10]: that
+/// is recorded first, whoever owns the session now, so that no settlement publishes it later
+/// from the session or from the replaced-connections record a takeover left behind.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+if ARGV[3] == '1' then
+  if redis.call('HSETNX', KEYS[2], ARGV[2], 'discarded') == 1 then redis.call('PEXPIRE', KEYS[2], 600000) end
+  redis.call('HDEL', KEYS[3], ARGV[2])
+  if tonumber(redis.call('HGET', KEYS[1], 'epoch')) == tonumber(ARGV[2]) then
+    redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms')
+  end
+end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 if tonumber(redis.call('HGET', KEYS[1], 'epoch')) ~= tonumber(ARGV[2]) then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'rec') == 0 then
