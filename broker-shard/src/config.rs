@@ -55,6 +55,10 @@ mqfleet_ops::settings! {
     max_retained_messages: usize = 0, env "MQFLEET_SHARD_MAX_RETAINED_MESSAGES";
     /// Payload bytes of the retained messages this shard holds at most; 0: no limit.
     max_retained_bytes: usize = 0, env "MQFLEET_SHARD_MAX_RETAINED_BYTES";
+    /// Fault injection, for tests and the soak only: a file holding a number of milliseconds
+    /// that every durable commit of the store waits, as on a disk whose fsync is slow. Read
+    /// every 100 ms; a missing or empty file means no delay. Empty: off.
+    fault_slow_disk_file: String = String::new(), env "MQFLEET_SHARD_FAULT_SLOW_DISK_FILE";
     /// Log format: `text` or `json`. The level comes from RUST_LOG, else `log_level`.
     log_format: String = "text".into(), env "MQFLEET_SHARD_LOG_FORMAT";
     /// Log level filter when RUST_LOG is not set (tracing EnvFilter syntax).

@@ -39,11 +39,28 @@ fn with_will(client_id: &str) -> Connect {
 /// Subscribes to every will with QoS 2 on `addr`.
 async fn will_watcher(addr: std::net::SocketAddr) -> Raw {
     let mut w = Raw::v5(addr, "watcher").await;
+    subscribe_to_wills(&mut w).await;
+    w
+}
+
+async fn subscribe_to_wills(w: &mut Raw) {
     let opts = mqfleet_codec::SubscriptionOptions { qos: QoS::ExactlyOnce, ..Default::default() };
     w.send(Packet::Subscribe(mqfleet_codec::Subscribe::new(mqfleet_codec::PacketId::new(1).unwrap(), vec![("wills/#".into(), opts)])))
         .await;
     assert!(matches!(w.recv().await, Some(Packet::SubAck(_))));
-    w
+}
+
+/// A persistent will watcher ("watcher-p", expiry 10 min) on `addr`; `Session Present` told.
+async fn persistent_watcher(addr: std::net::SocketAddr) -> (Raw, bool) {
+    let mut connect = Connect::new(Protocol::V5, "watcher-p");
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(600);
+    let (mut w, ack) = Raw::session(addr, connect).await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+    if !ack.session_present {
+        subscribe_to_wills(&mut w).await;
+    }
+    (w, ack.session_present)
 }
 
 /// The will payloads `w` receives within `within` (completing each QoS 2 flow).
@@ -101,6 +118,25 @@ async fn a_client_back_elsewhere_before_its_dead_proxy_was_settled_still_gets_it
     tokio::task::block_in_place(|| c.restart_proxy(1));
     // The connection that died with proxy 1 owed its will (no delay: due when it ended).
     assert_eq!(wills_within(&mut watcher, Duration::from_secs(5)).await, ["moved-1 is gone"], "{}", c.logs());
+}
+
+/// The same, with the will watcher's persistent session on the proxy that dies: it moves to the
+/// survivor, and the will the restarted proxy owes (its settlement of its previous run) still
+/// reaches it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_owed_by_a_restarted_proxy_reaches_a_watcher_that_moved_away_from_it() {
+    let mut c = tokio::task::spawn_blocking(|| LocalCluster::start(RedisKind::Standalone, 1, 2)).await.unwrap();
+    let (watcher, present) = persistent_watcher(c.proxy(1)).await;
+    assert!(!present);
+    let (_gone, _) = Raw::session(c.proxy(1), with_will("moved-2")).await;
+    tokio::task::block_in_place(|| c.proxies[1].service.kill9());
+    drop(watcher);
+    let (mut watcher, present) = persistent_watcher(c.proxy(0)).await;
+    assert!(present, "the watcher's session survived its proxy");
+    let (_back, ack) = Raw::session(c.proxy(0), Connect::new(Protocol::V5, "moved-2")).await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+    tokio::task::block_in_place(|| c.restart_proxy(1));
+    assert_eq!(wills_within(&mut watcher, Duration::from_secs(5)).await, ["moved-2 is gone"], "{}", c.logs());
 }
 
 /// A persistent session's PUBREL leaves only once the store recorded the PUBREC: were it sent

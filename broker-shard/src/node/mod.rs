@@ -4,6 +4,7 @@
 mod admin;
 mod peers;
 mod ring;
+mod slow_disk;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -85,6 +86,9 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     let mut store_config = EmbeddedConfig::new(&dir);
     store_config.sync = settings.fsync;
     store_config.commit_latency = Some(metrics.commit_latency.clone());
+    if !settings.raw.fault_slow_disk_file.is_empty() {
+        store_config.commit_delay = Some(slow_disk::follow(settings.raw.fault_slow_disk_file.clone().into()));
+    }
     let local = EmbeddedStore::open(store_config).map_err(|source| StartError::Store { dir: dir.clone(), source })?;
     let log_id = log_id(&dir)?;
     // The session queue holds the in-flight window too (see the proxy's `Limits::session_queue_capacity`).

@@ -83,6 +83,7 @@ impl ChaosCluster {
                 ("--proxy-dead-after-ms", DEAD_AFTER_MS.into()),
                 ("--resync-wait-ms", "3000".into()),
                 ("--admin-token-file", token_file.clone()),
+                ("--fault-slow-disk-file", slow_disk_file(c._dir.path(), &name).display().to_string()),
             ];
             let service = Service::start(&name, bins.join("mqfleet-shard"), flatten(&args), &["link", "HTTP"]);
             c.shards.push(Shard { name, service, relay });
@@ -121,6 +122,14 @@ impl ChaosCluster {
         }
     }
 
+    /// Makes every durable commit of shard `i` wait `ms` (0: a healthy disk again).
+    pub fn slow_disk(&self, i: usize, ms: u64) {
+        let file = slow_disk_file(self._dir.path(), &self.shards[i].name);
+        if let Err(e) = std::fs::write(&file, ms.to_string()) {
+            eprintln!("chaos: cannot write {}: {e}", file.display());
+        }
+    }
+
     pub fn restart_redis(&mut self) {
         self.redis.restart(&REDIS_ARGS);
     }
@@ -141,6 +150,9 @@ impl ChaosCluster {
                         out.insert(format!("{}: {name}", s.name), v);
                     }
                 }
+            }
+            if let Some(slow) = slow_commits(&text).filter(|_| s.name.starts_with("shard")) {
+                out.insert(format!("{}: commits slower than 0.2 s (slow disk)", s.name), slow);
             }
         }
         out
@@ -174,6 +186,25 @@ impl ChaosCluster {
         }
         out
     }
+}
+
+/// Commits of a shard's store that took longer than about 0.2 s (its commit histogram): shows
+/// that slow-disk faults took effect (since the shard's last start).
+fn slow_commits(metrics: &str) -> Option<f64> {
+    let value = |l: &str| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok());
+    let count = metrics.lines().find(|l| l.starts_with("mqfleet_shard_commit_seconds_count"))?;
+    let within = metrics
+        .lines()
+        .filter_map(|l| {
+            let le = l.strip_prefix("mqfleet_shard_commit_seconds_bucket{le=\"")?.split('"').next()?.parse::<f64>().ok()?;
+            (le >= 0.2).then_some((le, value(l)?))
+        })
+        .min_by(|a, b| a.0.total_cmp(&b.0))?;
+    Some(value(count)? - within.1)
+}
+
+fn slow_disk_file(dir: &Path, shard: &str) -> PathBuf {
+    dir.join(format!("{shard}.slow-disk"))
 }
 
 fn flatten(args: &[(&str, String)]) -> Vec<String> {

@@ -28,11 +28,25 @@ pub enum Kind {
     CutLinks,
     /// Every link to a shard silent (packets dropped, nothing closed).
     BlackholeLinks,
+    /// A shard's disk turns slow: every durable commit waits [`SLOW_COMMIT_MS`] (the shard's
+    /// `fault_slow_disk_file`).
+    SlowDisk,
 }
 
+/// What a commit waits on a slow disk: an fsync on a saturated network volume.
+pub const SLOW_COMMIT_MS: u64 = 400;
+
 impl Kind {
-    pub const ALL: [Kind; 7] =
-        [Kind::KillProxy, Kind::KillShard, Kind::KillRedis, Kind::PauseProxy, Kind::PauseShard, Kind::CutLinks, Kind::BlackholeLinks];
+    pub const ALL: [Kind; 8] = [
+        Kind::KillProxy,
+        Kind::KillShard,
+        Kind::KillRedis,
+        Kind::PauseProxy,
+        Kind::PauseShard,
+        Kind::CutLinks,
+        Kind::BlackholeLinks,
+        Kind::SlowDisk,
+    ];
 
     /// How long the fault lasts, in ms (min, max).
     fn span_ms(self) -> (u64, u64) {
@@ -43,11 +57,12 @@ impl Kind {
             Kind::CutLinks => (500, 4_000),
             // Past the link's 5 s ping timeout at times: the proxy gives up and relinks.
             Kind::BlackholeLinks => (1_000, 8_000),
+            Kind::SlowDisk => (2_000, 8_000),
         }
     }
 
     fn on_shard(self) -> bool {
-        matches!(self, Kind::KillShard | Kind::PauseShard | Kind::CutLinks | Kind::BlackholeLinks)
+        matches!(self, Kind::KillShard | Kind::PauseShard | Kind::CutLinks | Kind::BlackholeLinks | Kind::SlowDisk)
     }
 }
 
@@ -166,6 +181,10 @@ async fn inject(cluster: &Arc<Mutex<ChaosCluster>>, p: &Planned) -> String {
             c.shards[i].relay.blackhole();
             format!("links to {}", c.shards[i].name)
         }
+        Kind::SlowDisk => {
+            c.slow_disk(i, SLOW_COMMIT_MS);
+            format!("disk of {}", c.shards[i].name)
+        }
     })
     .await
 }
@@ -179,6 +198,7 @@ async fn heal(cluster: &Arc<Mutex<ChaosCluster>>, p: &Planned) {
         Kind::PauseProxy => signal(c.proxies[i].service.pid(), "CONT"),
         Kind::PauseShard => signal(c.shards[i].service.pid(), "CONT"),
         Kind::CutLinks | Kind::BlackholeLinks => c.shards[i].relay.restore(),
+        Kind::SlowDisk => c.slow_disk(i, 0),
     })
     .await
 }

@@ -88,11 +88,21 @@ pub struct EmbeddedConfig {
     pub commit_latency: Option<prometheus_client::metrics::histogram::Histogram>,
     /// Follows the number of messages in all session queues.
     pub queued: Option<prometheus_client::metrics::gauge::Gauge>,
+    /// Fault injection (tests and the soak only): milliseconds every durable commit waits
+    /// before it is written, as on a disk whose fsync is slow. Zero: no delay.
+    pub commit_delay: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl EmbeddedConfig {
     pub fn new(dir: impl Into<PathBuf>) -> EmbeddedConfig {
-        EmbeddedConfig { dir: dir.into(), sync: SyncPolicy::Batch, max_queue_len: 1000, commit_latency: None, queued: None }
+        EmbeddedConfig {
+            dir: dir.into(),
+            sync: SyncPolicy::Batch,
+            max_queue_len: 1000,
+            commit_latency: None,
+            queued: None,
+            commit_delay: None,
+        }
     }
 }
 
@@ -147,7 +157,8 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let state = writer::State::load(&db, config.max_queue_len, config.queued.clone())?;
         let known = Arc::new(RwLock::new(state.session_ids()?));
-        let (writer, thread) = writer::spawn(db.clone(), state, known.clone(), config.sync, config.commit_latency.clone())?;
+        let (writer, thread) =
+            writer::spawn(db.clone(), state, known.clone(), config.sync, config.commit_latency.clone(), config.commit_delay.clone())?;
         Ok(EmbeddedStore { inner: Arc::new(Inner { db, writer: Some(writer), thread: Some(thread), known, path }) })
     }
 

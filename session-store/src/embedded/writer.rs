@@ -12,8 +12,10 @@
 //! - `next_id` only grows, so queue positions of a session increase with enqueue order.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::RwLock;
 use prometheus_client::metrics::gauge::Gauge;
@@ -118,11 +120,12 @@ pub(super) fn spawn(
     known: Arc<RwLock<HashSet<String>>>,
     sync: SyncPolicy,
     commit_latency: Option<Histogram>,
+    commit_delay: Option<Arc<AtomicU64>>,
 ) -> Result<(Handle, std::thread::JoinHandle<()>), Error> {
     let (tx, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || run(db, state, known, sync, rx, commit_latency))
+        .spawn(move || run(db, state, known, sync, rx, commit_latency, commit_delay))
         .map_err(|e| Error::Open { path: "store-writer thread".into(), source: std::sync::Arc::new(e) })?;
     Ok((Handle { tx }, thread))
 }
@@ -137,6 +140,7 @@ fn run(
     sync: SyncPolicy,
     rx: mpsc::Receiver<Request>,
     commit_latency: Option<Histogram>,
+    commit_delay: Option<Arc<AtomicU64>>,
 ) {
     let mut dirty = false; // committed without fsync since the last durable commit
     loop {
@@ -182,6 +186,9 @@ fn run(
         let force_sync = batch.iter().any(|r| matches!(r, Request::Flush { .. }));
         let durable = force_sync || matches!(sync, SyncPolicy::Batch | SyncPolicy::Window(_));
         let started = std::time::Instant::now();
+        if let Some(ms) = commit_delay.as_ref().map(|d| d.load(Ordering::Relaxed)).filter(|ms| *ms > 0 && durable) {
+            std::thread::sleep(Duration::from_millis(ms)); // injected: a slow fsync
+        }
         let outcome = apply_batch(&db, &mut state, &known, &batch, durable);
         if let Some(h) = &commit_latency {
             h.observe(started.elapsed().as_secs_f64());
