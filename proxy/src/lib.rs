@@ -37,6 +37,7 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod lifecycle;
+pub mod mailbox;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod registry;

@@ -16,7 +16,7 @@ use broker_shard::Message;
 use mqfleet_codec::{ByteString, Protocol, ReasonCode};
 use parking_lot::{Mutex, RwLock};
 use session_store::StoredSubscription;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 /// What a connection task receives besides socket input.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ pub struct ConnectionView {
 /// A connection's mailbox. Unbounded so that routing never waits for a device; the
 /// connection drains it at once into its own bounded queues, dropping (and counting) what
 /// exceeds them.
-pub type Mailbox = mpsc::UnboundedSender<ConnMsg>;
+pub type Mailbox = crate::mailbox::Sender<ConnMsg>;
 
 /// Resolves when the connection's task has finished its clean-up (its sender is dropped).
 pub type Exited = watch::Receiver<()>;

@@ -97,8 +97,16 @@ pub async fn accept_loop(listener: TcpListener, accept: Accept, ctx: Arc<Context
                 // The common case keeps its concrete socket halves: no boxing on the hot path.
                 let (reader, writer) = stream.into_split();
                 crate::connection::serve(ctx, reader, writer, Peer { addr: peer, listener: name, cert: None }, shutdown).await;
-            } else if let Some((reader, writer, cert)) = open(&ctx, transport, stream, peer).await {
-                crate::connection::serve(ctx, reader, writer, Peer { addr: peer, listener: name, cert }, shutdown).await;
+            } else {
+                // Boxed: the TLS and WebSocket handshakes are large futures, and this task's
+                // state is as large as its largest branch — plain TCP connections must not pay
+                // for them.
+                Box::pin(async move {
+                    if let Some((reader, writer, cert)) = open(&ctx, transport, stream, peer).await {
+                        crate::connection::serve(ctx, reader, writer, Peer { addr: peer, listener: name, cert }, shutdown).await;
+                    }
+                })
+                .await;
             }
             drop(permit);
         });

@@ -11,7 +11,7 @@ use mqfleet_codec::ByteString;
 use mqfleet_codec::{ConnAck, Connect, DecodeError, Packet, Protocol, ReasonCode};
 use session_store::{Op, QueuedMessage, SessionRecord};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +39,7 @@ pub(super) async fn run<R, W>(
     peer: Peer,
     admitted: Result<Option<IpSlot>, Refused>,
     shutdown: CancellationToken,
-) -> Option<Connection<R, W>>
+) -> Option<Box<Connection<R, W>>>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -77,7 +77,7 @@ where
 
     // Take over: the previous connection of this client id saves its session and exits first,
     // so what follows sees its final state [MQTT-3.1.4-3].
-    let (mailbox_tx, mailbox) = mpsc::unbounded_channel();
+    let (mailbox_tx, mailbox) = crate::mailbox::mailbox();
     let own_mailbox = mailbox_tx.clone();
     let (exit, exited) = watch::channel(());
     let info = ClientInfo {
@@ -163,7 +163,7 @@ where
         // claiming: it ends at once, as if taken over.
         let _ = own_mailbox.send(ConnMsg::TakenOver);
     }
-    Some(connection)
+    Some(Box::new(connection))
 }
 
 /// A full per-client bucket for a rate (one second's burst), or none for 0.

@@ -22,6 +22,9 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    /// Memory: every future awaited here is part of the connection task's state for its whole
+    /// life (an idle connection included), so the rare and large ones — SUBSCRIBE and
+    /// UNSUBSCRIBE with their shard and store round trips — are boxed when they happen.
     pub(super) async fn on_packet(&mut self, p: Packet) -> Result<(), End> {
         match p {
             Packet::Publish(p) => self.on_publish(p).await,
@@ -29,8 +32,8 @@ where
             Packet::PubRec(a) => self.on_pubrec(a),
             Packet::PubRel(a) => self.on_pubrel(a),
             Packet::PubComp(a) => self.on_pubcomp(a),
-            Packet::Subscribe(s) => self.on_subscribe(s).await,
-            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
+            Packet::Subscribe(s) => Box::pin(self.on_subscribe(s)).await,
+            Packet::Unsubscribe(u) => Box::pin(self.on_unsubscribe(u)).await,
             Packet::PingReq => {
                 self.send(Packet::PingResp);
                 Ok(())
@@ -53,7 +56,10 @@ where
         let qos = p.qos;
         self.ctx.metrics.messages_received.get_or_create(&QosLabel { qos: qos as u8 }).inc();
         self.charge_publish(p.payload.len());
-        self.charge_fleet_publish().await;
+        if self.fleet_rates_apply() {
+            // Boxed: a Redis round trip's future is large, and most proxies never make it.
+            Box::pin(self.charge_fleet_publish()).await;
+        }
         if self.v5() && !p.properties.subscription_identifiers.is_empty() {
             return Err(protocol_error(
                 ReasonCode::ProtocolError,

@@ -30,7 +30,7 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use mqfleet_codec::{ByteString, Disconnect, Packet, PacketId, Protocol, Publish, QoS, ReasonCode};
 use session_store::{Op, StoredSubscription};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -69,10 +69,19 @@ where
         ctx.metrics.connections.inc();
         let io = Io::new(reader, writer, ctx.limits.max_packet_size as usize);
         let admitted = ctx.admission.admit(peer.addr.ip(), peer.listener);
-        if let Some(connection) = handshake::run(ctx.clone(), io, conn, peer, admitted, shutdown).await {
+        // Memory: this task lives as long as the connection, and an async fn's state is as
+        // large as its largest await. The handshake and the end (auth, Redis, store and shard
+        // round trips) are boxed, and so is the `Connection` (moved values keep their space in
+        // an async state), so an established connection's task holds little more than its
+        // main loop's state (see docs/BENCHMARKS.md, memory per idle connection).
+        // (Each box is made in its own statement: a temporary in the awaiting statement keeps
+        // its space in this state even after being moved into the box.)
+        let handshake = Box::pin(handshake::run(ctx.clone(), io, conn, peer, admitted, shutdown));
+        if let Some(connection) = handshake.await {
             let mut connection = connection;
             let end = connection.run().await;
-            connection.finish(end).await;
+            let finish = Box::pin((*connection).finish(end));
+            finish.await;
         }
         ctx.metrics.connections.dec();
     }
@@ -238,7 +247,7 @@ pub(crate) struct Connection<R, W> {
     ops: FuturesOrdered<BoxFuture<'static, OpDone>>,
     /// Deliveries and control messages. Its senders live in the registry until `finish`
     /// releases this connection.
-    mailbox: mpsc::UnboundedReceiver<ConnMsg>,
+    mailbox: crate::mailbox::Receiver<ConnMsg>,
     /// Queue positions up to this one were loaded from the store at resume; live copies of
     /// them are duplicates.
     resume_floor: u64,
@@ -285,12 +294,12 @@ where
         // A resumed session's subscriptions meet the ACL as it is now (it may have changed
         // while the client was away, BAD-INPUT 70).
         if self.ctx.settings.auth.restricts(&self.identity) {
-            if let Err(end) = self.recheck_subscriptions().await {
+            if let Err(end) = Box::pin(self.recheck_subscriptions()).await {
                 return end;
             }
         }
         // Packets pipelined behind CONNECT may already be buffered: handle them before waiting.
-        if let Err(end) = self.on_input().await {
+        if let Err(end) = Box::pin(self.on_input()).await {
             return end;
         }
         loop {
@@ -308,7 +317,11 @@ where
                 Some(msg) = self.mailbox.recv() => self.on_mailbox(msg).await,
                 r = self.io.input.read(), if input_open => match r {
                     Ok(0) => Err(End::Network(None)),
-                    Ok(_) => self.on_input().await,
+                    // Boxed, one allocation per socket read (not per packet): awaited inline,
+                    // handling a PUBLISH (a shard round trip's futures) would make this loop's
+                    // state — what every idle connection holds for its whole life — about
+                    // 3 KiB larger.
+                    Ok(_) => Box::pin(self.on_input()).await,
                     Err(e) => Err(End::Network(Some(e))),
                 },
                 r = self.io.output.write_some(), if self.io.output.has_work() => r.map_err(|e| End::Network(Some(e))),
@@ -316,7 +329,7 @@ where
                 () = tokio::time::sleep_until(throttled.unwrap_or_else(Instant::now)), if throttled.is_some() => {
                     // Back within its rate: packets already buffered go first.
                     self.throttled_until = None;
-                    self.on_input().await
+                    Box::pin(self.on_input()).await
                 }
             };
             if let Err(end) = result {
@@ -362,10 +375,15 @@ where
     /// a time; when a bucket is empty the client is throttled like a local limit. If Redis
     /// cannot answer, the client is let through (a rate limit is not worth an outage) and the
     /// failure logged.
+    fn fleet_rates_apply(&self) -> bool {
+        let raw = &self.ctx.settings.raw;
+        (raw.fleet_publish_rate > 0 || raw.fleet_tenant_publish_rate > 0) && self.ctx.cluster.is_some()
+    }
+
     async fn charge_fleet_publish(&mut self) {
         let raw = &self.ctx.settings.raw;
         let rates = [u64::from(raw.fleet_publish_rate), u64::from(raw.fleet_tenant_publish_rate)];
-        if rates == [0, 0] || self.ctx.cluster.is_none() {
+        if !self.fleet_rates_apply() {
             return;
         }
         for (lease, rate) in rates.into_iter().enumerate() {
@@ -416,7 +434,7 @@ where
                 self.on_deliver(message, recipient);
                 Ok(())
             }
-            ConnMsg::AclChanged => self.recheck_subscriptions().await,
+            ConnMsg::AclChanged => Box::pin(self.recheck_subscriptions()).await,
             ConnMsg::Inspect(reply) => {
                 let _ = reply.send(ConnectionView {
                     subscriptions: self.session.subscriptions.values().cloned().collect(),
