@@ -5,14 +5,19 @@
 //! (or the reply) has confirmed it and the copies for persistent sessions are queued in Redis.
 //! After a crash the shard replays what is left, and the entry's publisher identity lets it
 //! recognise a PUBLISH its proxy sends again because the reply was lost: accepted once, never
-//! twice.
+//! twice. A will carries which connection's will it is, so that a replay asks the cluster
+//! again whether to publish it (see `session_store::Op::AcceptWill`).
 //!
 //! ```text
-//! entry = version u8 (1) | publisher flag u8 | [proxy name: u16 len + UTF-8 | incarnation u64 | request id u64] | message
+//! entry     = version u8 (1) | flags u8 (1: publisher, 2: will) | [publisher] | [will] | message
+//! publisher = proxy name: u16 len + UTF-8 | incarnation u64 | request id u64
+//! will      = client id: u16 len + UTF-8 | connection epoch u64 | proxy id: u16 len + UTF-8
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use mqfleet_codec::ByteString;
 
+use crate::link::WillRef;
 use crate::message::Message;
 
 const VERSION: u8 = 1;
@@ -30,23 +35,33 @@ pub struct Publisher {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub publisher: Option<Publisher>,
+    pub will: Option<WillRef>,
     pub message: Message,
 }
 
-pub fn encode(publisher: Option<&Publisher>, message: &Message) -> Bytes {
+const HAS_PUBLISHER: u8 = 1;
+const HAS_WILL: u8 = 2;
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    b.put_u16(s.len() as u16);
+    b.put_slice(s);
+}
+
+pub fn encode(publisher: Option<&Publisher>, will: Option<&WillRef>, message: &Message) -> Bytes {
     let body = message.encode();
     let mut b = BytesMut::with_capacity(body.len() + 32);
     b.put_u8(VERSION);
-    match publisher {
-        Some(p) => {
-            b.put_u8(1);
-            let name = &p.proxy.as_bytes()[..p.proxy.len().min(u16::MAX as usize)];
-            b.put_u16(name.len() as u16);
-            b.put_slice(name);
-            b.put_u64(p.incarnation);
-            b.put_u64(p.request);
-        }
-        None => b.put_u8(0),
+    b.put_u8(if publisher.is_some() { HAS_PUBLISHER } else { 0 } | if will.is_some() { HAS_WILL } else { 0 });
+    if let Some(p) = publisher {
+        put_str(&mut b, &p.proxy);
+        b.put_u64(p.incarnation);
+        b.put_u64(p.request);
+    }
+    if let Some(w) = will {
+        put_str(&mut b, &w.client_id);
+        b.put_u64(w.epoch);
+        put_str(&mut b, &w.proxy);
     }
     b.put_slice(&body);
     b.freeze()
@@ -66,23 +81,36 @@ pub fn decode(mut b: Bytes) -> Result<Entry, EntryError> {
     if version != VERSION {
         return Err(EntryError(format!("unknown version {version}")));
     }
-    let publisher = match b.get_u8() {
-        0 => None,
-        1 => {
-            if b.remaining() < 2 {
-                return Err(short());
-            }
-            let n = b.get_u16() as usize;
-            if b.remaining() < n + 16 {
-                return Err(short());
-            }
-            let proxy = String::from_utf8(b.split_to(n).to_vec()).map_err(|_| EntryError("proxy name is not UTF-8".into()))?;
-            Some(Publisher { proxy, incarnation: b.get_u64(), request: b.get_u64() })
+    let flags = b.get_u8();
+    if flags & !(HAS_PUBLISHER | HAS_WILL) != 0 {
+        return Err(EntryError(format!("unknown flags {flags}")));
+    }
+    let string = |b: &mut Bytes, what: &str| -> Result<String, EntryError> {
+        if b.remaining() < 2 {
+            return Err(short());
         }
-        f => return Err(EntryError(format!("unknown publisher flag {f}"))),
+        let n = b.get_u16() as usize;
+        if b.remaining() < n {
+            return Err(short());
+        }
+        String::from_utf8(b.split_to(n).to_vec()).map_err(|_| EntryError(format!("{what} is not UTF-8")))
+    };
+    let u64_of = |b: &mut Bytes| if b.remaining() < 8 { Err(short()) } else { Ok(b.get_u64()) };
+    let publisher = if flags & HAS_PUBLISHER != 0 {
+        let proxy = string(&mut b, "proxy name")?;
+        Some(Publisher { proxy, incarnation: u64_of(&mut b)?, request: u64_of(&mut b)? })
+    } else {
+        None
+    };
+    let will = if flags & HAS_WILL != 0 {
+        let client_id = ByteString::from(string(&mut b, "will client id")?);
+        let epoch = u64_of(&mut b)?;
+        Some(WillRef { client_id, epoch, proxy: ByteString::from(string(&mut b, "will proxy id")?) })
+    } else {
+        None
     };
     let message = Message::decode(&b).map_err(|e| EntryError(e.0))?;
-    Ok(Entry { publisher, message })
+    Ok(Entry { publisher, will, message })
 }
 
 #[cfg(test)]
@@ -103,15 +131,19 @@ mod tests {
     }
 
     #[test]
-    fn entries_round_trip_with_and_without_publisher() {
+    fn entries_round_trip_with_and_without_publisher_and_will() {
         let p = Publisher { proxy: "proxy-a".into(), incarnation: 7, request: 9 };
-        assert_eq!(decode(encode(Some(&p), &message())).unwrap(), Entry { publisher: Some(p), message: message() });
-        assert_eq!(decode(encode(None, &message())).unwrap(), Entry { publisher: None, message: message() });
+        let w = WillRef { client_id: "dev-1".into(), epoch: 1_700_000_000_000_001, proxy: "proxy-b".into() };
+        for (publisher, will) in [(None, None), (Some(p.clone()), None), (None, Some(w.clone())), (Some(p), Some(w))] {
+            let entry = Entry { publisher: publisher.clone(), will: will.clone(), message: message() };
+            assert_eq!(decode(encode(publisher.as_ref(), will.as_ref(), &message())).unwrap(), entry);
+        }
     }
 
     #[test]
     fn damaged_entries_are_errors_not_panics() {
-        let good = encode(Some(&Publisher { proxy: "p".into(), incarnation: 1, request: 2 }), &message());
+        let will = WillRef { client_id: "c".into(), epoch: 3, proxy: "p".into() };
+        let good = encode(Some(&Publisher { proxy: "p".into(), incarnation: 1, request: 2 }), Some(&will), &message());
         for cut in 0..good.len() {
             assert!(decode(good.slice(..cut)).is_err(), "cut at {cut}");
         }

@@ -28,6 +28,9 @@ pub struct ShardMetrics {
     pub retained_refused: Counter,
     /// Durable writes that failed (disk full, I/O error); the publishers were refused.
     pub store_errors: Counter,
+    /// Clustered: wills received and not published, because the cluster said another copy of
+    /// the same will was published or is another proxy's to publish (each will once).
+    pub wills_withheld: Counter,
     /// Clustered: accepted QoS 1/2 messages still in the shard's log (not yet queued for every
     /// persistent session or not yet confirmed by every proxy that got them).
     pub log_entries: Gauge,
@@ -49,6 +52,7 @@ impl Default for ShardMetrics {
             retained_messages: Gauge::default(),
             retained_refused: Counter::default(),
             store_errors: Counter::default(),
+            wills_withheld: Counter::default(),
             log_entries: Gauge::default(),
             ring_epoch: Gauge::default(),
             commit_latency: latency_histogram(),
@@ -71,6 +75,11 @@ impl ShardMetrics {
             self.retained_refused.clone(),
         );
         r.register("store_errors", "Durable writes that failed; their publishers were refused", self.store_errors.clone());
+        r.register(
+            "wills_withheld",
+            "Wills received and not published: the same will was published already, or is another proxy's to publish",
+            self.wills_withheld.clone(),
+        );
         r.register("log_entries", "Accepted QoS 1/2 messages still in the shard's log", self.log_entries.clone());
         r.register("ring_epoch", "Epoch of the ring the shard routes by (clustered)", self.ring_epoch.clone());
         r.register("commit_seconds", "Durable commits of the shard's store (group commit), seconds", self.commit_latency.clone());

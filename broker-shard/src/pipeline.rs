@@ -82,6 +82,8 @@ enum Queued {
 
 /// Enqueues per lane B batch: bounds one Redis round's size.
 const MAX_BATCH: usize = 512;
+/// How long lane A waits for the sessions' store to say whether to publish a will.
+const WILL_PATIENCE: Duration = Duration::from_secs(5);
 /// Longest pause between retries of a failing sessions' store.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(2);
 
@@ -233,13 +235,12 @@ impl Pipeline {
     }
 
     fn dispatch_clustered(&mut self, r: Routed, local: Store) {
-        let Routed { publisher, message, live, durable, retained_ops, marker, position, log_entry } = r;
+        let Routed { publisher, message, mut live, mut durable, retained_ops, marker, position, log_entry } = r;
         let replayed = position.is_some() && log_entry.is_none();
         let mut local_ops = retained_ops;
         if let (Some(p), Some(entry)) = (position, log_entry) {
             local_ops.push(Op::AppendLog { position: p, entry });
         }
-        let (persistent_live, clean_live): (Vec<Live>, Vec<Live>) = live.into_iter().partition(|l| l.durable_idx.is_some());
         let (sessions, metrics, shard) = (self.sessions.clone(), self.metrics.clone(), self.shard.clone());
         self.a.push_back(
             async move {
@@ -250,16 +251,39 @@ impl Pipeline {
                         local.write(local_ops).await
                     }
                 };
-                let marker_write = async {
-                    match marker {
-                        Some(op) => sessions.write(vec![op]).await,
-                        None => Ok(Vec::new()),
+                let written = match marker {
+                    // A will is in the log before the cluster is asked whether to publish it: a
+                    // crash in between replays it and asks again (the same acceptance), so it is
+                    // neither lost nor published twice.
+                    Some(ask @ Op::AcceptWill { .. }) => match local_write.await {
+                        Ok(_) => match accept_will(&sessions, ask, &shard).await {
+                            Ok(true) => Ok(()),
+                            Ok(false) => {
+                                metrics.wills_withheld.inc();
+                                tracing::info!(shard = %shard, topic = %message.topic, "will not published: the cluster says it went out already or is another proxy's");
+                                live.clear();
+                                durable.clear();
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    },
+                    marker => {
+                        let marker_write = async {
+                            match marker {
+                                Some(op) => sessions.write(vec![op]).await,
+                                None => Ok(Vec::new()),
+                            }
+                        };
+                        let (l, m) = tokio::join!(local_write, marker_write);
+                        l.and(m).map(|_| ())
                     }
                 };
-                let (l, m) = tokio::join!(local_write, marker_write);
-                if let Err(e) = l.and(m) {
+                if let Err(e) = written {
                     return (refused(&metrics, &shard, &message, publisher, position, &e), None);
                 }
+                let (persistent_live, clean_live): (Vec<Live>, Vec<Live>) = live.into_iter().partition(|l| l.durable_idx.is_some());
                 let log = position.map(|position| LogRef { position, queued: false });
                 let mut events = deliveries(&metrics, &message, clean_live, &[], log, !replayed);
                 answer(&mut events, publisher, position);
@@ -346,6 +370,25 @@ async fn write_until_done(sessions: &Store, ops: Vec<Op>, shard: &str) -> Vec<Op
                 }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(MAX_RETRY_WAIT);
+            }
+        }
+    }
+}
+
+/// Asks the sessions' store whether to publish a logged will, a few times if it does not
+/// answer: the same question again is harmless (`Op::AcceptWill` is idempotent), and lane A
+/// waits meanwhile. Past that the publisher is refused and sends it again; the entry stays in
+/// the log and is asked about again at the next start.
+async fn accept_will(sessions: &Store, ask: Op, shard: &str) -> Result<bool, session_store::Error> {
+    let mut backoff = mqfleet_ops::outage::Backoff::within(WILL_PATIENCE);
+    loop {
+        match sessions.write(vec![ask.clone()]).await {
+            Ok(r) => return Ok(matches!(r.first(), Some(OpResult::WillAccepted(true)))),
+            Err(e) => {
+                tracing::warn!(shard, error = %e, "cannot ask the sessions' store whether to publish a will; retrying");
+                if !backoff.pause().await {
+                    return Err(e);
+                }
             }
         }
     }

@@ -13,12 +13,12 @@ use broker_shard::link::client::{Client, DeliverySink, LinkEvents};
 use broker_shard::link::frame::{decode_next, encode, Frame, VERSION};
 use broker_shard::link::server::{serve, ServerConfig};
 use broker_shard::link::tcp::TcpConfig;
-use broker_shard::link::{ConnId, Deliver, Event, Reply, Request, RequestId, SessionInfo, SubscribeItem};
+use broker_shard::link::{ConnId, Deliver, Event, Marker, Reply, Request, RequestId, SessionInfo, SubscribeItem, WillRef};
 use broker_shard::restore::Restored;
 use broker_shard::{spawn_clustered, Clustered, Message, ShardConfig, ShardMetrics};
 use bytes::{Bytes, BytesMut};
 use mqfleet_codec::{PublishProperties, QoS, SubscriptionOptions};
-use session_store::{EmbeddedConfig, EmbeddedStore, Op, RedisStore, RedisTarget, SessionRecord, Store};
+use session_store::{EmbeddedConfig, EmbeddedStore, Op, RedisStore, RedisTarget, SessionRecord, Store, StoredWill};
 use testkit::relay::Relay;
 use testkit::RedisServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -149,7 +149,7 @@ fn msg(topic: &str, payload: Vec<u8>) -> Arc<Message> {
 
 async fn publish(p: &Proxy, topic: &str, n: u32) -> Reply {
     let m = msg(topic, n.to_be_bytes().to_vec());
-    tokio::time::timeout(Duration::from_secs(20), p.client.call(|id| Request::Publish { id: Some(id), message: m, qos2_marker: None }))
+    tokio::time::timeout(Duration::from_secs(20), p.client.call(|id| Request::Publish { id: Some(id), message: m, marker: None }))
         .await
         .expect("a reply in time")
         .unwrap()
@@ -291,7 +291,7 @@ async fn a_publish_sent_again_after_a_crash_is_answered_not_accepted_twice() {
     let shard = start_shard(dir.path(), &redis, None, &[]).await;
     let mut sub = proxy(shard.addr, "proxy-sub", vec![subscribe("c", 7, false, "t/#")]).await;
     let mut raw = RawLink::connect(shard.addr).await;
-    raw.send(Request::Publish { id: Some(RequestId(1)), message: msg("t/x", 1u32.to_be_bytes().to_vec()), qos2_marker: None }).await;
+    raw.send(Request::Publish { id: Some(RequestId(1)), message: msg("t/x", 1u32.to_be_bytes().to_vec()), marker: None }).await;
     assert!(matches!(raw.reply(1).await, Reply::Accepted { .. }));
     assert_eq!(received(&mut sub, 1).await, [1]);
 
@@ -301,9 +301,9 @@ async fn a_publish_sent_again_after_a_crash_is_answered_not_accepted_twice() {
     let _shard = start_shard(dir.path(), &redis, Some(addr), &["proxy-sub", "raw"]).await;
     let mut raw = RawLink::connect(addr).await;
     raw.send(Request::ResyncDone).await;
-    raw.send(Request::Publish { id: Some(RequestId(1)), message: msg("t/x", 1u32.to_be_bytes().to_vec()), qos2_marker: None }).await;
+    raw.send(Request::Publish { id: Some(RequestId(1)), message: msg("t/x", 1u32.to_be_bytes().to_vec()), marker: None }).await;
     assert_eq!(raw.reply(1).await, Reply::Done, "recognised as accepted before");
-    raw.send(Request::Publish { id: Some(RequestId(2)), message: msg("t/x", 2u32.to_be_bytes().to_vec()), qos2_marker: None }).await;
+    raw.send(Request::Publish { id: Some(RequestId(2)), message: msg("t/x", 2u32.to_be_bytes().to_vec()), marker: None }).await;
     assert!(matches!(raw.reply(2).await, Reply::Accepted { .. }));
     assert_eq!(received(&mut sub, 1).await, [2], "message 1 is not delivered a second time");
     nothing_more(&mut sub).await;
@@ -342,4 +342,51 @@ async fn persistent_sessions_subscriptions_are_kept_on_the_shards_disk() {
     let queue = sessions.load_queue("ps", 0).await.unwrap();
     assert_eq!(queue.len(), 1, "queued in Redis for the offline persistent session");
     assert_eq!(&Message::decode(&queue[0].message).unwrap().topic[..], "q/1");
+}
+
+/// A will as a proxy sends it: `proxy` holds the intent to publish it in Redis (or not).
+async fn publish_will(p: &Proxy, epoch: u64, proxy: &str, n: u32) -> Reply {
+    let m = msg("t/will", n.to_be_bytes().to_vec());
+    let marker = Some(Marker::Will(WillRef { client_id: "dev".into(), epoch, proxy: proxy.into() }));
+    tokio::time::timeout(Duration::from_secs(20), p.client.call(|id| Request::Publish { id: Some(id), message: m, marker }))
+        .await
+        .expect("a reply in time")
+        .unwrap()
+}
+
+async fn intend(redis: &RedisServer, epoch: u64, proxy: &str) {
+    let r = RedisStore::connect(RedisTarget::parse(&redis.url()).unwrap(), 100, Duration::from_secs(2)).await.unwrap();
+    let will = StoredWill { message: b"w".to_vec(), delay_interval: 0, message_expiry_interval: None };
+    assert!(r.withdraw_will("dev", epoch, proxy, &will).await.unwrap());
+}
+
+/// Each will once (MQTT-3.1.2-8, in a cluster): the shard routes a will only if Redis says it
+/// is the sender's to publish and no other copy went out — a late copy from a proxy that was
+/// taken for dead, or a second copy, is answered (the sender stops) and withheld.
+#[tokio::test]
+async fn a_will_is_routed_once_and_only_from_the_proxy_whose_it_is() {
+    let Setup { redis, dir: _dir, shard, relay: _relay, mut sub, publisher } = setup().await;
+    intend(&redis, 7, "proxy-b").await;
+    assert!(matches!(publish_will(&publisher, 7, "proxy-a", 1).await, Reply::Accepted { .. }), "answered");
+    assert!(matches!(publish_will(&publisher, 7, "proxy-b", 2).await, Reply::Accepted { .. }));
+    assert!(matches!(publish_will(&publisher, 7, "proxy-b", 3).await, Reply::Accepted { .. }));
+    assert_eq!(received(&mut sub, 1).await, [2], "only the copy of the proxy whose will it is");
+    nothing_more(&mut sub).await;
+    assert_eq!(shard.metrics.wills_withheld.get(), 2);
+}
+
+/// A will the shard accepted and crashed before delivering is asked about again when the log
+/// is replayed — and, being the same acceptance, published then, not withheld as a copy.
+#[tokio::test]
+async fn a_will_accepted_before_a_crash_is_delivered_by_the_replay() {
+    let Setup { redis, dir, shard, relay, mut sub, publisher } = setup().await;
+    intend(&redis, 9, "proxy-pub").await;
+    relay.cut();
+    assert!(matches!(publish_will(&publisher, 9, "proxy-pub", 1).await, Reply::Accepted { .. }));
+    let addr = shard.crash().await;
+    let shard = start_shard(dir.path(), &redis, Some(addr), &["proxy-sub", "proxy-pub"]).await;
+    relay.restore();
+    assert_eq!(received(&mut sub, 1).await, [1], "replayed once the proxies resynchronised");
+    nothing_more(&mut sub).await;
+    assert_eq!(shard.metrics.wills_withheld.get(), 0);
 }

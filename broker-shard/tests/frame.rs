@@ -60,12 +60,19 @@ fn delivery() -> impl Strategy<Value = DeliveryOptions> {
     })
 }
 
+fn marker() -> impl Strategy<Value = Option<Marker>> {
+    option::of(prop_oneof![
+        (text(), any::<u16>()).prop_map(|(client_id, pkid)| Marker::Qos2 { client_id, pkid }),
+        (text(), any::<u64>(), text()).prop_map(|(client_id, epoch, proxy)| Marker::Will(WillRef { client_id, epoch, proxy })),
+    ])
+}
+
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        (option::of(any::<u64>()), message(), option::of((text(), any::<u16>()))).prop_map(|(id, message, qos2_marker)| Request::Publish {
+        (option::of(any::<u64>()), message(), marker()).prop_map(|(id, message, marker)| Request::Publish {
             id: id.map(RequestId),
             message,
-            qos2_marker
+            marker
         }),
         (any::<u64>(), session(), vec((text(), options(), option::of(any::<u32>())), 0..4), option::of(any::<u64>())).prop_map(
             |(id, session, items, deliver_retained)| {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker_shard::link::client::{Client, DeliverySink};
-use broker_shard::link::{ConnId, Deliver, ProxyId, Reply, Request, SessionInfo, SubscribeItem};
+use broker_shard::link::{ConnId, Deliver, Marker, ProxyId, Reply, Request, SessionInfo, SubscribeItem};
 use broker_shard::{spawn, Message, ShardConfig, ShardMetrics};
 use bytes::Bytes;
 use mqfleet_codec::{ByteString, PublishProperties, QoS, RetainHandling, SubscriptionOptions};
@@ -66,7 +66,7 @@ impl Harness {
     }
 
     async fn publish(&self, m: Arc<Message>) {
-        let r = self.client.call(|id| Request::Publish { id: Some(id), message: m, qos2_marker: None }).await.unwrap();
+        let r = self.client.call(|id| Request::Publish { id: Some(id), message: m, marker: None }).await.unwrap();
         assert_eq!(r, Reply::Done);
     }
 
@@ -305,6 +305,9 @@ async fn qos2_marker_is_committed_with_the_message() {
     let h = harness(10).await;
     h.persist("p").await;
     let m = msg("t", QoS::ExactlyOnce, false, b"x", Some("p"));
-    h.client.call(|id| Request::Publish { id: Some(id), message: m, qos2_marker: Some(("p".into(), 42)) }).await.unwrap();
+    h.client
+        .call(|id| Request::Publish { id: Some(id), message: m, marker: Some(Marker::Qos2 { client_id: "p".into(), pkid: 42 }) })
+        .await
+        .unwrap();
     assert_eq!(h.store.load_inbound("p").await.unwrap(), [42]);
 }

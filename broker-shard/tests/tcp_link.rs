@@ -110,7 +110,7 @@ async fn requests_and_deliveries_cross_the_link() {
     assert!(matches!(reply.await.unwrap(), Reply::Subscribed { .. }));
     for i in 0..100u8 {
         let m = msg("t/x", QoS::AtLeastOnce, if i % 2 == 0 { b"even" } else { b"odd" });
-        assert_eq!(p.client.call(|id| Request::Publish { id: Some(id), message: m, qos2_marker: None }).await.unwrap(), Reply::Done);
+        assert_eq!(p.client.call(|id| Request::Publish { id: Some(id), message: m, marker: None }).await.unwrap(), Reply::Done);
     }
     for i in 0..100u8 {
         let d = next(&mut p.deliveries).await;
@@ -138,7 +138,7 @@ async fn a_restarted_shard_gets_the_resync_and_the_unanswered_requests() {
     stop.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let m = msg("t/y", QoS::AtLeastOnce, b"while away");
-    let pending = p.client.start(|id| Request::Publish { id: Some(id), message: m, qos2_marker: None }).await.unwrap();
+    let pending = p.client.start(|id| Request::Publish { id: Some(id), message: m, marker: None }).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // A new shard process on the same address: the proxy relinks, resyncs its subscription,
@@ -161,9 +161,9 @@ async fn requests_are_refused_when_the_buffer_is_full_and_time_out_when_unanswer
     });
     // Nobody listens: the link task never takes requests from its queue.
     let m = msg("t", QoS::AtMostOnce, b"x");
-    p.client.send(Request::Publish { id: None, message: m.clone(), qos2_marker: None }).await.unwrap();
-    p.client.send(Request::Publish { id: None, message: m.clone(), qos2_marker: None }).await.unwrap();
-    let err = p.client.send(Request::Publish { id: None, message: m, qos2_marker: None }).await.unwrap_err();
+    p.client.send(Request::Publish { id: None, message: m.clone(), marker: None }).await.unwrap();
+    p.client.send(Request::Publish { id: None, message: m.clone(), marker: None }).await.unwrap();
+    let err = p.client.send(Request::Publish { id: None, message: m, marker: None }).await.unwrap_err();
     assert!(matches!(err, LinkError::Busy { buffered: 2, .. }), "{err}");
     assert!(err.to_string().contains("refusing more until it drains"));
 }
@@ -191,7 +191,7 @@ async fn unanswered_requests_time_out() {
     let mut p = proxy(addr, |c| c.request_timeout = Duration::from_millis(500));
     next(&mut p.linked).await;
     let m = msg("t", QoS::AtLeastOnce, b"x");
-    let err = p.client.call(|id| Request::Publish { id: Some(id), message: m, qos2_marker: None }).await.unwrap_err();
+    let err = p.client.call(|id| Request::Publish { id: Some(id), message: m, marker: None }).await.unwrap_err();
     assert!(matches!(err, LinkError::Timeout { .. }), "{err}");
 }
 

@@ -20,7 +20,7 @@ use broker_shard::now_ms;
 use broker_shard::ring::{Ring, ShardSet};
 use futures::future::join_all;
 use mqfleet_codec::topic::parse_shared;
-use session_store::{Notice, RedisStore};
+use session_store::{Notice, OwedWill, RedisStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::will_from_store;
@@ -238,24 +238,25 @@ pub async fn settle_previous_run(ctx: &Arc<Context>) -> Result<(), session_store
 }
 
 /// Orphans the sessions `proxy` claimed (each exactly once across the cluster: `ORPHAN` is
-/// atomic per client) and publishes or schedules their wills. Returns (sessions, wills).
+/// atomic per client) and publishes or schedules the wills it owed, including those it had
+/// taken and not seen accepted. Returns (sessions, wills).
 async fn settle_proxy(ctx: &Arc<Context>, proxy: &str) -> Result<(usize, usize), session_store::Error> {
     let c = cluster(ctx);
-    let clients = c.redis.claimed_by(proxy).await?;
+    let mut clients = c.redis.claimed_by(proxy).await?;
+    clients.extend(c.redis.wills_owed_by(proxy).await?);
+    clients.sort_unstable();
+    clients.dedup();
     let (mut wills, mut offline) = (0usize, 0usize);
     for client_id in &clients {
-        let Some(orphaned) = c.redis.orphan(client_id, proxy).await? else { continue };
+        // The wills become ours to publish: recorded first, so that if this proxy dies in turn
+        // its own settlement finds them.
+        c.redis.owe_wills(&c.id, client_id).await?;
+        let Some(orphaned) = c.redis.orphan(client_id, proxy, &c.id).await? else { continue };
         offline += usize::from(orphaned.went_offline);
-        let mut due = orphaned.replaced_wills;
-        match orphaned.will {
-            Some(will) if orphaned.will_delay.is_zero() => due.push(will),
-            Some(_) => c.redis.schedule_will(client_id, now_ms() + orphaned.will_delay.as_millis() as u64).await?,
-            None => {}
+        if let Some(delay) = orphaned.delayed_will {
+            c.redis.schedule_will(client_id, now_ms() + delay.as_millis() as u64).await?;
         }
-        for w in due.iter().filter_map(will_from_store) {
-            ctx.publish_will(w).await;
-            wills += 1;
-        }
+        wills += publish_owed(ctx, client_id, orphaned.owed).await;
     }
     // The claims stay listed: a process restarted under the same name may be claiming the same
     // client ids again right now, and removing them would hide those connections from the next
@@ -263,12 +264,33 @@ async fn settle_proxy(ctx: &Arc<Context>, proxy: &str) -> Result<(usize, usize),
     Ok((offline, wills))
 }
 
+/// Publishes wills of `client_id` this proxy took in Redis; returns how many.
+async fn publish_owed(ctx: &Context, client_id: &str, owed: Vec<OwedWill>) -> usize {
+    let mut published = 0;
+    for o in owed {
+        if let Some(w) = will_from_store(&o.will) {
+            ctx.publish_will(w, Some((client_id, o.epoch))).await;
+            published += 1;
+        }
+    }
+    published
+}
+
+/// Takes the delayed will of an offline session and publishes it, unless the client came back
+/// or another proxy took it. Returns whether there was one.
+pub async fn take_and_publish_will(ctx: &Context, client_id: &str) -> Result<bool, session_store::Error> {
+    let c = cluster(ctx);
+    c.redis.owe_wills(&c.id, client_id).await?;
+    let owed = c.redis.take_will(client_id, &c.id).await?;
+    let taken = owed.is_some();
+    publish_owed(ctx, client_id, owed.into_iter().collect()).await;
+    Ok(taken)
+}
+
 async fn due_wills(ctx: &Arc<Context>) -> Result<(), session_store::Error> {
     let c = cluster(ctx);
     for client_id in c.redis.due_wills(now_ms(), WILLS_PER_TURN).await? {
-        if let Some(w) = c.redis.take_will(&client_id).await?.as_ref().and_then(will_from_store) {
-            ctx.publish_will(w).await;
-        }
+        take_and_publish_will(ctx, &client_id).await?;
     }
     Ok(())
 }

@@ -498,7 +498,7 @@ async fn restore_sessions(ctx: &Arc<Context>) -> Result<(), StartError> {
         }
         if record.expires_at_ms().is_some_and(|t| t <= now) {
             if let Some(w) = will {
-                ctx.publish_will(w).await;
+                ctx.publish_will(w, None).await;
             }
             ctx.store.write(vec![Op::RemoveSession { client_id: record.client_id.clone(), epoch: None }]).await?;
             expired += 1;

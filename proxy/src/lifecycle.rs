@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use broker_shard::link::Request;
+use broker_shard::link::{Marker, Request, WillRef};
 use broker_shard::now_ms;
 use futures::StreamExt;
 use mqfleet_codec::ByteString;
@@ -151,7 +151,7 @@ async fn fire_will(ctx: &Arc<Context>, client_id: &ByteString, will: WillSpec, p
     if ctx.registry.is_connected(client_id) {
         return;
     }
-    ctx.publish_will(will).await;
+    ctx.publish_will(will, None).await;
     if persistent {
         // The will is spent: a restart must not publish it again.
         match ctx.store.load_session(client_id).await {
@@ -191,7 +191,7 @@ async fn expire(ctx: &Arc<Context>, client_id: &ByteString, will: Option<WillSpe
         }
     }
     if let Some(w) = will {
-        ctx.publish_will(w).await;
+        ctx.publish_will(w, None).await;
     }
     match ctx.end_stored_session(client_id, None).await {
         Ok(()) => {
@@ -221,8 +221,17 @@ pub fn will_from_store(s: &StoredWill) -> Option<WillSpec> {
 }
 
 impl Context {
-    /// Publishes a will through its topic's shard and waits until it is accepted.
-    pub async fn publish_will(&self, will: WillSpec) {
+    /// Publishes a will through its topic's shard and waits until it is accepted. In a cluster,
+    /// `of` is the connection it belongs to (client id, epoch), whose will this proxy took in
+    /// Redis: the shard publishes it only if the cluster says so, once however often it is sent
+    /// (see `session_store::Op::AcceptWill`).
+    pub async fn publish_will(&self, will: WillSpec, of: Option<(&str, u64)>) {
+        let marker = match (&self.cluster, of) {
+            (Some(c), Some((client_id, epoch))) => {
+                Some(Marker::Will(WillRef { client_id: client_id.into(), epoch, proxy: c.id.as_str().into() }))
+            }
+            _ => None,
+        };
         let mut message = will.message;
         message.expires_at_ms = will.message_expiry_interval.map(|s| now_ms() + u64::from(s) * 1000);
         let topic = message.topic.clone();
@@ -233,7 +242,7 @@ impl Context {
         loop {
             let link = self.shards.now().owner(&topic).clone();
             let message = message.clone();
-            match link.call(|id| Request::Publish { id: Some(id), message, qos2_marker: None }).await {
+            match link.call(|id| Request::Publish { id: Some(id), message, marker: marker.clone() }).await {
                 Ok(_) => {
                     self.metrics.wills_published.inc();
                     tracing::debug!(topic = %topic, "will published");

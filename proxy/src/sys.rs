@@ -74,7 +74,7 @@ async fn publish_once(ctx: &Arc<Context>, every: Duration) {
         let message = Arc::new(Message::from_publish(p, None, now_ms()));
         let _gate = ctx.shards.publish_gate().await;
         let link = ctx.shards.now().owner(&message.topic).clone();
-        match link.send(Request::Publish { id: None, message, qos2_marker: None }).await {
+        match link.send(Request::Publish { id: None, message, marker: None }).await {
             Ok(()) => {
                 ctx.metrics.sys_published.inc();
             }

@@ -9,6 +9,8 @@
 //!   another proxy first: the wills of its dead connections are still due, once.
 //! - A will whose shard is away must not hold up the client's reconnect: the takeover waits
 //!   for the previous connection to finish, and that finish used to wait for the shard.
+//! - A proxy that dies after taking a will and before a shard accepted it: the proxy that
+//!   settles it publishes the will, once.
 
 mod support;
 
@@ -203,4 +205,30 @@ async fn a_reconnect_does_not_wait_for_the_previous_connections_will_to_reach_it
     let (_back, ack) = back.unwrap_or_else(|_| panic!("the reconnect waited for the will's shard: {}", c.logs()));
     assert_eq!(ack.reason, ReasonCode::Success);
     assert_eq!(wills_within(&mut watcher, Duration::from_secs(10)).await, ["stalled-1 is gone"], "{}", c.logs());
+}
+
+/// The long soak lost wills of connections that ended just before their proxy was killed: the
+/// proxy had taken the will in Redis, so the settlement found nothing owed, and died before
+/// its shard had the will. Now the taken will is the proxy's intent until a shard accepts it:
+/// here the shard is down when the connection ends, the proxy dies retrying, and the proxy
+/// that settles it publishes the will — once (MQTT-3.1.2-8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_its_proxy_died_publishing_is_published_once_by_the_settling_proxy() {
+    let mut c = tokio::task::spawn_blocking(|| LocalCluster::start(RedisKind::Standalone, 1, 2)).await.unwrap();
+    let mut watcher = will_watcher(c.proxy(1)).await;
+    let (gone, ack) = Raw::session(c.proxy(0), with_will("orphan-1")).await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+
+    c.shards[0].service.kill9();
+    drop(gone); // ends without DISCONNECT: the will is due, and its shard is down
+    tokio::time::sleep(Duration::from_millis(500)).await; // proxy-0 took the will and retries it
+    c.proxies[0].service.kill9();
+    let c = tokio::task::spawn_blocking(move || {
+        c.restart_shard(0);
+        c
+    })
+    .await
+    .unwrap();
+    let got = wills_within(&mut watcher, Duration::from_secs(15)).await;
+    assert_eq!(got, ["orphan-1 is gone"], "{}", c.logs());
 }

@@ -31,7 +31,8 @@ mod record;
 pub mod redis;
 
 pub use self::redis::{
-    Claim, Inbox, KindLabel, LatencyFamily, Notice, Orphaned, RedisLatency, RedisStore, RedisTarget, RingChange, RingState, Takeover,
+    Claim, Inbox, KindLabel, LatencyFamily, Notice, Orphaned, OwedWill, RedisLatency, RedisStore, RedisTarget, RingChange, RingState,
+    Takeover,
 };
 pub use embedded::{EmbeddedConfig, EmbeddedStore, SyncPolicy};
 pub use error::Error;

@@ -153,6 +153,16 @@ pub enum Op {
         client_id: String,
         pkid: u16,
     },
+    /// A shard holds in its log the will of connection `epoch` of `client_id`, sent by
+    /// `proxy`, and asks whether to publish it ([`OpResult::WillAccepted`]): in a cluster each
+    /// will is published once whoever sends it how often (see `RedisStore::accept_will`).
+    /// `acceptance` names this acceptance (`<shard>@<log position>`).
+    AcceptWill {
+        client_id: String,
+        epoch: u64,
+        proxy: String,
+        acceptance: String,
+    },
     /// PUBREL received for this packet id.
     ClearInbound {
         client_id: String,
@@ -187,6 +197,9 @@ pub enum OpResult {
     /// For [`Op::Enqueue`]: per recipient, its queue position, or `None` when its queue was full
     /// and the message was dropped for it.
     Enqueued(Vec<Option<u64>>),
+    /// For [`Op::AcceptWill`]: publish it (true) or not (it was published already, or is
+    /// another proxy's to publish now).
+    WillAccepted(bool),
 }
 
 // === encoding ===

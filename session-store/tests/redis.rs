@@ -353,34 +353,42 @@ async fn a_dead_proxys_sessions_are_settled_once(r: RedisStore) {
     let mut claimed = r.claimed_by("proxy-a").await.unwrap();
     claimed.sort();
     assert_eq!(claimed, ["clean", "kept", "moved"]);
-    let o = r.orphan("clean", "proxy-a").await.unwrap().expect("owned by the dead proxy");
-    assert_eq!(o, Orphaned { went_offline: true, will: Some(will("bye", 0)), ..Orphaned::default() }, "a clean session's will is due now");
+    let o = r.orphan("clean", "proxy-a", "proxy-b").await.unwrap().expect("owned by the dead proxy");
+    let due = vec![OwedWill { epoch: clean.epoch, will: will("bye", 0) }];
+    assert_eq!(
+        o,
+        Orphaned { went_offline: true, delayed_will: None, owed: due },
+        "a clean session's will is due now, proxy-b's to publish"
+    );
     assert_eq!(r.owner("clean").await.unwrap(), (None, 0), "the clean session is gone");
-    assert_eq!(r.orphan("clean", "proxy-a").await.unwrap(), None, "settled once");
-    let o = r.orphan("kept", "proxy-a").await.unwrap().unwrap();
-    assert_eq!(o.will, Some(will("later", 30)));
-    assert_eq!(o.will_delay, Duration::from_secs(30), "a delayed will waits, in Redis");
+    assert_eq!(r.orphan("clean", "proxy-a", "proxy-b").await.unwrap(), None, "settled once");
+    let o = r.orphan("kept", "proxy-a", "proxy-b").await.unwrap().unwrap();
+    assert_eq!(o.delayed_will, Some(Duration::from_secs(30)), "a delayed will waits, in Redis");
+    assert!(o.owed.is_empty());
     assert!(s.load_session("kept").await.unwrap().is_some(), "a persistent session outlives its proxy");
     assert_eq!(r.owner("kept").await.unwrap().0, None, "offline");
-    assert_eq!(r.orphan("moved", "proxy-a").await.unwrap(), None, "moved on: no will from here");
+    assert_eq!(r.orphan("moved", "proxy-a", "proxy-b").await.unwrap(), None, "moved on: no will from here");
     // proxy-a was only paused: when it resumes, its beat tells it that it was taken for dead,
     // and a connection of it that ends now may not publish the will again.
     assert!(!r.proxy_beat("proxy-a").await.unwrap(), "a reaped proxy learns it at its next beat");
-    assert!(!r.withdraw_will("kept", kept.epoch).await.unwrap(), "settled: its will was published by the settlement");
-    assert!(!r.withdraw_will("clean", clean.epoch).await.unwrap(), "a settled clean session too, though its keys are gone");
+    assert!(!r.withdraw_will("kept", kept.epoch, "proxy-a", &will("later", 30)).await.unwrap(), "settled: its will waits in Redis");
+    assert!(
+        !r.withdraw_will("clean", clean.epoch, "proxy-a", &will("bye", 0)).await.unwrap(),
+        "a settled clean session too, though its keys are gone: proxy-b publishes that will"
+    );
     // Connections nobody settled publish their own will, once.
     r.set_will("moved", moved.epoch, Some(&will("mine", 0))).await.unwrap();
-    assert!(r.withdraw_will("moved", moved.epoch).await.unwrap());
-    assert!(!r.withdraw_will("moved", moved.epoch).await.unwrap(), "once");
+    assert!(r.withdraw_will("moved", moved.epoch, "proxy-b", &will("mine", 0)).await.unwrap());
+    assert!(!r.withdraw_will("moved", moved.epoch, "proxy-b", &will("mine", 0)).await.unwrap(), "once");
     r.forget_proxy("proxy-a").await.unwrap();
     assert!(r.claimed_by("proxy-a").await.unwrap().is_empty());
 
     // The delayed will comes due: taken once, by whichever proxy asks first.
     r.schedule_will("kept", 1).await.unwrap();
     assert_eq!(r.due_wills(now_ms(), 10).await.unwrap(), ["kept"]);
-    let (a, b) = tokio::join!(r.take_will("kept"), r.take_will("kept"));
-    let taken: Vec<StoredWill> = [a.unwrap(), b.unwrap()].into_iter().flatten().collect();
-    assert_eq!(taken, [will("later", 30)]);
+    let (a, b) = tokio::join!(r.take_will("kept", "proxy-b"), r.take_will("kept", "proxy-c"));
+    let taken: Vec<OwedWill> = [a.unwrap(), b.unwrap()].into_iter().flatten().collect();
+    assert_eq!(taken, [OwedWill { epoch: kept.epoch, will: will("later", 30) }]);
     assert!(r.due_wills(now_ms(), 10).await.unwrap().is_empty());
 }
 
@@ -398,13 +406,20 @@ async fn a_replaced_connection_still_gets_its_will_exactly_once() {
         let new = r.claim(client, "proxy-b").await.unwrap();
         assert_eq!(new.previous_owner.as_deref(), Some("proxy-a"));
         if old_proxy_alive {
-            assert!(r.withdraw_will(client, old.epoch).await.unwrap(), "proxy-a publishes its connection's will");
-            assert_eq!(r.orphan(client, "proxy-a").await.unwrap(), None, "then the settlement does not");
+            assert!(
+                r.withdraw_will(client, old.epoch, "proxy-a", &will("gone", 0)).await.unwrap(),
+                "proxy-a publishes its connection's will"
+            );
+            assert!(accept(&r, client, old.epoch, "proxy-a", "shard-1@1").await, "and a shard accepts it");
+            assert_eq!(r.orphan(client, "proxy-a", "proxy-b").await.unwrap(), None, "then the settlement does not");
         } else {
-            let o = r.orphan(client, "proxy-a").await.unwrap().expect("the dead proxy's connection owed a will");
-            assert_eq!(o, Orphaned { replaced_wills: vec![will("gone", 0)], ..Orphaned::default() });
-            assert_eq!(r.orphan(client, "proxy-a").await.unwrap(), None, "once");
-            assert!(!r.withdraw_will(client, old.epoch).await.unwrap(), "a late end on proxy-a does not publish it again");
+            let o = r.orphan(client, "proxy-a", "proxy-b").await.unwrap().expect("the dead proxy's connection owed a will");
+            assert_eq!(o, Orphaned { owed: vec![OwedWill { epoch: old.epoch, will: will("gone", 0) }], ..Orphaned::default() });
+            assert_eq!(r.orphan(client, "proxy-a", "proxy-b").await.unwrap(), None, "once");
+            assert!(
+                !r.withdraw_will(client, old.epoch, "proxy-a", &will("gone", 0)).await.unwrap(),
+                "a late end on proxy-a does not publish it again"
+            );
         }
         assert_eq!(r.owner(client).await.unwrap(), (Some("proxy-b".into()), new.epoch), "the new connection is untouched");
     }
@@ -412,7 +427,7 @@ async fn a_replaced_connection_still_gets_its_will_exactly_once() {
     let old = r.claim("dev-3", "proxy-a").await.unwrap();
     r.set_will("dev-3", old.epoch, Some(&will("later", 30))).await.unwrap();
     r.claim("dev-3", "proxy-b").await.unwrap();
-    assert_eq!(r.orphan("dev-3", "proxy-a").await.unwrap(), None);
+    assert_eq!(r.orphan("dev-3", "proxy-a", "proxy-b").await.unwrap(), None);
 }
 
 /// A proxy can die holding several connections of one client that newer ones replaced, none
@@ -430,12 +445,12 @@ async fn a_dead_proxy_owes_every_replaced_connections_will_and_no_discarded_one(
     let third = r.claim("dev", "proxy-a").await.unwrap();
     r.set_will("dev", third.epoch, Some(&will("third", 0))).await.unwrap();
     let fourth = r.claim("dev", "proxy-b").await.unwrap();
-    let o = r.orphan("dev", "proxy-a").await.unwrap().expect("proxy-a's replaced connections owe wills");
+    let o = r.orphan("dev", "proxy-a", "proxy-b").await.unwrap().expect("proxy-a's replaced connections owe wills");
     assert!(!o.went_offline, "the session is proxy-b's");
-    let mut owed: Vec<_> = o.replaced_wills.iter().map(|w| w.message.clone()).collect();
+    let mut owed: Vec<_> = o.owed.iter().map(|w| w.will.message.clone()).collect();
     owed.sort();
     assert_eq!(owed, [b"first".to_vec(), b"third".to_vec()], "both, once");
-    assert_eq!(r.orphan("dev", "proxy-a").await.unwrap(), None, "settled once");
+    assert_eq!(r.orphan("dev", "proxy-a", "proxy-b").await.unwrap(), None, "settled once");
     assert_eq!(r.owner("dev").await.unwrap(), (Some("proxy-b".into()), fourth.epoch));
 
     // Replaced while its DISCONNECT was being handled: the release records the discarded will.
@@ -443,8 +458,8 @@ async fn a_dead_proxy_owes_every_replaced_connections_will_and_no_discarded_one(
     r.set_will("polite", polite.epoch, Some(&will("never", 0))).await.unwrap();
     r.claim("polite", "proxy-b").await.unwrap();
     assert!(!r.release("polite", "proxy-a", polite.epoch, true).await.unwrap(), "proxy-b owns it now");
-    assert_eq!(r.orphan("polite", "proxy-a").await.unwrap(), None, "a discarded will is not owed");
-    assert!(!r.withdraw_will("polite", polite.epoch).await.unwrap(), "nor publishable later");
+    assert_eq!(r.orphan("polite", "proxy-a", "proxy-b").await.unwrap(), None, "a discarded will is not owed");
+    assert!(!r.withdraw_will("polite", polite.epoch, "proxy-a", &will("never", 0)).await.unwrap(), "nor publishable later");
 
     // Still the owner: a persistent session keeps no will to fire after a normal DISCONNECT.
     let s = Store::Redis(r.clone());
@@ -453,7 +468,72 @@ async fn a_dead_proxy_owes_every_replaced_connections_will_and_no_discarded_one(
     r.set_will("kept", kept.epoch, Some(&will("delayed", 30))).await.unwrap();
     assert!(r.release("kept", "proxy-a", kept.epoch, true).await.unwrap());
     r.schedule_will("kept", 1).await.unwrap();
-    assert_eq!(r.take_will("kept").await.unwrap(), None, "the will went with the DISCONNECT");
+    assert_eq!(r.take_will("kept", "proxy-b").await.unwrap(), None, "the will went with the DISCONNECT");
+}
+
+/// What a shard asks before it routes a will it logged (see `Op::AcceptWill`).
+async fn accept(r: &RedisStore, client_id: &str, epoch: u64, proxy: &str, acceptance: &str) -> bool {
+    let ask = Op::AcceptWill { client_id: client_id.into(), epoch, proxy: proxy.into(), acceptance: acceptance.into() };
+    match Store::Redis(r.clone()).write(vec![ask]).await.unwrap().as_slice() {
+        [OpResult::WillAccepted(yes)] => *yes,
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+/// The long soak lost wills of connections that ended just before their proxy was killed: the
+/// proxy had taken the will in Redis and died before a shard had it. A taken will is now the
+/// proxy's intent until a shard accepts it; a settlement hands unaccepted intents to the
+/// settling proxy, and the shard's acceptance lets exactly one copy through, whoever sends it
+/// how often — the dead proxy's late copy (it was only paused), the settler's, a resend, or the
+/// shard's own replay after a crash (MQTT-3.1.2-8: the will is published; each once).
+#[tokio::test]
+async fn a_will_its_proxy_died_publishing_is_published_by_the_settler_exactly_once() {
+    let redis = RedisServer::start();
+    let r = redis_store(&redis.url()).await;
+    let c = r.claim("dev", "proxy-a").await.unwrap();
+    r.set_will("dev", c.epoch, Some(&will("gone", 0))).await.unwrap();
+    // The connection ends (no DISCONNECT): proxy-a takes the will and releases the id...
+    r.owe_wills("proxy-a", "dev").await.unwrap();
+    assert!(r.withdraw_will("dev", c.epoch, "proxy-a", &will("gone", 0)).await.unwrap());
+    assert!(r.release("dev", "proxy-a", c.epoch, false).await.unwrap());
+    // ...and dies before any shard accepted the will: its claims no longer list the client,
+    // its intents do.
+    assert!(r.claimed_by("proxy-a").await.unwrap().is_empty());
+    assert_eq!(r.wills_owed_by("proxy-a").await.unwrap(), ["dev"]);
+    let o = r.orphan("dev", "proxy-a", "proxy-b").await.unwrap().expect("the will is owed");
+    assert_eq!(o, Orphaned { went_offline: false, delayed_will: None, owed: vec![OwedWill { epoch: c.epoch, will: will("gone", 0) }] });
+    assert_eq!(r.orphan("dev", "proxy-a", "proxy-b").await.unwrap(), None, "handed out once");
+
+    assert!(!accept(&r, "dev", c.epoch, "proxy-a", "shard-1@5").await, "proxy-a's late copy (it was only paused) is not published");
+    assert!(accept(&r, "dev", c.epoch, "proxy-b", "shard-1@6").await, "the settler's copy is");
+    assert!(accept(&r, "dev", c.epoch, "proxy-b", "shard-1@6").await, "and is again when the shard replays that entry");
+    assert!(!accept(&r, "dev", c.epoch, "proxy-b", "shard-2@1").await, "a second copy (a resend after a lost reply) is not");
+    // proxy-b dies in turn: nothing left to settle, the will is out.
+    assert_eq!(r.orphan("dev", "proxy-b", "proxy-c").await.unwrap(), None);
+
+    // Accepted before its proxy died: nothing owed.
+    let c2 = r.claim("dev", "proxy-a").await.unwrap();
+    r.owe_wills("proxy-a", "dev").await.unwrap();
+    assert!(r.withdraw_will("dev", c2.epoch, "proxy-a", &will("again", 0)).await.unwrap());
+    assert!(accept(&r, "dev", c2.epoch, "proxy-a", "shard-1@7").await);
+    assert!(r.release("dev", "proxy-a", c2.epoch, false).await.unwrap());
+    assert_eq!(r.orphan("dev", "proxy-a", "proxy-b").await.unwrap(), None);
+    // A will nobody recorded (published while Redis did not answer) goes out, once.
+    assert!(accept(&r, "dev", 42, "proxy-a", "shard-1@8").await);
+    assert!(!accept(&r, "dev", 42, "proxy-a", "shard-1@9").await);
+
+    // A settler that dies with the will it took is settled in turn: the will moves on again.
+    let c3 = r.claim("dev", "proxy-a").await.unwrap();
+    r.set_will("dev", c3.epoch, Some(&will("third", 0))).await.unwrap();
+    r.owe_wills("proxy-b", "dev").await.unwrap();
+    let o = r.orphan("dev", "proxy-a", "proxy-b").await.unwrap().expect("the session's will is due");
+    assert_eq!(o.owed, [OwedWill { epoch: c3.epoch, will: will("third", 0) }]);
+    assert_eq!(r.wills_owed_by("proxy-b").await.unwrap(), ["dev"]);
+    let o = r.orphan("dev", "proxy-b", "proxy-c").await.unwrap().expect("proxy-b died publishing it");
+    assert_eq!(o.owed, [OwedWill { epoch: c3.epoch, will: will("third", 0) }]);
+    assert!(accept(&r, "dev", c3.epoch, "proxy-c", "shard-1@10").await);
+    r.forget_proxy("proxy-b").await.unwrap();
+    assert!(r.wills_owed_by("proxy-b").await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -480,7 +560,7 @@ async fn a_reconnect_cancels_a_pending_will_and_fences_the_old_connection() {
     r.schedule_will("c", 1).await.unwrap();
 
     let second = r.claim("c", "proxy-b").await.unwrap();
-    assert_eq!(r.take_will("c").await.unwrap(), None, "the client is back: no will");
+    assert_eq!(r.take_will("c", "proxy-b").await.unwrap(), None, "the client is back: no will");
     assert!(!r.set_will("c", first.epoch, Some(&will("stale", 0))).await.unwrap(), "an older connection cannot set a will");
     // Nor end the session: the stale connection's removal is refused, the new one's works and
     // keeps its claim.

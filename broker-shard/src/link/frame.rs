@@ -16,13 +16,13 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use mqfleet_codec::{ByteString, QoS, RetainHandling, SubscriptionOptions};
 
 use super::{
-    ConnId, Deliver, DeliveryOptions, Event, LogRef, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, ShardStats,
-    SubscribeItem,
+    ConnId, Deliver, DeliveryOptions, Event, LogRef, Marker, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, ShardStats,
+    SubscribeItem, WillRef,
 };
 use crate::message::Message;
 
 /// Version of this format; both ends must speak the same.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 
 /// Largest frame accepted: a delivery to every connection of a busy proxy fits easily.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
@@ -179,17 +179,23 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
 
 fn encode_request(r: &Request, b: &mut BytesMut) {
     match r {
-        Request::Publish { id, message, qos2_marker } => {
+        Request::Publish { id, message, marker } => {
             b.put_u8(0);
             put_opt_u64(b, id.map(|i| i.0));
             put_message(b, message);
-            match qos2_marker {
-                Some((client, pkid)) => {
+            match marker {
+                None => b.put_u8(0),
+                Some(Marker::Qos2 { client_id, pkid }) => {
                     b.put_u8(1);
-                    put_str(b, client);
+                    put_str(b, client_id);
                     b.put_u16(*pkid);
                 }
-                None => b.put_u8(0),
+                Some(Marker::Will(w)) => {
+                    b.put_u8(2);
+                    put_str(b, &w.client_id);
+                    b.put_u64(w.epoch);
+                    put_str(b, &w.proxy);
+                }
             }
         }
         Request::Subscribe { id, session, items, deliver_retained } => {
@@ -507,8 +513,17 @@ fn decode_request(r: &mut Rd) -> Result<Request, FrameError> {
         0 => {
             let id = r.opt_u64("request id")?.map(RequestId);
             let message = r.message()?;
-            let qos2_marker = if r.bool("marker")? { Some((r.string("marker client")?, r.u16("marker packet id")?)) } else { None };
-            Request::Publish { id, message, qos2_marker }
+            let marker = match r.u8("marker")? {
+                0 => None,
+                1 => Some(Marker::Qos2 { client_id: r.string("marker client")?, pkid: r.u16("marker packet id")? }),
+                2 => Some(Marker::Will(WillRef {
+                    client_id: r.string("will client")?,
+                    epoch: r.u64("will epoch")?,
+                    proxy: r.string("will proxy")?,
+                })),
+                tag => return Err(FrameError::UnknownTag { what: "publish marker", tag }),
+            };
+            Request::Publish { id, message, marker }
         }
         1 => {
             let id = RequestId(r.u64("request id")?);

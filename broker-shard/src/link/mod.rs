@@ -63,16 +63,34 @@ pub struct SubscribeItem {
     pub id: Option<u32>,
 }
 
+/// What a published message is, beyond its content, for the store to record with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Marker {
+    /// A QoS 2 PUBLISH of a persistent session: its packet id is stored in the same commit as
+    /// the message (see `session_store::Op::MarkInbound`).
+    Qos2 { client_id: ByteString, pkid: u16 },
+    /// A will: published only if the cluster says it is to be, once whoever sends it how often
+    /// (see `session_store::Op::AcceptWill`).
+    Will(WillRef),
+}
+
+/// Which will a message is: the connection it belongs to (`client_id`, `epoch`) and the proxy
+/// publishing it (its id in the cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WillRef {
+    pub client_id: ByteString,
+    pub epoch: u64,
+    pub proxy: ByteString,
+}
+
 /// Proxy → shard.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// Route a message. With an id, the shard replies once the message is durably accepted.
-    /// `qos2_marker` (client id, packet id) is stored in the same commit as the message, for a
-    /// QoS 2 PUBLISH of a persistent session: see `session_store::Op::MarkInbound`.
     Publish {
         id: Option<RequestId>,
         message: Arc<Message>,
-        qos2_marker: Option<(ByteString, u16)>,
+        marker: Option<Marker>,
     },
     /// Add or replace subscriptions; the reply says which existed and carries the retained
     /// messages to send: with `deliver_retained`, those of the topics this shard owns under the

@@ -42,7 +42,8 @@ use self::rebalance::RingView;
 use self::sessions::Sessions;
 use crate::link::local::Inbound;
 use crate::link::{
-    ConnId, DeliveryOptions, Event, ProxyId, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, ShardStats, SubscribeItem,
+    ConnId, DeliveryOptions, Event, Marker, ProxyId, Recipient, Reply, Request, RequestId, SessionInfo, ShardError, ShardStats,
+    SubscribeItem, WillRef,
 };
 use crate::log::{self, Publisher};
 use crate::message::Message;
@@ -340,7 +341,7 @@ impl Router {
             }
         }
         match request {
-            Request::Publish { id, message, qos2_marker } => self.on_publish(proxy, id, message, qos2_marker),
+            Request::Publish { id, message, marker } => self.on_publish(proxy, id, message, marker),
             Request::Subscribe { id, session, items, deliver_retained } => {
                 let (reply, ops) = self.subscribe_items(&session, proxy, items, deliver_retained);
                 self.pipeline.write_local_then_emit(ops, vec![(proxy, Event::Reply { id, result: Ok(reply) })]);
@@ -466,7 +467,9 @@ impl Router {
             let message = Arc::new(entry.message);
             let targets = if message.is_expired(now_ms()) { Vec::new() } else { self.match_targets(&message) };
             let plan = self.plan(targets);
-            self.dispatch(None, message, Vec::new(), None, plan, Some((position, None)));
+            // A will asks again: the crash may have come before the cluster said to publish it.
+            let marker = entry.will.map(|w| accept_will(w, format!("{}@{position}", self.name)));
+            self.dispatch(None, message, Vec::new(), marker, plan, Some((position, None)));
         }
         for (proxy, request) in hold.stash {
             self.on_request(proxy, request);
@@ -606,7 +609,7 @@ impl Router {
 
     // === publish ===
 
-    fn on_publish(&mut self, proxy: ProxyId, id: Option<RequestId>, message: Arc<Message>, qos2_marker: Option<(ByteString, u16)>) {
+    fn on_publish(&mut self, proxy: ProxyId, id: Option<RequestId>, message: Arc<Message>, marker: Option<Marker>) {
         // Logged: QoS 1/2 in clustered mode. Its request identifies it if the proxy sends it
         // again because the reply was lost.
         let logged = self.book.is_some() && message.qos != QoS::AtMostOnce;
@@ -632,7 +635,6 @@ impl Router {
         }
         self.metrics.messages.inc();
         let now = now_ms();
-        let marker = qos2_marker.map(|(client, pkid)| Op::MarkInbound { client_id: client.to_string(), pkid });
         let mut retained_ops = Vec::new();
         if message.retain {
             let topic = message.topic.to_string();
@@ -650,13 +652,30 @@ impl Router {
         }
         let targets = if message.is_expired(now) { Vec::new() } else { self.match_targets(&message) };
         let plan = self.plan(targets);
+        let will = match &marker {
+            Some(Marker::Will(w)) => Some(w.clone()),
+            _ => None,
+        };
         let log = match &mut self.book {
             Some(book) if logged => {
-                let entry = log::encode(publisher.as_ref(), &message);
+                let entry = log::encode(publisher.as_ref(), will.as_ref(), &message);
                 Some((book.append(publisher), Some(entry)))
             }
             _ => None,
         };
+        let marker = marker.map(|m| match m {
+            Marker::Qos2 { client_id, pkid } => Op::MarkInbound { client_id: client_id.to_string(), pkid },
+            Marker::Will(w) => {
+                // Names this acceptance: its log position, or (a QoS 0 will is not logged, so
+                // never replayed) the request, which is never sent twice.
+                let acceptance = match (&log, self.peers.get(&proxy)) {
+                    (Some((position, _)), _) => format!("{}@{position}", self.name),
+                    (None, Some(peer)) => format!("{}@{}/{}/{}", self.name, peer.name, peer.incarnation, id.map_or(0, |i| i.0)),
+                    (None, None) => format!("{}@-", self.name),
+                };
+                accept_will(w, acceptance)
+            }
+        });
         self.dispatch(Some((proxy, id)), message, retained_ops, marker, plan, log);
     }
 
@@ -816,4 +835,8 @@ struct Plan {
     durable: Vec<(String, Delivery)>,
     /// Copies for offline sessions that are not queued (QoS 0).
     not_queued: u64,
+}
+
+fn accept_will(w: WillRef, acceptance: String) -> Op {
+    Op::AcceptWill { client_id: w.client_id.to_string(), epoch: w.epoch, proxy: w.proxy.to_string(), acceptance }
 }

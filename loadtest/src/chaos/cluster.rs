@@ -139,12 +139,14 @@ impl ChaosCluster {
         self.proxies.iter().map(|p| (p.name.clone(), p.service.addrs.get("HTTP").copied())).collect()
     }
 
-    /// Counters worth reading after a run: dropped copies by reason and fencing, by process.
+    /// Counters worth reading after a run: dropped copies by reason, fencing and withheld will
+    /// copies, by process.
     pub fn counters(&self) -> std::collections::BTreeMap<String, f64> {
         let mut out = std::collections::BTreeMap::new();
         for s in self.services() {
             let Some(text) = s.http_get("/metrics") else { continue };
-            for line in text.lines().filter(|l| l.contains("dropped_messages_total") || l.starts_with("mqfleet_proxy_fenced_total")) {
+            const COUNTED: [&str; 2] = ["mqfleet_proxy_fenced_total", "mqfleet_shard_wills_withheld_total"];
+            for line in text.lines().filter(|l| l.contains("dropped_messages_total") || COUNTED.iter().any(|c| l.starts_with(c))) {
                 if let Some((name, value)) = line.rsplit_once(' ') {
                     if let Ok(v) = value.parse::<f64>() {
                         out.insert(format!("{}: {name}", s.name), v);

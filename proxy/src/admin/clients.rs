@@ -293,12 +293,8 @@ async fn discard_offline(ctx: &Context, client_id: &str) -> Result<(), ApiError>
     match &ctx.cluster {
         // The lifecycle task owns the session's timers and its pending will.
         None => ctx.lifecycle.end_now(&id),
-        Some(c) => {
-            if let Some(will) =
-                c.redis.take_will(client_id).await.map_err(unavailable)?.as_ref().and_then(crate::lifecycle::will_from_store)
-            {
-                ctx.publish_will(will).await;
-            }
+        Some(_) => {
+            crate::cluster::take_and_publish_will(ctx, client_id).await.map_err(unavailable)?;
             ctx.end_stored_session(&id, Some(record.epoch)).await.map_err(unavailable)?;
         }
     }

@@ -122,9 +122,9 @@ pub(super) async fn publish(
     let gate = ctx.shards.publish_gate().await;
     let link = ctx.shards.now().owner(&message.topic).clone();
     if qos == QoS::AtMostOnce {
-        link.send(Request::Publish { id: None, message, qos2_marker: None }).await.map_err(unavailable)?;
+        link.send(Request::Publish { id: None, message, marker: None }).await.map_err(unavailable)?;
     } else {
-        let reply = link.start(|id| Request::Publish { id: Some(id), message, qos2_marker: None }).await.map_err(unavailable)?;
+        let reply = link.start(|id| Request::Publish { id: Some(id), message, marker: None }).await.map_err(unavailable)?;
         drop(gate);
         tokio::time::timeout(ANSWER_WITHIN, reply)
             .await

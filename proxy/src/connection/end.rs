@@ -82,18 +82,25 @@ where
         self.ctx.registry.release(&self.client_id, self.conn);
     }
 
-    /// Publishes the will of this connection now. In a cluster it takes the right to first:
-    /// if another proxy took this one for dead meanwhile (a pause, a partition) and settled
-    /// this connection, that proxy published the will and this one must not — each will once.
+    /// Publishes the will of this connection now. In a cluster it takes the will in Redis
+    /// first, as this proxy's intent: if another proxy took this one for dead meanwhile (a
+    /// pause, a partition) and settled this connection, that proxy publishes the will and this
+    /// one must not; and if this proxy dies before a shard accepted the will, whoever settles it
+    /// publishes it — each will once (see `session_store::Op::AcceptWill`).
     async fn publish_will_now(&mut self, will: crate::session::connect::WillSpec) {
         let (ctx, client_id, epoch) = (self.ctx.clone(), self.client_id.clone(), self.session.epoch);
         if let Some(c) = &ctx.cluster {
             // Redis must say whose will it is: publishing without its answer could publish it a
             // second time later (a settlement finding it still owed). A Redis restart takes
             // seconds; only past WITHDRAW_PATIENCE is the will published regardless.
+            let stored = crate::lifecycle::stored_will(&will);
             let mut backoff = mqfleet_ops::outage::Backoff::within(WITHDRAW_PATIENCE);
             loop {
-                match c.redis.withdraw_will(&client_id, epoch).await {
+                let taken = async {
+                    c.redis.owe_wills(&c.id, &client_id).await?;
+                    c.redis.withdraw_will(&client_id, epoch, &c.id, &stored).await
+                };
+                match taken.await {
                     Ok(true) => break,
                     Ok(false) => {
                         tracing::info!("will not published here: this connection was settled (and its will published) by another proxy");
@@ -113,7 +120,7 @@ where
         // wait (and retry), not this connection's end — a reconnect of the client waits for
         // that (takeover), and it must not wait for a shard it may not even use.
         let publisher = ctx.clone();
-        ctx.tasks.spawn(async move { publisher.publish_will(will).await });
+        ctx.tasks.spawn(async move { publisher.publish_will(will, Some((&client_id, epoch))).await });
     }
 
     /// A persistent session outlives the connection: record where its deliveries stand, keep a

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use broker_shard::link::{Reply, Request, SessionInfo, SubscribeItem};
+use broker_shard::link::{Marker, Reply, Request, SessionInfo, SubscribeItem};
 use broker_shard::{now_ms, Message};
 use futures::future::{join_all, BoxFuture, FutureExt};
 use mqfleet_codec::topic::{parse_shared, validate_topic_filter, validate_topic_name};
@@ -95,8 +95,10 @@ where
             return self.refuse_publish(p, reason);
         }
 
-        let qos2_marker = match p.pkid {
-            Some(pkid) if qos == QoS::ExactlyOnce && self.session.persistent() => Some((self.client_id.clone(), pkid.get())),
+        let marker = match p.pkid {
+            Some(pkid) if qos == QoS::ExactlyOnce && self.session.persistent() => {
+                Some(Marker::Qos2 { client_id: self.client_id.clone(), pkid: pkid.get() })
+            }
             _ => None,
         };
         let pkid = p.pkid;
@@ -107,11 +109,11 @@ where
         let link = ctx.shards.now().owner(&message.topic).clone();
         match pkid {
             None => {
-                link.send(Request::Publish { id: None, message, qos2_marker: None }).await.map_err(link_down)?;
+                link.send(Request::Publish { id: None, message, marker: None }).await.map_err(link_down)?;
                 self.publish_latency[0].observe(received.elapsed().as_secs_f64());
             }
             Some(pkid) => {
-                let reply = link.start(|id| Request::Publish { id: Some(id), message, qos2_marker }).await.map_err(link_down)?;
+                let reply = link.start(|id| Request::Publish { id: Some(id), message, marker }).await.map_err(link_down)?;
                 let latency = self.publish_latency[qos as usize].clone();
                 self.ops.push_back(
                     async move {

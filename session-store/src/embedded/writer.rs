@@ -402,6 +402,8 @@ fn apply(
             let mut t = txn.open_table(INBOUND).map_err(|e| err(e.into()))?;
             t.insert((client_id.as_str(), *pkid), ()).map_err(|e| err(e.into()))?;
         }
+        // One process publishes every will of a single node, each once: nothing to decide.
+        Op::AcceptWill { .. } => return Ok(OpResult::WillAccepted(true)),
         Op::ClearInbound { client_id, pkid } => {
             let mut t = txn.open_table(INBOUND).map_err(|e| err(e.into()))?;
             t.remove((client_id.as_str(), *pkid)).map_err(|e| err(e.into()))?;

@@ -14,7 +14,7 @@
 //! | `mqf:{H}:n:<id>` | string | last queue position given out |
 //! | `mqf:{H}:in:<id>` | set | packet ids of accepted QoS 2 PUBLISHes awaiting PUBREL |
 //! | `mqf:{H}:w:<id>` | hash | shard → "log position:queue position" of its last enqueue (replay is idempotent) |
-//! | `mqf:{H}:wt:<id>` | hash (10 min) | connection epoch → who took its will (`self`: its own proxy; `settled`: a dead proxy's settlement): each will once |
+//! | `mqf:{H}:wt:<id>` | hash (10 min) | connection epoch → where its will stands: `intent\n<proxy>\n<will>` (that proxy publishes it), `published\n<shard>@<token>`, `discarded`, `scheduled` (see `scripts::ACCEPT_WILL`): each will once |
 //! | `mqf:{H}:prev:<id>` | hash (10 min) | epoch of a connection a newer one replaced before it was released → "owner\ndelay ms\nwill": the will it may still owe if its proxy died |
 //! | `mqf:{m}:proxies` | hash | proxy id → "last heartbeat ms\|" (Redis clock) |
 //! | `mqf:{m}:shards` | hash | shard name → "last heartbeat ms\|link address" |
@@ -23,6 +23,7 @@
 //! | `mqf:{m}:wills` | sorted set | client id, scored by when its delayed will is due |
 //! | `mqf:{pH}:inbox:<proxy>` | list | takeover notices for the proxy's connections |
 //! | `mqf:{pH}:clients:<proxy>` | set | client ids the proxy claimed |
+//! | `mqf:{pH}:wills:<proxy>` | sorted set | client ids whose will the proxy took to publish, by when (Unix ms): where a settlement of the proxy looks for intents |
 //! | `mqf:{H}:rate:<name>:<id>` | hash | fleet-wide token bucket of a client: `tokens`, `at_ms` |
 //! | `mqf:{uH}:user:<name>` | string | a user's PHC password hash (`mqfleet-proxy passwd redis://…`) |
 //! | `mqf:{m}:acl` | string | the fleet's ACL rules (TOML, as in an ACL file) |
@@ -112,6 +113,12 @@ fn proxy_tag(proxy: &str) -> String {
 /// Takeover notices for a proxy's connections (a list; the proxy blocks on it).
 pub fn proxy_inbox(proxy: &str) -> String {
     format!("{}:inbox:{proxy}", proxy_tag(proxy))
+}
+
+/// Client ids whose will a proxy took to publish, scored by when (a superset of its open
+/// intents: each is checked against the wills-taken hash before it is acted on).
+pub fn proxy_wills(proxy: &str) -> String {
+    format!("{}:wills:{proxy}", proxy_tag(proxy))
 }
 
 /// Client ids a proxy has claimed (a superset of what it owns: each entry is checked against

@@ -18,13 +18,22 @@ use crate::{Error, StoredWill};
 pub struct Orphaned {
     /// The dead proxy held the session's current connection: the session is offline now.
     pub went_offline: bool,
-    /// That connection's will, and how long after now it is due.
-    pub will: Option<StoredWill>,
-    pub will_delay: Duration,
-    /// Wills of the dead proxy's connections that newer ones replaced before it published
-    /// them: due now.
-    pub replaced_wills: Vec<StoredWill>,
+    /// That connection's will was left in the session for the will timer, due after this.
+    pub delayed_will: Option<Duration>,
+    /// Wills due now, each handed to the settling proxy to publish (its intent).
+    pub owed: Vec<OwedWill>,
 }
+
+/// A will this proxy has taken to publish: the connection it belongs to (its client id and
+/// epoch) identifies it to the shard that accepts it (see `scripts::ACCEPT_WILL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwedWill {
+    pub epoch: u64,
+    pub will: StoredWill,
+}
+
+/// How long a proxy's record of the wills it took is kept: as long as the wills-taken hash.
+const INTENTS_KEPT: Duration = Duration::from_secs(600);
 
 /// A connection of ours was taken over by a newer one elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,8 +159,10 @@ impl RedisStore {
     }
 
     /// Settles what `dead_proxy` held of `client_id`: the session's connection, if it was
-    /// there, and wills its replaced connections still owe; `None` if there is nothing to do.
-    pub async fn orphan(&self, client_id: &str, dead_proxy: &str) -> Result<Option<Orphaned>, Error> {
+    /// there, and wills it owed, which become `settler`'s to publish; `None` if there is
+    /// nothing to do. The settler records the client among its intents first
+    /// ([`RedisStore::owe_wills`]).
+    pub async fn orphan(&self, client_id: &str, dead_proxy: &str, settler: &str) -> Result<Option<Orphaned>, Error> {
         let k = ClientKeys::new(client_id);
         let mut inv = scripts::ORPHAN.prepare_invoke();
         for key in k.all() {
@@ -159,34 +170,67 @@ impl RedisStore {
         }
         inv.key(&k.wills_taken);
         inv.key(&k.replaced);
-        let reply: Vec<redis::Value> =
-            inv.arg(dead_proxy).invoke_async(&mut self.conn()).await.map_err(|e| Error::redis("settling a dead proxy's session", e))?;
+        let reply: Vec<redis::Value> = inv
+            .arg(dead_proxy)
+            .arg(settler)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("settling a dead proxy's session", e))?;
         let malformed = || Error::Corrupt { what: "settlement reply from Redis", detail: format!("{reply:?}") };
         let int = |v: &redis::Value| redis::from_redis_value::<i64>(v.clone()).map_err(|_| malformed());
-        let will = |v: &redis::Value| -> Result<Option<StoredWill>, Error> {
-            let blob: Vec<u8> = redis::from_redis_value(v.clone()).map_err(|_| malformed())?;
-            if blob.is_empty() {
-                Ok(None)
-            } else {
-                decode("will", &blob).map(Some)
-            }
-        };
         match reply.as_slice() {
             [status] if int(status)? < 0 => Ok(None),
-            [status, delay, current, replaced @ ..] => Ok(Some(Orphaned {
+            [status, delay, owed @ ..] if owed.len() % 2 == 0 => Ok(Some(Orphaned {
                 went_offline: int(status)? == 1,
-                will: will(current)?,
-                will_delay: Duration::from_millis(int(delay)?.max(0) as u64),
-                replaced_wills: replaced.iter().map(|w| will(w)?.ok_or_else(malformed)).collect::<Result<_, _>>()?,
+                delayed_will: (int(delay)? > 0).then(|| Duration::from_millis(int(delay).unwrap_or(0) as u64)),
+                owed: owed.chunks(2).map(|p| owed_will(&p[0], &p[1]).unwrap_or_else(|| Err(malformed()))).collect::<Result<_, _>>()?,
             })),
             _ => Err(malformed()),
         }
+    }
+
+    /// Records that `proxy` is taking wills of `client_id` to publish, before it takes them: a
+    /// settlement of `proxy` looks there for intents it left unpublished. Entries older than
+    /// the intents themselves are dropped on the way.
+    pub async fn owe_wills(&self, proxy: &str, client_id: &str) -> Result<(), Error> {
+        let key = keys::proxy_wills(proxy);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        redis::pipe()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(now)
+            .arg(client_id)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now.saturating_sub(INTENTS_KEPT.as_millis() as u64))
+            .ignore()
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("recording a will to publish", e))
+    }
+
+    /// Client ids whose wills `proxy` took to publish within the last ten minutes.
+    pub async fn wills_owed_by(&self, proxy: &str) -> Result<Vec<String>, Error> {
+        redis::cmd("ZRANGE")
+            .arg(keys::proxy_wills(proxy))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("listing wills to publish", e))
     }
 
     /// Removes what is left of a proxy that is gone: its claims and its takeover notices.
     pub async fn forget_proxy(&self, proxy: &str) -> Result<(), Error> {
         redis::cmd("DEL")
             .arg(keys::proxy_clients(proxy))
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("forgetting a proxy", e))?;
+        redis::cmd("DEL")
+            .arg(keys::proxy_wills(proxy))
             .query_async::<()>(&mut self.conn())
             .await
             .map_err(|e| Error::redis("forgetting a proxy", e))?;
@@ -216,16 +260,19 @@ impl RedisStore {
         Ok(done == 1)
     }
 
-    /// The connection with `epoch` ended and would publish its will: false if a dead-proxy
-    /// settlement took that will first (its proxy was paused or cut off, not dead), else true,
-    /// and the will is this caller's to publish (see `scripts::WITHDRAW_WILL`).
-    pub async fn withdraw_will(&self, client_id: &str, epoch: u64) -> Result<bool, Error> {
+    /// The connection with `epoch` ended and `proxy` would publish its will: false if a
+    /// dead-proxy settlement took that will first (its proxy was paused or cut off, not dead),
+    /// else true, and the will is `proxy`'s intent (see `scripts::WITHDRAW_WILL`). The caller
+    /// records the client among its intents first ([`RedisStore::owe_wills`]).
+    pub async fn withdraw_will(&self, client_id: &str, epoch: u64, proxy: &str, will: &StoredWill) -> Result<bool, Error> {
         let k = ClientKeys::new(client_id);
         let taken: u8 = scripts::WITHDRAW_WILL
             .key(&k.session)
             .key(&k.wills_taken)
             .key(&k.replaced)
             .arg(epoch)
+            .arg(proxy)
+            .arg(encode(will))
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| Error::redis("withdrawing a will", e))?;
@@ -258,19 +305,30 @@ impl RedisStore {
             .map_err(|e| Error::redis("reading due wills", e))
     }
 
-    /// Takes a due will, exactly once across all proxies; `None` if the client came back or
-    /// another proxy took it. The schedule entry is removed either way.
-    pub async fn take_will(&self, client_id: &str) -> Result<Option<StoredWill>, Error> {
+    /// Takes a due will, exactly once across all proxies, as `taker`'s intent; `None` if the
+    /// client came back or another proxy took it. The schedule entry is removed either way.
+    /// The taker records the client among its intents first ([`RedisStore::owe_wills`]).
+    pub async fn take_will(&self, client_id: &str, taker: &str) -> Result<Option<OwedWill>, Error> {
         let k = ClientKeys::new(client_id);
-        let will: Option<Vec<u8>> =
-            scripts::TAKE_WILL.key(&k.session).invoke_async(&mut self.conn()).await.map_err(|e| Error::redis("taking a will", e))?;
+        let reply: Option<(redis::Value, redis::Value)> = scripts::TAKE_WILL
+            .key(&k.session)
+            .key(&k.wills_taken)
+            .arg(taker)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| Error::redis("taking a will", e))?;
         redis::cmd("ZREM")
             .arg(keys::WILLS)
             .arg(client_id)
             .query_async::<()>(&mut self.conn())
             .await
             .map_err(|e| Error::redis("taking a will", e))?;
-        will.map(|w| decode("will", &w)).transpose()
+        reply
+            .map(|(epoch, will)| {
+                owed_will(&epoch, &will)
+                    .unwrap_or_else(|| Err(Error::Corrupt { what: "will taken from Redis", detail: format!("{will:?}") }))
+            })
+            .transpose()
     }
 
     /// The ring and any change under way.
@@ -401,4 +459,11 @@ impl Inbox {
             }
         }))
     }
+}
+
+/// An (epoch, encoded will) pair of a script's reply; `None` if it is not one.
+fn owed_will(epoch: &redis::Value, will: &redis::Value) -> Option<Result<OwedWill, Error>> {
+    let epoch: u64 = redis::from_redis_value::<String>(epoch.clone()).ok()?.parse().ok()?;
+    let blob: Vec<u8> = redis::from_redis_value(will.clone()).ok()?;
+    Some(decode("will", &blob).map(|will| OwedWill { epoch, will }))
 }

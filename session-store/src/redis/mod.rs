@@ -16,7 +16,7 @@ mod membership;
 mod scripts;
 mod sentinel;
 
-pub use membership::{Inbox, Notice, Orphaned, RingChange, RingState, Takeover};
+pub use membership::{Inbox, Notice, Orphaned, OwedWill, RingChange, RingState, Takeover};
 
 use std::time::Duration;
 
@@ -533,6 +533,7 @@ impl Lanes {
             | Op::SetState { client_id, .. }
             | Op::Ack { client_id, .. }
             | Op::MarkInbound { client_id, .. }
+            | Op::AcceptWill { client_id, .. }
             | Op::ClearInbound { client_id, .. }
             | Op::PutSubscription { client_id, .. }
             | Op::RemoveSubscription { client_id, .. } => Some(client_id.clone()),
@@ -680,6 +681,18 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
                 .await
                 .map_err(|e| Error::redis("recording a QoS 2 packet id", e))?;
             Ok(OpResult::Done)
+        }
+        Op::AcceptWill { client_id, epoch, proxy, acceptance } => {
+            let k = ClientKeys::new(&client_id);
+            let accepted: u8 = scripts::ACCEPT_WILL
+                .key(&k.wills_taken)
+                .arg(epoch)
+                .arg(proxy)
+                .arg(acceptance)
+                .invoke_async(conn)
+                .await
+                .map_err(|e| Error::redis("accepting a will", e))?;
+            Ok(OpResult::WillAccepted(accepted == 1))
         }
         Op::ClearInbound { client_id, pkid } => {
             let k = ClientKeys::new(&client_id);

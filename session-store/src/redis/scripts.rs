@@ -108,14 +108,27 @@ return 1
     )
 });
 
-/// KEYS: session, wills taken, replaced connections. ARGV: epoch. The connection with `epoch`
-/// ended and is about to publish its will: takes the right to (1), unless a dead-proxy
-/// settlement took it first (0: its proxy was only paused or cut off, and the will went out
-/// there). The will is removed from the session if the connection still owns it.
+// === wills: each published exactly once ===
+//
+// Every will of a cluster is published through one record, the wills-taken hash (`wt:`, field:
+// the epoch of the connection the will belongs to):
+// - `intent\n<proxy>\n<will>`: that proxy took the will and is publishing it. If it dies first,
+//   the settlement of it hands the intent to the settling proxy (`ORPHAN`), which publishes it.
+// - `published\n<shard>@<token>`: a shard accepted it (`ACCEPT_WILL`, run by the shard after the
+//   will is in its log and before anyone receives it); nobody publishes it again.
+// - `discarded`: the connection ended with a normal DISCONNECT [MQTT-3.1.2-10].
+// - `scheduled`: a delayed will left in the session by a settlement, for `TAKE_WILL`.
+// The hash lives 10 minutes after its last change: far longer than any retry of a will.
+
+/// KEYS: session, wills taken, replaced connections. ARGV: epoch, proxy id, will. The
+/// connection with `epoch` ended and its proxy is about to publish its will: records the
+/// intent (1), unless someone else already holds the will (0: a dead-proxy settlement took it,
+/// its proxy having been only paused or cut off). The will is removed from the session if the
+/// connection still owns it.
 pub static WITHDRAW_WILL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('HSETNX', KEYS[2], ARGV[1], 'self') == 0 then return 0 end
+if redis.call('HSETNX', KEYS[2], ARGV[1], 'intent\n' .. ARGV[2] .. '\n' .. ARGV[3]) == 0 then return 0 end
 redis.call('PEXPIRE', KEYS[2], 600000)
 redis.call('HDEL', KEYS[3], ARGV[1])
 if tonumber(redis.call('HGET', KEYS[1], 'epoch')) == tonumber(ARGV[1]) then
@@ -126,10 +139,31 @@ return 1
     )
 });
 
+/// KEYS: wills taken. ARGV: epoch, proxy id, `<shard>@<token>`. Run by the shard that holds
+/// a will in its log, before it routes it: 1 if the will is to be published — the proxy's
+/// intent is recorded (or no record exists: it was published without one, or long ago), or
+/// this same acceptance is asked again (a replay of the shard's log after a crash) — else 0:
+/// another shard or log entry published it already, or the intent belongs to another proxy
+/// now (the sender was taken for dead and settled).
+pub static ACCEPT_WILL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local done = 'published\n' .. ARGV[3]
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v == done then return 1 end
+if v and string.match(v, '^intent\n([^\n]*)\n') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], done)
+redis.call('PEXPIRE', KEYS[1], 600000)
+return 1
+"#,
+    )
+});
+
 /// KEYS: the client's six keys, then its wills-taken and replaced-connections hashes. ARGV: the
-/// dead proxy's id.
-/// Settles what the dead proxy held of this client id, each will taken once (the wills-taken
-/// hash):
+/// dead proxy's id, the settling proxy's id.
+/// Settles what the dead proxy held of this client id; every will it owed becomes the settling
+/// proxy's intent (see above), handed out once:
+/// - wills the dead proxy had taken and not seen accepted by a shard (it died publishing);
 /// - connections of the dead proxy that newer ones replaced before it could publish their
 ///   wills: a will without delay was due when the connection ended, whatever followed
 ///   [MQTT-3.1.3-9], so every such will is owed — all of them, not only the latest (a proxy
@@ -140,50 +174,68 @@ return 1
 ///   and a will with a delay is left in place for the will timer (the delay capped by the
 ///   session expiry, MQTT 5 §3.1.2.5).
 ///
-/// Returns { 1 if the session went offline else 0, delay ms, current will or '', replaced
-/// wills... }, or { -1 } if there is nothing to do.
+/// Returns { 1 if the session went offline else 0, delay ms of a will left for the timer (0:
+/// none), then epoch, will for each will owed now }, or { -1 } if there is nothing to do.
 pub static ORPHAN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local owed = {}
+local mine = 'intent\n' .. ARGV[2] .. '\n'
+local function owe(epoch, will)
+  redis.call('HSET', KEYS[7], epoch, mine .. will)
+  redis.call('PEXPIRE', KEYS[7], 600000)
+  table.insert(owed, epoch); table.insert(owed, will)
+end
+local taken = redis.call('HGETALL', KEYS[7])
+local dead = 'intent\n' .. ARGV[1] .. '\n'
+for i = 1, #taken, 2 do
+  if string.sub(taken[i + 1], 1, #dead) == dead then owe(taken[i], string.sub(taken[i + 1], #dead + 1)) end
+end
 local entries = redis.call('HGETALL', KEYS[8])
 for i = 1, #entries, 2 do
   local owner, delay, will = string.match(entries[i + 1], '^([^\n]*)\n([^\n]*)\n(.*)$')
   if owner == ARGV[1] then
     redis.call('HDEL', KEYS[8], entries[i])
-    if redis.call('HSETNX', KEYS[7], entries[i], 'settled') == 1 then
-      redis.call('PEXPIRE', KEYS[7], 600000)
-      if will ~= '' and tonumber(delay) == 0 then table.insert(owed, will) end
+    if redis.call('HEXISTS', KEYS[7], entries[i]) == 0 then
+      if will ~= '' and tonumber(delay) == 0 then owe(entries[i], will) else redis.call('HSET', KEYS[7], entries[i], 'discarded') end
     end
   end
 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
   if #owed == 0 then return { -1 } end
-  return { 0, 0, '', unpack(owed) }
+  return { 0, 0, unpack(owed) }
 end
 redis.call('HDEL', KEYS[1], 'owner')
-local mine = redis.call('HSETNX', KEYS[7], redis.call('HGET', KEYS[1], 'epoch') or '0', 'settled')
-redis.call('PEXPIRE', KEYS[7], 600000)
+local epoch = redis.call('HGET', KEYS[1], 'epoch') or '0'
 local will = ''
-if mine == 1 then will = redis.call('HGET', KEYS[1], 'will') or '' end
+if redis.call('HEXISTS', KEYS[7], epoch) == 0 then will = redis.call('HGET', KEYS[1], 'will') or '' end
 local delay = tonumber(redis.call('HGET', KEYS[1], 'will_delay_ms') or '0')
+if will == '' then delay = 0 end
 if redis.call('HEXISTS', KEYS[1], 'rec') == 0 then
+  delay = 0
   for i = 1, 6 do redis.call('DEL', KEYS[i]) end
-  return { 1, 0, will, unpack(owed) }
+else
+  local expiry = tonumber(redis.call('HGET', KEYS[1], 'expiry_ms') or '0')
+  if expiry > 0 then
+    for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], expiry) end
+    if delay > expiry then delay = expiry end
+  end
 end
-local expiry = tonumber(redis.call('HGET', KEYS[1], 'expiry_ms') or '0')
-if expiry > 0 then
-  for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], expiry) end
-  if delay > expiry then delay = expiry end
+if will ~= '' and delay == 0 then
+  redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms')
+  owe(epoch, will)
+elseif will ~= '' then
+  redis.call('HSET', KEYS[7], epoch, 'scheduled')
+  redis.call('PEXPIRE', KEYS[7], 600000)
 end
-if will ~= '' and delay == 0 then redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms') end
-return { 1, delay, will, unpack(owed) }
+return { 1, delay, unpack(owed) }
 "#,
     )
 });
 
-/// KEYS: session. Takes the will of a session without a connection, exactly once: nil if the
-/// session has an owner again (a reconnect cancels the will) or the will was taken.
+/// KEYS: session, wills taken. ARGV: proxy id. Takes the delayed will of a session without a
+/// connection, exactly once, as this proxy's intent: { epoch, will }, or nil if the session
+/// has an owner again (a reconnect cancels the will) or the will was taken.
 pub static TAKE_WILL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -191,7 +243,10 @@ if redis.call('HEXISTS', KEYS[1], 'owner') == 1 then return false end
 local will = redis.call('HGET', KEYS[1], 'will')
 if not will then return false end
 redis.call('HDEL', KEYS[1], 'will', 'will_delay_ms')
-return will
+local epoch = redis.call('HGET', KEYS[1], 'epoch') or '0'
+redis.call('HSET', KEYS[2], epoch, 'intent\n' .. ARGV[1] .. '\n' .. will)
+redis.call('PEXPIRE', KEYS[2], 600000)
+return { epoch, will }
 "#,
     )
 });
