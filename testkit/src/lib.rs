@@ -113,20 +113,18 @@ pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
+/// What makes a `redis-server` a Cluster node.
+const CLUSTER_ARGS: [&str; 6] = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"];
+
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                ])
-            })
-            .collect();
+        RedisCluster::start_with(&[])
+    }
+
+    /// Every node with extra `--option value` arguments (e.g. persistence).
+    pub fn start_with(extra: &[&str]) -> RedisCluster {
+        let args: Vec<&str> = CLUSTER_ARGS.iter().chain(extra).copied().collect();
+        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(&args)).collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
@@ -141,6 +139,13 @@ impl RedisCluster {
             }
         }
         RedisCluster { nodes }
+    }
+
+    /// Starts node `i` again (after a kill) with the same `extra` arguments it started with:
+    /// same port and directory, so it rejoins with its slots and, if persistent, its data.
+    pub fn restart_node(&mut self, i: usize, extra: &[&str]) {
+        let args: Vec<&str> = CLUSTER_ARGS.iter().chain(extra).copied().collect();
+        self.nodes[i].restart(&args);
     }
 
     /// `redis+cluster://h1:p1,h2:p2,h3:p3`

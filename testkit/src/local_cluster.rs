@@ -34,6 +34,44 @@ impl Redis {
         }
     }
 
+    /// Standalone or a Cluster whose every server gets `extra` arguments (e.g. persistence).
+    pub fn start_with(kind: RedisKind, extra: &[&str]) -> Redis {
+        match kind {
+            RedisKind::Standalone => Redis::Standalone(RedisServer::start_with(extra)),
+            RedisKind::Cluster => Redis::Cluster(RedisCluster::start_with(extra)),
+            RedisKind::Sentinel => panic!("a Sentinel deployment takes no extra server arguments here"),
+        }
+    }
+
+    /// The `redis-server` processes holding data (a Cluster's masters, Sentinel's master and
+    /// replica), which [`Redis::kill`] and [`Redis::restart`] number.
+    pub fn servers(&self) -> usize {
+        match self {
+            Redis::Standalone(_) => 1,
+            Redis::Cluster(c) => c.nodes.len(),
+            Redis::Sentinel(s) => s.servers.len(),
+        }
+    }
+
+    /// SIGKILL to data server `i`.
+    pub fn kill(&mut self, i: usize) {
+        match self {
+            Redis::Standalone(r) => r.kill(),
+            Redis::Cluster(c) => c.nodes[i].kill(),
+            Redis::Sentinel(s) => s.servers[i].kill(),
+        }
+    }
+
+    /// Starts data server `i` again, with the `extra` arguments it started with (standalone and
+    /// Cluster: a restarted Sentinel-managed server would need its current role).
+    pub fn restart(&mut self, i: usize, extra: &[&str]) {
+        match self {
+            Redis::Standalone(r) => r.restart(extra),
+            Redis::Cluster(c) => c.restart_node(i, extra),
+            Redis::Sentinel(_) => panic!("restarting a Sentinel-managed server is not supported here"),
+        }
+    }
+
     pub fn url(&self) -> String {
         match self {
             Redis::Standalone(r) => r.url(),

@@ -1,4 +1,5 @@
-//! The cluster under test: Redis (AOF, `appendfsync always`), shards each behind a relay that
+//! The cluster under test: Redis (standalone or a 3-master Cluster, AOF with `appendfsync
+//! always` on every server), shards each behind a relay that
 //! can cut or black-hole the links to it, and proxies that find the shards through the ring —
 //! real processes from the built binaries, on loopback.
 //!
@@ -9,9 +10,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use testkit::free_port;
+use testkit::local_cluster::{Redis, RedisKind};
 use testkit::relay::Relay;
 use testkit::service::Service;
-use testkit::{free_port, RedisServer};
 
 /// Heartbeats of the cluster's processes: short, so that dead processes are noticed quickly.
 const HEARTBEAT_MS: &str = "200";
@@ -32,7 +34,7 @@ pub struct Proxy {
 }
 
 pub struct ChaosCluster {
-    pub redis: RedisServer,
+    pub redis: Redis,
     pub shards: Vec<Shard>,
     pub proxies: Vec<Proxy>,
     /// The admin API's bearer token (the observers list clients through it).
@@ -57,14 +59,20 @@ pub fn binaries(dir: Option<&Path>) -> Result<PathBuf, String> {
 impl ChaosCluster {
     /// Starts Redis, `shards` shards (waiting until all are in the ring), then `proxies`
     /// proxies. Blocking: run it on a blocking thread inside the runtime (relays are tasks).
-    pub fn start(bins: &Path, shards: usize, proxies: usize, handle: &tokio::runtime::Handle) -> Result<ChaosCluster, String> {
+    pub fn start(
+        bins: &Path,
+        redis: RedisKind,
+        shards: usize,
+        proxies: usize,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<ChaosCluster, String> {
         which("redis-server")?;
         let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
         let token = format!("chaos-{:032x}", rand::random::<u128>());
         let token_file = dir.path().join("admin-token");
         std::fs::write(&token_file, &token).map_err(|e| format!("{}: {e}", token_file.display()))?;
         let token_file = token_file.display().to_string();
-        let redis = RedisServer::start_with(&REDIS_ARGS);
+        let redis = Redis::start_with(redis, &REDIS_ARGS);
         let mut c = ChaosCluster { redis, shards: Vec::new(), proxies: Vec::new(), token, _dir: dir };
         for i in 0..shards {
             let name = format!("shard-{i}");
@@ -130,8 +138,9 @@ impl ChaosCluster {
         }
     }
 
-    pub fn restart_redis(&mut self) {
-        self.redis.restart(&REDIS_ARGS);
+    /// Starts Redis server `i` again (after `self.redis.kill(i)`), with its data.
+    pub fn restart_redis(&mut self, i: usize) {
+        self.redis.restart(i, &REDIS_ARGS);
     }
 
     /// The HTTP address of each proxy now (it changes when a proxy restarts).

@@ -32,6 +32,7 @@ use crate::scenario::{Pace, Settings};
 use cluster::ChaosCluster;
 use nemesis::{Happened, Kind};
 use observers::{ConnectionBook, WillBook};
+use testkit::local_cluster::RedisKind;
 
 /// The longest the cluster may take to serve every proxy again after the last fault healed.
 pub const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
@@ -70,6 +71,17 @@ pub struct ChaosOptions {
     /// Write every process's whole log into this directory at the end (one file per process).
     #[arg(long)]
     pub logs: Option<PathBuf>,
+    /// Redis to keep sessions in: one server, or a Cluster of three masters (no replicas; the
+    /// nemesis kills one node at a time). Every server keeps an AOF with `appendfsync always`.
+    #[arg(long, value_enum, default_value = "standalone")]
+    pub redis: RedisChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisChoice {
+    Standalone,
+    Cluster,
 }
 
 /// The size and pace of a run.
@@ -167,13 +179,22 @@ pub async fn run(o: ChaosOptions) -> Result<ChaosReport, String> {
     let started = Instant::now();
     let handle = tokio::runtime::Handle::current();
     let (proxies, shards) = (profile.proxies, profile.shards);
-    let cluster = tokio::task::spawn_blocking(move || ChaosCluster::start(&bins, shards, proxies, &handle))
+    let kind = match o.redis {
+        RedisChoice::Standalone => RedisKind::Standalone,
+        RedisChoice::Cluster => RedisKind::Cluster,
+    };
+    let cluster = tokio::task::spawn_blocking(move || ChaosCluster::start(&bins, kind, shards, proxies, &handle))
         .await
         .map_err(|e| format!("starting the cluster: {e}"))??;
     let mqtt: Vec<std::net::SocketAddr> = cluster.proxies.iter().map(|p| p.mqtt).collect();
     let token = cluster.token.clone();
+    let targets = nemesis::Targets { proxies, shards, redis: cluster.redis.servers() };
+    let redis_desc = match o.redis {
+        RedisChoice::Standalone => "Redis standalone".to_string(),
+        RedisChoice::Cluster => format!("a Redis Cluster of {} masters", targets.redis),
+    };
     let cluster = Arc::new(Mutex::new(cluster));
-    eprintln!("chaos: {} proxies, {} shards, Redis (AOF always) up in {:.1} s", proxies, shards, started.elapsed().as_secs_f64());
+    eprintln!("chaos: {proxies} proxies, {shards} shards, {redis_desc} (AOF always) up in {:.1} s", started.elapsed().as_secs_f64());
 
     // Observers first: the will watcher must be subscribed before any will can fire.
     let stop_observers = CancellationToken::new();
@@ -233,7 +254,7 @@ pub async fn run(o: ChaosOptions) -> Result<ChaosReport, String> {
     // The nemesis, then the time to full service after its last fault.
     let fault_window = Duration::from_secs(profile.window_s - profile.lead_s - profile.tail_s);
     let kinds = if o.faults.is_empty() { Kind::ALL.to_vec() } else { o.faults.clone() };
-    let faults = nemesis::plan(o.seed, &kinds, fault_window, profile.gap_ms, proxies, shards);
+    let faults = nemesis::plan(o.seed, &kinds, fault_window, profile.gap_ms, targets);
     let faults_start = Instant::now() + Duration::from_secs(profile.lead_s);
     let timeline = nemesis::play(cluster.clone(), faults, faults_start, started, CancellationToken::new()).await;
     let recovery = observers::recovery(&mqtt, RECOVERY_LIMIT).await;
@@ -288,7 +309,7 @@ pub async fn run(o: ChaosOptions) -> Result<ChaosReport, String> {
         profile,
         seed: o.seed,
         duration_s: started.elapsed().as_secs_f64(),
-        cluster: format!("{proxies} proxies, {shards} shards behind relays, Redis standalone with appendfsync always"),
+        cluster: format!("{proxies} proxies, {shards} shards behind relays, {redis_desc} with appendfsync always"),
         faults: faults_by_kind,
         timeline,
         messages: report.messages.clone(),

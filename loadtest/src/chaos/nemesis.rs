@@ -72,13 +72,22 @@ pub struct Planned {
     /// Offset from the start of the faults.
     pub at_ms: u64,
     pub kind: Kind,
-    /// Index of the proxy or shard (0 for Redis).
+    /// Index of the proxy, shard or Redis server.
     pub target: usize,
     pub lasts_ms: u64,
 }
 
+/// How many of each the nemesis aims at.
+#[derive(Debug, Clone, Copy)]
+pub struct Targets {
+    pub proxies: usize,
+    pub shards: usize,
+    /// Redis servers holding data (a Cluster's masters).
+    pub redis: usize,
+}
+
 /// Draws faults of `kinds` for a window of `window`, one every `gap` (min, max) ms.
-pub fn plan(seed: u64, kinds: &[Kind], window: Duration, gap_ms: (u64, u64), proxies: usize, shards: usize) -> Vec<Planned> {
+pub fn plan(seed: u64, kinds: &[Kind], window: Duration, gap_ms: (u64, u64), t: Targets) -> Vec<Planned> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Vec::new();
     let mut at = rng.random_range(gap_ms.0..=gap_ms.1) / 2;
@@ -90,9 +99,11 @@ pub fn plan(seed: u64, kinds: &[Kind], window: Duration, gap_ms: (u64, u64), pro
         let (lo, hi) = kind.span_ms();
         let lasts_ms = rng.random_range(lo..=hi);
         let target = match kind {
+            // One server draws nothing: a standalone run's schedule stays what it was.
+            Kind::KillRedis if t.redis > 1 => rng.random_range(0..t.redis),
             Kind::KillRedis => 0,
-            k if k.on_shard() => rng.random_range(0..shards),
-            _ => rng.random_range(0..proxies),
+            k if k.on_shard() => rng.random_range(0..t.shards),
+            _ => rng.random_range(0..t.proxies),
         };
         if Duration::from_millis(at + lasts_ms) > window {
             return out;
@@ -162,8 +173,12 @@ async fn inject(cluster: &Arc<Mutex<ChaosCluster>>, p: &Planned) -> String {
             c.shards[i].name.clone()
         }
         Kind::KillRedis => {
-            c.redis.kill();
-            "redis".into()
+            c.redis.kill(i);
+            if c.redis.servers() > 1 {
+                format!("redis node {i}")
+            } else {
+                "redis".into()
+            }
         }
         Kind::PauseProxy => {
             signal(c.proxies[i].service.pid(), "STOP");
@@ -194,7 +209,7 @@ async fn heal(cluster: &Arc<Mutex<ChaosCluster>>, p: &Planned) {
     with_cluster(cluster, move |c| match kind {
         Kind::KillProxy => c.proxies[i].service.restart(&["MQTT", "HTTP"]),
         Kind::KillShard => c.shards[i].service.restart(&["link", "HTTP"]),
-        Kind::KillRedis => c.restart_redis(),
+        Kind::KillRedis => c.restart_redis(i),
         Kind::PauseProxy => signal(c.proxies[i].service.pid(), "CONT"),
         Kind::PauseShard => signal(c.shards[i].service.pid(), "CONT"),
         Kind::CutLinks | Kind::BlackholeLinks => c.shards[i].relay.restore(),
@@ -207,10 +222,12 @@ async fn heal(cluster: &Arc<Mutex<ChaosCluster>>, p: &Planned) {
 mod tests {
     use super::*;
 
+    const TARGETS: Targets = Targets { proxies: 2, shards: 3, redis: 1 };
+
     #[test]
     fn a_seed_gives_the_same_faults_and_faults_never_overlap_or_outlast_the_window() {
-        let a = plan(7, &Kind::ALL, Duration::from_secs(120), (2_000, 6_000), 2, 3);
-        let b = plan(7, &Kind::ALL, Duration::from_secs(120), (2_000, 6_000), 2, 3);
+        let a = plan(7, &Kind::ALL, Duration::from_secs(120), (2_000, 6_000), TARGETS);
+        let b = plan(7, &Kind::ALL, Duration::from_secs(120), (2_000, 6_000), TARGETS);
         assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
         assert!(a.len() >= 10, "{} faults", a.len());
         for w in a.windows(2) {
@@ -218,9 +235,20 @@ mod tests {
         }
         assert!(a.iter().all(|p| p.at_ms + p.lasts_ms <= 120_000));
         assert!(a.iter().all(|p| if p.kind.on_shard() { p.target < 3 } else { p.target < 2 }));
-        let c = plan(8, &Kind::ALL, Duration::from_secs(120), (2_000, 6_000), 2, 3);
+        let c = plan(8, &Kind::ALL, Duration::from_secs(120), (2_000, 6_000), TARGETS);
         assert_ne!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&c).unwrap());
-        let only = plan(7, &[Kind::PauseProxy], Duration::from_secs(120), (2_000, 6_000), 2, 3);
+        let only = plan(7, &[Kind::PauseProxy], Duration::from_secs(120), (2_000, 6_000), TARGETS);
         assert!(!only.is_empty() && only.iter().all(|p| p.kind == Kind::PauseProxy));
+    }
+
+    #[test]
+    fn redis_kills_aim_at_every_node_of_a_cluster_and_leave_a_standalone_schedule_as_it_was() {
+        let standalone = plan(7, &Kind::ALL, Duration::from_secs(600), (2_000, 6_000), TARGETS);
+        let cluster = plan(7, &[Kind::KillRedis], Duration::from_secs(600), (2_000, 6_000), Targets { redis: 3, ..TARGETS });
+        let mut nodes: Vec<usize> = cluster.iter().map(|p| p.target).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        assert_eq!(nodes, [0, 1, 2]);
+        assert!(standalone.iter().filter(|p| p.kind == Kind::KillRedis).all(|p| p.target == 0));
     }
 }
