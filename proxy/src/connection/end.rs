@@ -69,7 +69,7 @@ where
         let will_discarded = matches!(end, End::Client { will: false }) && self.session.will.is_some();
         let will = match end {
             End::Client { will: false } => None,
-            _ => self.session.will.take(),
+            _ => self.session.will.take().map(|w| *w),
         };
         if self.session.persistent() {
             self.save_session(will).await;
@@ -137,7 +137,7 @@ where
                 will_pending = Some((w, delay));
             }
         }
-        self.session.will = will_pending.as_ref().map(|(w, _)| w.clone());
+        self.session.will = will_pending.as_ref().map(|(w, _)| Box::new(w.clone()));
 
         let mut ops = std::mem::take(&mut self.store_ops);
         let (inflight, _pending) = self.outbound.drain();

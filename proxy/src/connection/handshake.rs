@@ -134,10 +134,7 @@ where
         client_id: negotiated.client_id.clone(),
         identity,
         _slot: slot,
-        publish_rate: bucket(ctx.limits.max_publish_rate),
-        publish_bytes_rate: bucket(ctx.limits.max_publish_bytes_rate),
-        fleet_tokens: [0; 2],
-        throttled_until: None,
+        rates: rates(&ctx),
         session: resumed.state,
         keep_alive,
         deadline: Instant::now() + keep_alive.unwrap_or(Duration::ZERO),
@@ -167,6 +164,13 @@ where
 }
 
 /// A full per-client bucket for a rate (one second's burst), or none for 0.
+/// The connection's local rate limits, if any are set (fleet-wide ones get their state at first
+/// use).
+fn rates(ctx: &Context) -> Option<Box<super::Rates>> {
+    let (messages, bytes) = (bucket(ctx.limits.max_publish_rate), bucket(ctx.limits.max_publish_bytes_rate));
+    (messages.is_some() || bytes.is_some()).then(|| Box::new(super::Rates { messages, bytes, ..super::Rates::default() }))
+}
+
 fn bucket(rate: u32) -> Option<TokenBucket> {
     (rate > 0).then(|| TokenBucket::new(f64::from(rate), f64::from(rate), Instant::now()))
 }
@@ -357,7 +361,7 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId, claimed: Optio
         expiry: n.session_expiry,
         expiry_zero_at_connect: n.session_expiry == 0,
         subscriptions,
-        will: n.will.clone(),
+        will: n.will.clone().map(Box::new),
         epoch,
     };
     let persistent = state.persistent();
@@ -367,7 +371,7 @@ async fn resume(ctx: &Arc<Context>, n: &Negotiated, conn: ConnId, claimed: Optio
             protocol_level: n.protocol.level(),
             expiry_interval: state.expiry,
             subscriptions: state.subscriptions.values().cloned().collect(),
-            will: state.will.as_ref().map(crate::lifecycle::stored_will),
+            will: state.will.as_deref().map(crate::lifecycle::stored_will),
             epoch: state.epoch,
             connected: true,
             disconnected_at_ms: 0,

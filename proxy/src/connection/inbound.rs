@@ -442,7 +442,7 @@ where
             protocol_level: self.protocol.level(),
             expiry_interval: self.session.expiry,
             subscriptions: self.session.subscriptions.values().cloned().collect(),
-            will: self.session.will.as_ref().map(crate::lifecycle::stored_will),
+            will: self.session.will.as_deref().map(crate::lifecycle::stored_will),
             epoch: self.session.epoch,
             connected,
             disconnected_at_ms: if connected { 0 } else { now_ms() },

@@ -197,7 +197,9 @@ pub(crate) struct SessionState {
     pub expiry_zero_at_connect: bool,
     /// By filter as written by the client (with any `$share/…` prefix).
     pub subscriptions: BTreeMap<ByteString, StoredSubscription>,
-    pub will: Option<WillSpec>,
+    /// Boxed: a will is a whole message (about 280 bytes inline) that most connections of a
+    /// fleet hold for their whole life without touching it.
+    pub will: Option<Box<WillSpec>>,
     pub epoch: u64,
 }
 
@@ -218,6 +220,18 @@ pub(crate) struct Reported {
     bytes_out: u64,
 }
 
+/// A connection's publish rate limits and where they stand.
+#[derive(Default)]
+pub(crate) struct Rates {
+    /// Local limits: messages, bytes.
+    messages: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+    /// Tokens leased from the fleet-wide buckets in Redis (client, tenant), not yet spent.
+    fleet_tokens: [u64; 2],
+    /// The socket is not read before this.
+    throttled_until: Option<Instant>,
+}
+
 /// The state of an accepted connection.
 pub(crate) struct Connection<R, W> {
     ctx: Arc<Context>,
@@ -229,12 +243,8 @@ pub(crate) struct Connection<R, W> {
     identity: Identity,
     /// Counts this connection against its source address's limit.
     _slot: Option<IpSlot>,
-    /// Publish rate limits (messages, bytes); the socket is not read before `throttled_until`.
-    publish_rate: Option<TokenBucket>,
-    publish_bytes_rate: Option<TokenBucket>,
-    /// Tokens leased from the fleet-wide buckets in Redis (client, tenant), not yet spent.
-    fleet_tokens: [u64; 2],
-    throttled_until: Option<Instant>,
+    /// Publish rate limits, if any apply (boxed: most deployments set none).
+    rates: Option<Box<Rates>>,
     session: SessionState,
     keep_alive: Option<Duration>,
     deadline: Instant,
@@ -305,11 +315,28 @@ where
         loop {
             self.flush_store_ops();
             self.report();
-            let throttled = self.throttled_until.filter(|t| *t > Instant::now());
+            if self.throttled_until().is_some_and(|t| t <= Instant::now()) {
+                // Back within its rate (its timer fired, or the time passed while something
+                // else was handled): packets already buffered go first — the socket may hold
+                // nothing more to wake the read for them.
+                if let Some(r) = &mut self.rates {
+                    r.throttled_until = None;
+                }
+                if let Err(end) = Box::pin(self.on_input()).await {
+                    return end;
+                }
+            }
+            let throttled = self.throttled_until();
             let input_open = self.io.output.pending() < self.ctx.limits.max_write_buffer
                 && self.ops.len() < usize::from(self.ctx.limits.receive_maximum)
                 && throttled.is_none();
-            let keepalive = self.keep_alive.is_some();
+            // One timer for both the keep-alive deadline and the end of a throttle (each is a
+            // timer entry in the state of every idle connection's task).
+            let keepalive = self.keep_alive.map(|_| self.deadline);
+            let wake = match (keepalive, throttled) {
+                (Some(k), Some(t)) => Some(k.min(t)),
+                (k, t) => k.or(t),
+            };
             let result = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => Err(End::Shutdown),
@@ -325,11 +352,14 @@ where
                     Err(e) => Err(End::Network(Some(e))),
                 },
                 r = self.io.output.write_some(), if self.io.output.has_work() => r.map_err(|e| End::Network(Some(e))),
-                () = tokio::time::sleep_until(self.deadline), if keepalive => Err(End::KeepAliveTimeout),
-                () = tokio::time::sleep_until(throttled.unwrap_or_else(Instant::now)), if throttled.is_some() => {
-                    // Back within its rate: packets already buffered go first.
-                    self.throttled_until = None;
-                    Box::pin(self.on_input()).await
+                // A throttle's end is handled at the top of the loop (a throttle moves the
+                // keep-alive deadline past its own end).
+                () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                    if keepalive.is_some_and(|d| d <= Instant::now()) {
+                        Err(End::KeepAliveTimeout)
+                    } else {
+                        Ok(())
+                    }
                 }
             };
             if let Err(end) = result {
@@ -341,7 +371,7 @@ where
     /// Handles every complete packet in the read buffer.
     async fn on_input(&mut self) -> Result<(), End> {
         loop {
-            if self.throttled_until.is_some() {
+            if self.throttled_until().is_some() {
                 return Ok(()); // the rest waits in the buffer until the client is back within its rate
             }
             match self.io.input.next_packet(self.protocol) {
@@ -358,15 +388,20 @@ where
     /// Charges a PUBLISH to the client's rate limits; over them, the socket rests until the
     /// buckets are out of debt (and the keep-alive deadline moves with it: the wait is ours).
     fn charge_publish(&mut self, payload_len: usize) {
+        let Some(r) = &mut self.rates else { return };
         let now = Instant::now();
         let mut wait = Duration::ZERO;
-        if let Some(b) = &mut self.publish_rate {
+        if let Some(b) = &mut r.messages {
             wait = wait.max(b.take(1.0, now));
         }
-        if let Some(b) = &mut self.publish_bytes_rate {
+        if let Some(b) = &mut r.bytes {
             wait = wait.max(b.take(payload_len as f64, now));
         }
         self.throttle(wait, "publish_rate");
+    }
+
+    fn throttled_until(&self) -> Option<Instant> {
+        self.rates.as_ref().and_then(|r| r.throttled_until)
     }
 
     /// Charges a PUBLISH to the fleet-wide rates (buckets in Redis shared by every proxy): the
@@ -380,17 +415,16 @@ where
         (raw.fleet_publish_rate > 0 || raw.fleet_tenant_publish_rate > 0) && self.ctx.cluster.is_some()
     }
 
+    /// Takes one PUBLISH from the fleet-wide buckets. Only when [`Self::fleet_rates_apply`]
+    /// (the caller checks, keeping the common case free of this future).
     async fn charge_fleet_publish(&mut self) {
         let raw = &self.ctx.settings.raw;
         let rates = [u64::from(raw.fleet_publish_rate), u64::from(raw.fleet_tenant_publish_rate)];
-        if !self.fleet_rates_apply() {
-            return;
-        }
         for (lease, rate) in rates.into_iter().enumerate() {
             if rate == 0 {
                 continue;
             }
-            if self.fleet_tokens[lease] == 0 {
+            if self.rates.as_ref().is_none_or(|r| r.fleet_tokens[lease] == 0) {
                 // Only here, about ten times a second at the rate, are keys built and Redis asked.
                 let (key, limit) = match lease {
                     0 => (self.client_id.to_string(), "fleet_publish_rate"),
@@ -404,15 +438,21 @@ where
                 let Some(cluster) = &ctx.cluster else { return };
                 match cluster.redis.take_tokens(&key, "publish", rate, rate, chunk).await {
                     Ok(0) => self.throttle(Duration::from_secs_f64(chunk as f64 / rate as f64), limit),
-                    Ok(n) => self.fleet_tokens[lease] = n,
+                    Ok(n) => self.lease(lease, n),
                     Err(e) => {
                         tracing::warn!(error = %e, limit, "fleet-wide rate not checked: Redis did not answer");
-                        self.fleet_tokens[lease] = chunk;
+                        self.lease(lease, chunk);
                     }
                 }
             }
-            self.fleet_tokens[lease] = self.fleet_tokens[lease].saturating_sub(1);
+            if let Some(r) = &mut self.rates {
+                r.fleet_tokens[lease] = r.fleet_tokens[lease].saturating_sub(1);
+            }
         }
+    }
+
+    fn lease(&mut self, lease: usize, tokens: u64) {
+        self.rates.get_or_insert_default().fleet_tokens[lease] = tokens;
     }
 
     /// Stops reading the socket for `wait` (nothing is dropped: TCP slows the client down).
@@ -422,7 +462,8 @@ where
         }
         self.ctx.metrics.limited.get_or_create(&crate::metrics::ReasonLabel { reason: limit }).inc();
         let until = Instant::now() + wait;
-        self.throttled_until = Some(self.throttled_until.map_or(until, |t| t.max(until)));
+        let r = self.rates.get_or_insert_default();
+        r.throttled_until = Some(r.throttled_until.map_or(until, |t| t.max(until)));
         if let Some(k) = self.keep_alive {
             self.deadline = self.deadline.max(until + k);
         }
@@ -521,5 +562,18 @@ where
             d.properties.server_reference = self.ctx.server_reference();
         }
         Packet::Disconnect(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every connection of a fleet holds this for its whole life (docs/BENCHMARKS.md, "Memory
+    /// per idle connection"): what only some connections need — a will, rate limits, alias
+    /// maps — is boxed where it is used. Grows only on purpose.
+    #[test]
+    fn a_connection_stays_small() {
+        type C = super::Connection<tokio::net::tcp::OwnedReadHalf, tokio::net::tcp::OwnedWriteHalf>;
+        let size = std::mem::size_of::<C>();
+        assert!(size <= 832, "Connection is {size} bytes");
     }
 }

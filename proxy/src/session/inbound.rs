@@ -7,10 +7,12 @@
 
 use std::collections::HashSet;
 
+use super::PacketIds;
+
 #[derive(Debug, Default)]
 pub struct Inbound {
-    accepting: HashSet<u16>,
-    awaiting_rel: HashSet<u16>,
+    accepting: HashSet<u16, PacketIds>,
+    awaiting_rel: HashSet<u16, PacketIds>,
 }
 
 /// What to do with an incoming QoS 1/2 PUBLISH.
@@ -29,7 +31,7 @@ pub enum Admit {
 
 impl Inbound {
     pub fn with_awaiting(ids: impl IntoIterator<Item = u16>) -> Inbound {
-        Inbound { accepting: HashSet::new(), awaiting_rel: ids.into_iter().collect() }
+        Inbound { accepting: HashSet::default(), awaiting_rel: ids.into_iter().collect() }
     }
 
     pub fn unacknowledged(&self) -> usize {

@@ -7,6 +7,11 @@ pub mod connect;
 pub mod inbound;
 pub mod outbound;
 
+/// How packet-id maps hash: with fixed keys, so the hasher takes no room (the default's random
+/// keys cost 16 bytes in every map of every connection). The keys are packet ids, at most
+/// Receive Maximum of them per map, so crowding one bucket gains a client nothing.
+pub type PacketIds = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+
 use mqfleet_codec::topic::TopicLimits;
 
 use crate::config::Settings;

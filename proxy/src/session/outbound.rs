@@ -11,6 +11,8 @@
 //! - `pending.len() <= max_pending`.
 
 use std::collections::{HashMap, VecDeque};
+
+use super::PacketIds;
 use std::sync::Arc;
 
 use broker_shard::link::DeliveryOptions;
@@ -63,7 +65,7 @@ pub struct UnexpectedAck;
 pub struct Outbound {
     window: usize,
     max_pending: usize,
-    inflight: HashMap<u16, Inflight>,
+    inflight: HashMap<u16, Inflight, PacketIds>,
     pending: VecDeque<OutMessage>,
     next_id: u16,
 }
@@ -71,7 +73,7 @@ pub struct Outbound {
 impl Outbound {
     /// `window`: the client's Receive Maximum capped by the server's in-flight limit.
     pub fn new(window: u16, max_pending: usize) -> Outbound {
-        Outbound { window: usize::from(window.max(1)), max_pending, inflight: HashMap::new(), pending: VecDeque::new(), next_id: 1 }
+        Outbound { window: usize::from(window.max(1)), max_pending, inflight: HashMap::default(), pending: VecDeque::new(), next_id: 1 }
     }
 
     pub fn inflight_len(&self) -> usize {
