@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker_shard::link::client::{Client, DeliverySink, LinkEvents};
-use broker_shard::link::frame::{decode_next, encode, Frame, VERSION};
+use broker_shard::link::frame::{decode_next, encode, Frame, MIN_VERSION, VERSION};
 use broker_shard::link::server::{serve, ServerConfig};
 use broker_shard::link::tcp::TcpConfig;
 use broker_shard::link::{ConnId, Deliver, Event, Marker, Reply, Request, RequestId, SessionInfo, SubscribeItem, WillRef};
@@ -248,13 +248,20 @@ struct RawLink {
 
 impl RawLink {
     async fn connect(addr: SocketAddr) -> RawLink {
+        let (link, welcome) = RawLink::hello(addr, VERSION).await;
+        assert!(matches!(welcome, Frame::Welcome { .. }));
+        link
+    }
+
+    /// Says Hello in `version`; the shard's answer.
+    async fn hello(addr: SocketAddr, version: u16) -> (RawLink, Frame) {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let mut out = BytesMut::new();
-        encode(&Frame::Hello { version: VERSION, proxy: "raw".into(), incarnation: 5, ring_epoch: 0, credit: 1000 }, &mut out);
+        encode(&Frame::Hello { version, proxy: "raw".into(), incarnation: 5, ring_epoch: 0, credit: 1000 }, &mut out);
         stream.write_all(&out).await.unwrap();
         let mut link = RawLink { stream, rbuf: BytesMut::new() };
-        assert!(matches!(link.frame().await, Frame::Welcome { .. }));
-        link
+        let answer = link.frame().await;
+        (link, answer)
     }
 
     async fn send(&mut self, r: Request) {
@@ -389,4 +396,15 @@ async fn a_will_accepted_before_a_crash_is_delivered_by_the_replay() {
     assert_eq!(received(&mut sub, 1).await, [1], "replayed once the proxies resynchronised");
     nothing_more(&mut sub).await;
     assert_eq!(shard.metrics.wills_withheld.get(), 0);
+}
+
+/// A rolling upgrade links proxies and shards of neighbouring releases: a shard answers an
+/// older proxy in that proxy's version, and refuses one it cannot speak, saying why.
+#[tokio::test]
+async fn a_shard_speaks_the_link_version_of_an_older_proxy() {
+    let Setup { shard, .. } = setup().await;
+    let (_old, welcome) = RawLink::hello(shard.addr, MIN_VERSION).await;
+    assert!(matches!(welcome, Frame::Welcome { version, .. } if version == MIN_VERSION), "{welcome:?}");
+    let (_ancient, refused) = RawLink::hello(shard.addr, MIN_VERSION - 1).await;
+    assert!(matches!(&refused, Frame::Refused { reason } if reason.contains("not supported")), "{refused:?}");
 }

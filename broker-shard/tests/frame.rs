@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use broker_shard::link::frame::{decode, decode_next, encode, Frame, FrameError, MAX_FRAME};
+use broker_shard::link::frame::{decode, decode_next, encode, for_version, Frame, FrameError, MAX_FRAME, MIN_VERSION, VERSION};
 use broker_shard::link::*;
 use broker_shard::Message;
 use bytes::{Bytes, BytesMut};
@@ -232,4 +232,25 @@ fn write_fuzz_seeds() {
         encode(&f, &mut out);
         std::fs::write(dir.join(format!("seed-{i:02}")), &out).unwrap();
     }
+}
+
+/// A proxy linked to a shard of the previous release (a rolling upgrade) writes a will without
+/// the marker that shard would not read; everything else goes out as it is.
+#[test]
+fn requests_are_written_for_the_version_the_shard_speaks() {
+    let message = Arc::new(Message {
+        topic: "wills/dev".into(),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+        expires_at_ms: None,
+        origin: None,
+    });
+    let will = Marker::Will(WillRef { client_id: "dev".into(), epoch: 7, proxy: "proxy-a".into() });
+    let qos2 = Marker::Qos2 { client_id: "dev".into(), pkid: 3 };
+    let publish = |marker| Request::Publish { id: Some(RequestId(1)), message: message.clone(), marker };
+    assert_eq!(for_version(publish(Some(will.clone())), VERSION), publish(Some(will.clone())));
+    assert_eq!(for_version(publish(Some(will)), MIN_VERSION), publish(None));
+    assert_eq!(for_version(publish(Some(qos2.clone())), MIN_VERSION), publish(Some(qos2)));
 }

@@ -21,8 +21,23 @@ use super::{
 };
 use crate::message::Message;
 
-/// Version of this format; both ends must speak the same.
+/// Version of this format. A proxy says which it speaks (Hello); a shard answers with that
+/// version if it knows it (Welcome), and the proxy writes its requests for the version
+/// answered ([`for_version`]), so that proxies and shards of neighbouring releases link during
+/// a rolling upgrade. 3: wills carry [`Marker::Will`].
 pub const VERSION: u16 = 3;
+/// The oldest version a shard still accepts.
+pub const MIN_VERSION: u16 = 2;
+
+/// `r` as a peer speaking `version` reads it. Before version 3 a will carries no marker: that
+/// shard publishes every copy it gets, so a proxy dying just after the shard took the will can
+/// have it published twice (its settler sends it again) while the upgrade is under way.
+pub fn for_version(r: Request, version: u16) -> Request {
+    match r {
+        Request::Publish { id, message, marker: Some(Marker::Will(_)) } if version < 3 => Request::Publish { id, message, marker: None },
+        r => r,
+    }
+}
 
 /// Largest frame accepted: a delivery to every connection of a busy proxy fits easily.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::frame::{decode_next, encode, Frame, VERSION};
+use super::frame::{decode_next, encode, Frame, MIN_VERSION, VERSION};
 use super::local::{Inbound, EVENT_CHANNEL_CAPACITY};
 use super::{ProxyId, Request};
 use crate::ShardHandle;
@@ -120,10 +120,15 @@ async fn link(
     })
     .await
     .map_err(|_| "no Hello in time".to_string())??;
-    let (proxy_name, incarnation, mut event_credit) = match hello {
-        Frame::Hello { version, proxy, incarnation, credit, .. } if version == VERSION => (proxy, incarnation, credit),
+    let (proxy_name, incarnation, mut event_credit, version) = match hello {
+        // An older proxy (a rolling upgrade) is answered in its own version: it never sends
+        // what it does not know.
+        Frame::Hello { version, proxy, incarnation, credit, .. } if (MIN_VERSION..=VERSION).contains(&version) => {
+            (proxy, incarnation, credit, version)
+        }
         Frame::Hello { version, .. } => {
-            encode(&Frame::Refused { reason: format!("link version {version} is not supported (this shard speaks {VERSION})") }, &mut wbuf);
+            let reason = format!("link version {version} is not supported (this shard speaks {MIN_VERSION} to {VERSION})");
+            encode(&Frame::Refused { reason }, &mut wbuf);
             let _ = stream.write_all(&wbuf).await;
             return Err(format!("refused link version {version}"));
         }
@@ -135,7 +140,7 @@ async fn link(
     shard.tx.send(Inbound::Connect { proxy, name, incarnation, events: events_tx }).await.map_err(|_| "shard stopped".to_string())?;
     encode(
         &Frame::Welcome {
-            version: VERSION,
+            version,
             shard: config.shard_name.clone(),
             log_id: config.log_id,
             ring_epoch: ring_epoch.load(Ordering::Relaxed),

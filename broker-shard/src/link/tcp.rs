@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{complete, Client, DeliverySink, Inner, LinkEvents, Transport, Waiters};
-use super::frame::{decode_next, encode, Frame, VERSION};
+use super::frame::{decode_next, encode, for_version, Frame, VERSION};
 use super::{Deliver, Event, LinkError, Reply, Request, RequestId};
 
 /// Settings of one link.
@@ -129,6 +129,7 @@ impl Client {
             sink,
             events,
             unacked: BTreeMap::new(),
+            peer_version: VERSION,
             marks: Watermarks::default(),
             confirmed: Watermarks::default(),
             shutdown,
@@ -146,6 +147,9 @@ struct LinkTask {
     events: Arc<dyn LinkEvents>,
     /// Sent requests with an id, awaiting their reply: sent again after a reconnect.
     unacked: BTreeMap<u64, (Request, Instant)>,
+    /// The link version the shard answered with: requests are written as it understands them
+    /// (a rolling upgrade links new proxies to old shards).
+    peer_version: u16,
     /// Received from the shard, and what the shard was last told.
     marks: Watermarks,
     confirmed: Watermarks,
@@ -243,8 +247,9 @@ impl LinkTask {
         })
         .await;
         let mut request_credit = match welcome {
-            Ok(Ok(Frame::Welcome { shard, credit, log_id, .. })) => {
+            Ok(Ok(Frame::Welcome { version, shard, credit, log_id, .. })) => {
                 *self.inner.shard.lock() = shard.as_str().into();
+                self.peer_version = version;
                 if log_id != self.marks.log_id {
                     // A new log (first link, or the shard lost its disk): positions start over.
                     self.marks = Watermarks { log_id, ..Watermarks::default() };
@@ -269,7 +274,7 @@ impl LinkTask {
         }
         encode(&Frame::Request(Request::ResyncDone), &mut wbuf);
         for (r, _) in self.unacked.values() {
-            encode(&Frame::Request(r.clone()), &mut wbuf);
+            encode(&Frame::Request(for_version(r.clone(), self.peer_version)), &mut wbuf);
             request_credit = request_credit.saturating_sub(1);
         }
         tracing::info!(shard = %self.shard(), addr = %self.config.addr, resent = self.unacked.len(), "shard linked");
@@ -363,7 +368,7 @@ impl LinkTask {
                 self.unacked.insert(id, (req.clone(), Instant::now()));
             }
         }
-        encode(&Frame::Request(req), wbuf);
+        encode(&Frame::Request(for_version(req, self.peer_version)), wbuf);
         *credit -= 1;
     }
 }

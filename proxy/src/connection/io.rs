@@ -70,8 +70,10 @@ impl<R: AsyncRead + Unpin> Input<R> {
     /// The next complete packet in the read buffer, if any.
     pub fn next_packet(&mut self, protocol: Protocol) -> Result<Option<Packet>, DecodeError> {
         let p = decode_packet(&mut self.buf, protocol, self.max_packet_size)?;
-        if self.buf.is_empty() && self.buf.capacity() > 4 * READ_CHUNK {
-            // A large packet went through: give its memory back.
+        if self.buf.is_empty() && (self.buf.capacity() <= READ_CHUNK || self.buf.capacity() > 4 * READ_CHUNK) {
+            // Nothing buffered: an idle connection holds no read buffer between its packets (an
+            // allocation per read costs far less than the read itself), and a large packet's
+            // memory goes back. A busy connection's mid-sized buffer is kept.
             self.buf = BytesMut::new();
         }
         Ok(p)
@@ -124,7 +126,8 @@ impl<W: AsyncWrite + Unpin> Output<W> {
         self.buf.advance(n);
         self.unflushed = true;
         self.bytes += n as u64;
-        if self.buf.is_empty() && self.buf.capacity() > 16 * READ_CHUNK {
+        if self.buf.is_empty() && (self.buf.capacity() <= READ_CHUNK || self.buf.capacity() > 16 * READ_CHUNK) {
+            // All written: an idle connection holds no write buffer, nor does one after a burst.
             self.buf = BytesMut::new();
         }
         Ok(())
@@ -140,5 +143,32 @@ impl<W: AsyncWrite + Unpin> Output<W> {
 
     pub async fn shutdown(&mut self) {
         let _ = self.writer.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqfleet_codec::Packet;
+
+    /// An idle connection holds no buffer between packets: every connection of a fleet would
+    /// otherwise keep one (docs/BENCHMARKS.md, memory per idle connection).
+    #[tokio::test]
+    async fn an_idle_connection_keeps_no_buffers_between_packets() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(ours);
+        let mut io = Io::new(r, w, 1024);
+        let mut ping = BytesMut::new();
+        Packet::PingReq.encode(Protocol::V3_1_1, &mut ping).unwrap();
+        theirs.write_all(&ping).await.unwrap();
+        io.input.read().await.unwrap();
+        assert!(matches!(io.input.next_packet(Protocol::V3_1_1).unwrap(), Some(Packet::PingReq)));
+        assert_eq!(io.input.buf.capacity(), 0, "read buffer released");
+        io.output.queue(&Packet::PingResp, Protocol::V3_1_1);
+        io.output.flush_all().await.unwrap();
+        assert_eq!(io.output.buf.capacity(), 0, "write buffer released");
+        let mut got = [0u8; 2];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [0xD0, 0x00], "PINGRESP written");
     }
 }
