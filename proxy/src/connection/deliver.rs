@@ -16,7 +16,7 @@ use crate::session::outbound::{OutMessage, Push, Stage};
 
 impl<R, W> Connection<R, W>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + super::io::Readiness + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     /// A message routed to this connection.

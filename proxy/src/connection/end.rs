@@ -20,7 +20,7 @@ const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
 impl<R, W> Connection<R, W>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + super::io::Readiness + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     pub(super) async fn finish(mut self, end: End) {

@@ -41,7 +41,7 @@ pub(super) async fn run<R, W>(
     shutdown: CancellationToken,
 ) -> Option<Box<Connection<R, W>>>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + super::io::Readiness + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let connect = first_packet(&ctx, &mut io, &shutdown).await?;
@@ -244,7 +244,7 @@ async fn claim(ctx: &Context, client_id: &ByteString, conn: ConnId) -> Result<Op
 /// Reads until a complete first packet, which must be CONNECT [MQTT-3.1.0-1].
 async fn first_packet<R, W>(ctx: &Context, io: &mut Io<R, W>, shutdown: &CancellationToken) -> Option<Box<mqfleet_codec::Connect>>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + super::io::Readiness + Unpin,
     W: AsyncWrite + Unpin,
 {
     let deadline = Instant::now() + ctx.settings.connect_timeout;
@@ -281,7 +281,7 @@ where
 /// A first packet that cannot be decoded: answer with CONNACK where the version is known.
 async fn answer_bad_connect<R, W>(ctx: &Context, io: &mut Io<R, W>, e: &DecodeError, level: Option<u8>)
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + super::io::Readiness + Unpin,
     W: AsyncWrite + Unpin,
 {
     count_error(ctx, e.reason_code());
@@ -310,7 +310,7 @@ where
 
 async fn refuse<R, W>(ctx: &Context, io: &mut Io<R, W>, protocol: Protocol, refusal: Refusal)
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + super::io::Readiness + Unpin,
     W: AsyncWrite + Unpin,
 {
     ctx.metrics.connects.get_or_create(&Metrics::code(refusal.reason)).inc();

@@ -19,7 +19,7 @@ use crate::session::inbound::Admit;
 
 impl<R, W> Connection<R, W>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + super::io::Readiness + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     /// Memory: every future awaited here is part of the connection task's state for its whole

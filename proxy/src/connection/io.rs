@@ -52,9 +52,42 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
     }
 }
 
-impl<R: AsyncRead + Unpin> Input<R> {
+/// Waits until a read would find bytes, without a buffer to read into: so an idle connection
+/// holds none while it waits. Streams that cannot tell (TLS, WebSocket) say ready at once.
+pub trait Readiness {
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>>;
+}
+
+impl Readiness for tokio::net::tcp::OwnedReadHalf {
+    /// Peeks one byte: readiness alone can be stale (tokio starts a socket as readable), and
+    /// the peek clears it when nothing is there. One extra system call per read that starts
+    /// with an empty buffer, which busy connections (they keep theirs) do not pay.
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        AsRef::<tokio::net::TcpStream>::as_ref(self).poll_peek(cx, &mut buf).map_ok(|_| ())
+    }
+}
+
+impl Readiness for crate::websocket::Reader {
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+impl<T> Readiness for tokio::io::ReadHalf<T> {
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<R: AsyncRead + Readiness + Unpin> Input<R> {
     /// Reads what the socket has. `Ok(0)` is end of stream.
     pub async fn read(&mut self) -> std::io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            std::future::poll_fn(|cx| self.reader.poll_ready(cx)).await?;
+        }
         if self.buf.capacity() - self.buf.len() < 64 {
             self.buf.reserve(self.chunk);
         }
@@ -71,9 +104,10 @@ impl<R: AsyncRead + Unpin> Input<R> {
     pub fn next_packet(&mut self, protocol: Protocol) -> Result<Option<Packet>, DecodeError> {
         let p = decode_packet(&mut self.buf, protocol, self.max_packet_size)?;
         if self.buf.is_empty() && (self.buf.capacity() <= READ_CHUNK || self.buf.capacity() > 4 * READ_CHUNK) {
-            // Nothing buffered: an idle connection holds no read buffer between its packets (an
-            // allocation per read costs far less than the read itself), and a large packet's
-            // memory goes back. A busy connection's mid-sized buffer is kept.
+            // Nothing buffered: an idle connection holds no read buffer between its packets
+            // ([`Input::read`] waits for bytes before it takes one; an allocation per read costs
+            // far less than the read itself), and a large packet's memory goes back. A busy
+            // connection's mid-sized buffer is kept.
             self.buf = BytesMut::new();
         }
         Ok(p)
@@ -170,5 +204,25 @@ mod tests {
         let mut got = [0u8; 2];
         theirs.read_exact(&mut got).await.unwrap();
         assert_eq!(got, [0xD0, 0x00], "PINGRESP written");
+    }
+
+    /// Waiting for its next packet, an idle TCP connection holds no read buffer either: the
+    /// buffer is taken once the socket has bytes.
+    #[tokio::test]
+    async fn waiting_for_bytes_takes_no_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (r, w) = server.into_split();
+        let mut io = Io::new(r, w, 1024);
+        {
+            let read = io.input.read();
+            tokio::pin!(read);
+            assert!(futures::poll!(read.as_mut()).is_pending(), "nothing sent yet");
+        }
+        assert_eq!(io.input.buf.capacity(), 0, "no buffer while waiting");
+        client.write_all(&[0xC0, 0x00]).await.unwrap(); // PINGREQ
+        assert_eq!(io.input.read().await.unwrap(), 2);
+        assert!(matches!(io.input.next_packet(Protocol::V3_1_1).unwrap(), Some(Packet::PingReq)));
     }
 }

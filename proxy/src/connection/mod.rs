@@ -60,7 +60,7 @@ pub struct Peer {
 /// Serves one accepted connection until it ends.
 pub async fn serve<R, W>(ctx: Arc<Context>, reader: R, writer: W, peer: Peer, shutdown: CancellationToken)
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + io::Readiness + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let conn = ctx.registry.next_conn_id();
@@ -278,7 +278,7 @@ pub(crate) struct Connection<R, W> {
 
 impl<R, W> Connection<R, W>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + io::Readiness + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     fn v5(&self) -> bool {
