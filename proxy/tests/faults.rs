@@ -184,6 +184,63 @@ async fn no_pubrel_before_the_pubrec_is_durable() {
     assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.reason == ReasonCode::ServerBusy), "{seen:?}");
 }
 
+/// A persistent session's PUBCOMP leaves only once the store forgot the packet id: sent first
+/// with the write lost, the resumed session held the id as awaiting a PUBREL the client never
+/// sends again, and enough such ids filled its Receive Maximum — the soak on a Redis Cluster saw
+/// clients disconnected with 0x93 on every reconnect. With Redis gone the connection ends
+/// (0x89), and the client's PUBREL over its next connection completes the flow (MQTT-4.4.0-1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_pubcomp_before_the_pubrel_is_durable() {
+    let c = tokio::task::spawn_blocking(|| LocalCluster::start(RedisKind::Standalone, 1, 1)).await.unwrap();
+    let persistent = || {
+        let mut connect = Connect::new(Protocol::V5, "sender-2");
+        connect.clean_start = false;
+        connect.properties.session_expiry_interval = Some(600);
+        connect
+    };
+    let (mut publisher, _) = Raw::session(c.proxy(0), persistent()).await;
+    let id = mqfleet_codec::PacketId::new(7).unwrap();
+    publisher.send(Packet::Publish(mqfleet_codec::Publish::new("q2", QoS::ExactlyOnce, "seven", Some(id)))).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubRec(_))));
+    // Redis stops taking writes (its data stays): the PUBREL cannot be recorded.
+    tokio::task::block_in_place(|| c.redis.cli(&["CLIENT", "PAUSE", "30000", "WRITE"]));
+    publisher.send(Packet::PubRel(mqfleet_codec::Ack::new(id))).await;
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(p) = publisher.recv().await {
+            seen.push(p);
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection ends in time: {seen:?}");
+    assert!(!seen.iter().any(|p| matches!(p, Packet::PubComp(_))), "PUBCOMP before the PUBREL was recorded: {seen:?}");
+    assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.reason == ReasonCode::ServerBusy), "{seen:?}");
+
+    tokio::task::block_in_place(|| c.redis.cli(&["CLIENT", "UNPAUSE"]));
+    let back = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let (publisher, ack) = Raw::session(c.proxy(0), persistent()).await;
+            if ack.reason == ReasonCode::Success {
+                return (publisher, ack);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let (mut publisher, ack) = back.unwrap_or_else(|_| panic!("no session after Redis came back: {}", c.logs()));
+    assert!(ack.session_present);
+    publisher.send(Packet::PubRel(mqfleet_codec::Ack::new(id))).await;
+    // Either ends the flow: the paused write that timed out may have been applied when Redis
+    // took writes again (the id is gone: 0x92), or not (the id was still awaiting its PUBREL).
+    match publisher.recv().await {
+        Some(Packet::PubComp(a)) => {
+            assert_eq!(a.pkid, id);
+            assert!(matches!(a.reason, ReasonCode::Success | ReasonCode::PacketIdentifierNotFound), "{:?}", a.reason);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// The soak saw a client's reconnect wait five seconds (the takeover bound) and its client give
 /// up, because the previous connection was still publishing its will to a shard that was
 /// unreachable. The will's right is taken in Redis at once; the publication itself goes on in

@@ -207,6 +207,14 @@ where
                 self.send(Packet::PubRel(Ack::new(pkid)));
                 Ok(())
             }
+            OpDone::Cleared { pkid, failed: None } => {
+                self.send(Packet::PubComp(Ack::new(pkid)));
+                Ok(())
+            }
+            // The client sends its PUBREL again over its next connection (MQTT-4.4.0-1).
+            OpDone::Cleared { failed: Some(e), .. } => {
+                Err(End::Server { reason: ReasonCode::ServerBusy, detail: format!("session store unavailable for a PUBREL: {e}") })
+            }
             OpDone::Revoked { failed } => {
                 if let Some(f) = failed {
                     tracing::warn!(error = %f, "removing revoked subscriptions failed");
@@ -259,7 +267,20 @@ where
     pub(super) fn on_pubrel(&mut self, a: Ack) -> Result<(), End> {
         let reason = if self.inbound.release(a.pkid.get()) {
             if self.session.persistent() {
-                self.store_ops.push(Op::ClearInbound { client_id: self.client_id.to_string(), pkid: a.pkid.get() });
+                // PUBCOMP leaves only once the store forgot the id: were it sent first and the
+                // write lost, the resumed session would hold the id as awaiting a PUBREL the
+                // client — done with it — never sends: a resend of that id would be taken for
+                // a duplicate, and such stale ids fill the Receive Maximum (found by the soak
+                // on a Redis Cluster: clients disconnected with 0x93 on every reconnect).
+                let (store, client_id, pkid) = (self.ctx.store.clone(), self.client_id.to_string(), a.pkid);
+                self.ops.push_back(
+                    async move {
+                        let failed = store.write(vec![Op::ClearInbound { client_id, pkid: pkid.get() }]).await.err().map(|e| e.to_string());
+                        OpDone::Cleared { pkid, failed }
+                    }
+                    .boxed(),
+                );
+                return Ok(());
             }
             ReasonCode::Success
         } else if self.v5() {

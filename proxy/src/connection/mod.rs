@@ -183,6 +183,12 @@ pub(crate) enum OpDone {
         pkid: PacketId,
         failed: Option<String>,
     },
+    /// An incoming QoS 2 packet id's PUBREL is recorded (the id is free again in the store):
+    /// its PUBCOMP may leave (`failed`: it is not, see `inbound::on_pubrel`).
+    Cleared {
+        pkid: PacketId,
+        failed: Option<String>,
+    },
     /// Subscriptions the ACL no longer allows are gone from the shards and the store.
     Revoked {
         failed: Option<String>,
