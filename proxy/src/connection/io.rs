@@ -85,7 +85,9 @@ impl<T> Readiness for tokio::io::ReadHalf<T> {
 impl<R: AsyncRead + Readiness + Unpin> Input<R> {
     /// Reads what the socket has. `Ok(0)` is end of stream.
     pub async fn read(&mut self) -> std::io::Result<usize> {
-        if self.buf.capacity() == 0 {
+        // Only a quiet connection (its reads never filled the buffer) waits buffer-less: a busy
+        // one would pay a peek per read for memory it needs again at once.
+        if self.buf.capacity() == 0 && self.chunk == MIN_CHUNK {
             std::future::poll_fn(|cx| self.reader.poll_ready(cx)).await?;
         }
         if self.buf.capacity() - self.buf.len() < 64 {
