@@ -23,8 +23,9 @@ use crate::message::Message;
 
 /// Version of this format. A proxy says which it speaks (Hello); a shard answers with that
 /// version if it knows it (Welcome), and the proxy writes its requests for the version
-/// answered ([`for_version`]), so that proxies and shards of neighbouring releases link during
-/// a rolling upgrade. 3: wills carry [`Marker::Will`].
+/// answered ([`for_version`]), so that a shard upgraded first keeps serving the proxies of the
+/// previous release. (A proxy does not fall back to an older shard's version yet.) 3: wills
+/// carry [`Marker::Will`].
 pub const VERSION: u16 = 3;
 /// The oldest version a shard still accepts.
 pub const MIN_VERSION: u16 = 2;
