@@ -40,6 +40,8 @@ pub struct ShardMetrics {
     pub commit_latency: Histogram,
     /// Clustered: round trips to Redis (queueing for persistent sessions, membership).
     pub redis_latency: Latencies<KindLabel>,
+    /// Clustered: Redis Cluster connections replaced because their commands had only timed out.
+    pub redis_cluster_replaced: Counter,
 }
 
 impl Default for ShardMetrics {
@@ -57,6 +59,7 @@ impl Default for ShardMetrics {
             ring_epoch: Gauge::default(),
             commit_latency: latency_histogram(),
             redis_latency: Latencies::default(),
+            redis_cluster_replaced: Counter::default(),
         }
     }
 }
@@ -87,6 +90,11 @@ impl ShardMetrics {
             "redis_command_seconds",
             "Round trips to Redis by kind (script, command, pipeline), seconds",
             self.redis_latency.0.clone(),
+        );
+        r.register(
+            "redis_cluster_connections_replaced",
+            "Redis Cluster connections replaced because their commands had only timed out (a wedged client, or every node unreachable)",
+            self.redis_cluster_replaced.clone(),
         );
     }
 

@@ -360,6 +360,7 @@ async fn join_cluster(
 ) -> Result<(Cluster, Topology, Vec<Arc<LinkState>>), StartError> {
     let mut redis = RedisStore::connect(target.clone(), limits.session_queue_capacity(), settings.redis_timeout).await?;
     redis.observe_latency(RedisLatency::new(&metrics.redis_latency));
+    redis.count_cluster_replacements(metrics.redis_cluster_replaced.clone());
     let dynamic = matches!(settings.shards, ShardSpec::Discover);
     let (shards, epoch): (Vec<(String, String)>, u64) = match &settings.shards {
         ShardSpec::Static(addrs) => (addrs.iter().map(|a| (a.clone(), a.clone())).collect(), 0),

@@ -67,6 +67,8 @@ pub struct Metrics {
     /// Epoch of the ring this proxy routes by (0: a fixed ring).
     pub ring_epoch: Gauge,
     pub redis_latency: Latencies<KindLabel>,
+    /// Redis Cluster connections replaced because their commands had only timed out.
+    pub redis_cluster_replaced: Counter,
     /// `$SYS` messages published.
     pub sys_published: Counter,
     /// Times this proxy found itself taken for dead and closed its connections.
@@ -116,6 +118,11 @@ impl Metrics {
         r.register("link_queued", "Link requests queued for a shard and not yet sent", self.link_queued.clone());
         r.register("ring_epoch", "Epoch of the ring the proxy routes by (0: a fixed list of shards)", self.ring_epoch.clone());
         r.register("redis_command_seconds", "Round trips to Redis by kind (script, command, pipeline)", self.redis_latency.0.clone());
+        r.register(
+            "redis_cluster_connections_replaced",
+            "Redis Cluster connections replaced because their commands had only timed out (a wedged client, or every node unreachable)",
+            self.redis_cluster_replaced.clone(),
+        );
         r.register("sys_messages_published", "$SYS messages published", self.sys_published.clone());
         r.register(
             "fenced",

@@ -95,6 +95,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     let capacity = settings.raw.max_queued_messages.saturating_add(u32::from(settings.raw.max_inflight));
     let mut redis = RedisStore::connect(settings.store.clone(), capacity, settings.redis_timeout).await.map_err(StartError::Redis)?;
     redis.observe_latency(RedisLatency::new(&metrics.redis_latency));
+    redis.count_cluster_replacements(metrics.redis_cluster_replaced.clone());
     let restored = Restored::load(&local).await.map_err(|source| StartError::Store { dir: dir.clone(), source })?;
     let expected = match redis.live_proxies(settings.proxy_dead_after).await {
         Ok(p) => p,

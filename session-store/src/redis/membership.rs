@@ -411,6 +411,9 @@ impl RedisStore {
     /// must not hold up the shared connection).
     pub async fn inbox(&self, proxy: &str, timeout: Duration) -> Result<Inbox, Error> {
         let conn = Conn::connect_with(self.target(), timeout, timeout + INBOX_WAIT).await?;
+        if let Some(c) = &self.replaced {
+            conn.count_replacements(c);
+        }
         Ok(Inbox { conn, key: keys::proxy_inbox(proxy) })
     }
 }

@@ -11,6 +11,7 @@
 //! traffic never touches Redis.
 
 mod admission;
+mod cluster;
 pub mod keys;
 mod membership;
 mod scripts;
@@ -22,14 +23,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::join_all;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::record::{decode, encode};
 use crate::{Delivery, DeliveryState, Error, Op, OpResult, QueuedMessage, SessionRecord, NEVER_EXPIRES};
+use cluster::ClusterConn;
 use keys::ClientKeys;
 use sentinel::SentinelConn;
 
@@ -111,7 +113,7 @@ pub struct Conn {
 #[derive(Clone)]
 enum Link {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConn),
     Sentinel(SentinelConn),
 }
 
@@ -217,7 +219,9 @@ impl Conn {
                         .response_timeout(response_timeout)
                         .build()
                         .map_err(|e| Error::redis("parsing the Redis Cluster nodes", e))?;
-                    let c = client.get_async_connection().await.map_err(|e| Error::redis("connecting to the cluster", e))?;
+                    let c = ClusterConn::connect(client, timeout, response_timeout)
+                        .await
+                        .map_err(|e| Error::redis("connecting to the cluster", e))?;
                     Ok(Link::Cluster(c))
                 }
                 RedisTarget::Sentinel(t) => {
@@ -233,6 +237,12 @@ impl Conn {
             source: std::sync::Arc::new(redis::RedisError::from((redis::ErrorKind::Io, "timed out"))),
         })??;
         Ok(Conn { link, latency: None })
+    }
+
+    fn count_replacements(&self, counter: &Counter) {
+        if let Link::Cluster(c) = &self.link {
+            c.count_replacements(counter.clone());
+        }
     }
 }
 
@@ -273,6 +283,8 @@ pub struct RedisStore {
     conn: Conn,
     max_queue_len: u32,
     target: RedisTarget,
+    /// Counts Redis Cluster connections replaced for being wedged (this store's and its inbox's).
+    replaced: Option<Counter>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -295,7 +307,7 @@ pub struct Claim {
 impl RedisStore {
     pub async fn connect(target: RedisTarget, max_queue_len: u32, timeout: Duration) -> Result<RedisStore, Error> {
         let conn = Conn::connect(&target, timeout).await?;
-        Ok(RedisStore { conn, max_queue_len, target })
+        Ok(RedisStore { conn, max_queue_len, target, replaced: None })
     }
 
     pub fn conn(&self) -> Conn {
@@ -305,6 +317,13 @@ impl RedisStore {
     /// Times every command sent from now on (by this store and its clones made afterwards).
     pub fn observe_latency(&mut self, latency: RedisLatency) {
         self.conn.latency = Some(latency);
+    }
+
+    /// Counts in `counter` the Redis Cluster connections replaced for being wedged (see
+    /// [`cluster`]): this store's and the inboxes it opens from now on.
+    pub fn count_cluster_replacements(&mut self, counter: Counter) {
+        self.conn.count_replacements(&counter);
+        self.replaced = Some(counter);
     }
 
     pub fn target(&self) -> &RedisTarget {
