@@ -160,6 +160,27 @@ pub struct Tracker {
     pub streams: HashMap<u32, Received>,
     /// Payloads this tool did not make.
     pub foreign: u64,
+    /// The first reordered arrivals (up to [`REORDER_EXAMPLES`]), to find them in the logs.
+    #[serde(default)]
+    pub reorders: Vec<Reorder>,
+}
+
+/// How many reordered arrivals a tracker keeps as examples.
+pub const REORDER_EXAMPLES: usize = 20;
+
+/// One arrival below the highest sequence number already received in its stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reorder {
+    /// The sink's name (filled in by [`tally`]).
+    #[serde(default)]
+    pub sink: String,
+    pub stream: u32,
+    pub seq: u64,
+    pub qos: u8,
+    /// The highest sequence number of the same QoS received before it.
+    pub after: u64,
+    /// When it was sent (the payload's send time, ns since the Unix epoch).
+    pub sent_at_ns: u64,
 }
 
 impl Tracker {
@@ -170,10 +191,14 @@ impl Tracker {
             r.duplicated[q] += 1;
             return Arrival::Duplicate;
         }
-        let reordered = r.max[q].is_some_and(|m| h.seq < m);
+        let after = r.max[q].filter(|m| h.seq < *m);
         r.max[q] = Some(r.max[q].map_or(h.seq, |m| m.max(h.seq)));
-        if reordered {
+        if let Some(after) = after {
             r.reordered[q] += 1;
+            if self.reorders.len() < REORDER_EXAMPLES {
+                let (stream, seq, qos, sent_at_ns) = (h.stream, h.seq, h.qos, h.sent_at_ns);
+                self.reorders.push(Reorder { sink: String::new(), stream, seq, qos, after, sent_at_ns });
+            }
             Arrival::Reordered
         } else {
             Arrival::New
@@ -240,6 +265,8 @@ pub struct Tally {
     pub by_qos: [QosCounts; 3],
     /// Up to 20 lost copies, QoS 1/2 first.
     pub lost_examples: Vec<LostCopy>,
+    /// Up to 20 reordered arrivals, QoS 1/2 first.
+    pub reorder_examples: Vec<Reorder>,
     pub foreign: u64,
 }
 
@@ -262,8 +289,10 @@ pub fn tally(ledger: &Ledger, sinks: &[Sink], mix: &QosMix) -> Tally {
     }
     let empty = StreamLedger::default();
     let mut lost = Vec::new();
+    let mut reorders = Vec::new();
     for sink in sinks {
         t.foreign += sink.tracker.foreign;
+        reorders.extend(sink.tracker.reorders.iter().map(|r| Reorder { sink: sink.name.clone(), ..r.clone() }));
         for id in &sink.expects {
             let s = ledger.streams.get(id).unwrap_or(&empty);
             let r = sink.tracker.streams.get(id);
@@ -296,6 +325,9 @@ pub fn tally(ledger: &Ledger, sinks: &[Sink], mix: &QosMix) -> Tally {
     lost.sort_by_key(|l| (l.qos == 0, l.stream, l.seq));
     lost.truncate(20);
     t.lost_examples = lost;
+    reorders.sort_by_key(|r| (r.qos == 0, r.sent_at_ns));
+    reorders.truncate(REORDER_EXAMPLES);
+    t.reorder_examples = reorders;
     t
 }
 
@@ -351,6 +383,12 @@ mod tests {
         assert_eq!(tr.record(&header(1, 4, 2)), Arrival::New);
         // Within QoS 1 it is a reorder.
         assert_eq!(tr.record(&header(1, 2, 1)), Arrival::Reordered);
+        // Kept as an example, with what it came after, and named by its sink in the tally.
+        let example = Reorder { sink: String::new(), stream: 1, seq: 2, qos: 1, after: 5, sent_at_ns: 0 };
+        assert_eq!(tr.reorders, vec![example.clone()]);
+        let sinks = [Sink { name: "s".into(), tracker: tr, expects: vec![1] }];
+        let t = tally(&ledger(1, 6, &[2, 4, 5]), &sinks, &QosMix::single(1));
+        assert_eq!(t.reorder_examples, vec![Reorder { sink: "s".into(), ..example }]);
     }
 
     #[test]

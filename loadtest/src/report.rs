@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::accounting::{LostCopy, QosCounts, Tally};
+use crate::accounting::{LostCopy, QosCounts, Reorder, Tally};
 use crate::stats::{Percentiles, Sample};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +29,8 @@ pub struct Report {
     pub throughput: Throughput,
     pub errors: BTreeMap<String, u64>,
     pub lost_examples: Vec<LostCopy>,
+    #[serde(default)]
+    pub reorder_examples: Vec<Reorder>,
     pub broker: Option<BrokerUsage>,
     pub timeline: Vec<Sample>,
     pub verdict: Verdict,

@@ -148,6 +148,8 @@ pub struct ChaosReport {
     pub profile: Profile,
     pub seed: u64,
     pub duration_s: f64,
+    /// When the run started (the zero of the timeline), ns since the Unix epoch.
+    pub started_at_ns: u64,
     pub cluster: String,
     /// Faults by kind.
     pub faults: BTreeMap<Kind, u64>,
@@ -168,6 +170,7 @@ pub struct ChaosReport {
     /// times a proxy found itself taken for dead: where to look when something is missing.
     pub process_counters: BTreeMap<String, f64>,
     pub lost_examples: Vec<crate::accounting::LostCopy>,
+    pub reorder_examples: Vec<crate::accounting::Reorder>,
     pub violations: Vec<String>,
     pub ok: bool,
 }
@@ -177,6 +180,7 @@ pub async fn run(o: ChaosOptions) -> Result<ChaosReport, String> {
     let profile = Profile::new(o.profile, o.duration);
     let bins = cluster::binaries(o.bin_dir.as_deref())?;
     let started = Instant::now();
+    let started_at_ns = crate::payload::now_ns();
     let handle = tokio::runtime::Handle::current();
     let (proxies, shards) = (profile.proxies, profile.shards);
     let kind = match o.redis {
@@ -309,6 +313,7 @@ pub async fn run(o: ChaosOptions) -> Result<ChaosReport, String> {
         profile,
         seed: o.seed,
         duration_s: started.elapsed().as_secs_f64(),
+        started_at_ns,
         cluster: format!("{proxies} proxies, {shards} shards behind relays, {redis_desc} with appendfsync always"),
         faults: faults_by_kind,
         timeline,
@@ -323,6 +328,7 @@ pub async fn run(o: ChaosOptions) -> Result<ChaosReport, String> {
         client_errors: report.errors.clone(),
         process_counters,
         lost_examples: report.lost_examples.clone(),
+        reorder_examples: report.reorder_examples.clone(),
         violations,
         ok,
     })
@@ -363,6 +369,10 @@ impl ChaosReport {
             }
             for l in &self.lost_examples {
                 let _ = writeln!(s, "  lost: stream {} seq {} (QoS {}) at {}", l.stream, l.seq, l.qos, l.sink);
+            }
+            for r in &self.reorder_examples {
+                let sent_s = r.sent_at_ns.saturating_sub(self.started_at_ns) as f64 / 1e9;
+                let _ = writeln!(s, "  reordered: stream {} seq {} (QoS {}, sent at {sent_s:.1} s) after seq {} at {}", r.stream, r.seq, r.qos, r.after, r.sink);
             }
             let _ = writeln!(s, "fault timeline:");
             for h in &self.timeline {

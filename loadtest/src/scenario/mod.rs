@@ -359,6 +359,7 @@ pub async fn run(plan: Plan, s: Settings, settings_json: std::collections::BTree
         },
         errors,
         lost_examples: t.lost_examples.clone(),
+        reorder_examples: t.reorder_examples.clone(),
         broker: broker_usage,
         timeline,
         verdict,
