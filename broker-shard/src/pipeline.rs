@@ -82,8 +82,9 @@ enum Queued {
 
 /// Enqueues per lane B batch: bounds one Redis round's size.
 const MAX_BATCH: usize = 512;
-/// How long lane A waits for the sessions' store to say whether to publish a will.
-const WILL_PATIENCE: Duration = Duration::from_secs(5);
+/// How long lane A waits for the sessions' store to take a QoS 2 marker or to say whether to
+/// publish a will: long enough to ride out a Redis failover or a Cluster node restart.
+const STORE_PATIENCE: Duration = Duration::from_secs(5);
 /// Longest pause between retries of a failing sessions' store.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(2);
 
@@ -270,9 +271,13 @@ impl Pipeline {
                         Err(e) => Err(e),
                     },
                     marker => {
+                        // Refusing over a Redis hiccup would break order: the refusal may never
+                        // reach the client (its connection can end meanwhile), which then sends
+                        // the message again after later ones were accepted (found by the soak:
+                        // QoS 2 messages out of order after a Redis Cluster node restart).
                         let marker_write = async {
                             match marker {
-                                Some(op) => sessions.write(vec![op]).await,
+                                Some(op) => write_patiently(&sessions, op, &shard).await,
                                 None => Ok(Vec::new()),
                             }
                         };
@@ -375,17 +380,24 @@ async fn write_until_done(sessions: &Store, ops: Vec<Op>, shard: &str) -> Vec<Op
     }
 }
 
-/// Asks the sessions' store whether to publish a logged will, a few times if it does not
-/// answer: the same question again is harmless (`Op::AcceptWill` is idempotent), and lane A
-/// waits meanwhile. Past that the publisher is refused and sends it again; the entry stays in
-/// the log and is asked about again at the next start.
+/// Asks the sessions' store whether to publish a logged will (patiently: see
+/// [`write_patiently`]). Past that the publisher is refused and sends it again; the entry stays
+/// in the log and is asked about again at the next start.
 async fn accept_will(sessions: &Store, ask: Op, shard: &str) -> Result<bool, session_store::Error> {
-    let mut backoff = mqfleet_ops::outage::Backoff::within(WILL_PATIENCE);
+    let r = write_patiently(sessions, ask, shard).await?;
+    Ok(matches!(r.first(), Some(OpResult::WillAccepted(true))))
+}
+
+/// Writes one idempotent op of lane A (a QoS 2 marker, a will's acceptance), again while the
+/// sessions' store does not answer, for up to [`STORE_PATIENCE`]: the same write twice is
+/// harmless, and lane A waits meanwhile.
+async fn write_patiently(sessions: &Store, op: Op, shard: &str) -> Result<Vec<OpResult>, session_store::Error> {
+    let mut backoff = mqfleet_ops::outage::Backoff::within(STORE_PATIENCE);
     loop {
-        match sessions.write(vec![ask.clone()]).await {
-            Ok(r) => return Ok(matches!(r.first(), Some(OpResult::WillAccepted(true)))),
+        match sessions.write(vec![op.clone()]).await {
+            Ok(r) => return Ok(r),
             Err(e) => {
-                tracing::warn!(shard, error = %e, "cannot ask the sessions' store whether to publish a will; retrying");
+                tracing::warn!(shard, error = %e, "the sessions' store did not take a write the publisher waits for; retrying");
                 if !backoff.pause().await {
                     return Err(e);
                 }

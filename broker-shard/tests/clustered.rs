@@ -408,3 +408,49 @@ async fn a_shard_speaks_the_link_version_of_an_older_proxy() {
     let (_ancient, refused) = RawLink::hello(shard.addr, MIN_VERSION - 1).await;
     assert!(matches!(&refused, Frame::Refused { reason } if reason.contains("not supported")), "{refused:?}");
 }
+
+#[tokio::test]
+async fn a_message_refused_for_its_qos2_marker_is_not_replayed_after_a_crash() {
+    let Setup { redis, dir, shard, relay: _relay, mut sub, publisher } = setup().await;
+    // Redis holds writes (scripts included) past the shard's patience (2 s per attempt, 5 s in
+    // all): the QoS 2 marker cannot be written, while the shard's own log append can.
+    redis.cli(&["CLIENT", "PAUSE", "9000", "WRITE"]);
+    let marker = Marker::Qos2 { client_id: "pub".into(), pkid: 1 };
+    let m = msg("t/a", 1u32.to_be_bytes().to_vec());
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        publisher.client.call(|id| Request::Publish { id: Some(id), message: m, marker: Some(marker) }),
+    )
+    .await
+    .expect("a reply in time");
+    assert!(refused.is_err(), "the marker could not be written, so the message is refused: {refused:?}");
+    redis.cli(&["CLIENT", "UNPAUSE"]);
+
+    // A crash before the log is trimmed the usual way: the refused message must not come back
+    // from the log (its publisher was told it was refused).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let addr = shard.crash().await;
+    let _shard = start_shard(dir.path(), &redis, Some(addr), &["proxy-sub", "proxy-pub"]).await;
+    publish(&publisher, "t/a", 2).await;
+    assert_eq!(received(&mut sub, 1).await, [2], "the refused message 1 is never delivered");
+    nothing_more(&mut sub).await;
+}
+
+#[tokio::test]
+async fn a_qos2_marker_rides_out_a_redis_stall_instead_of_refusing_the_message() {
+    let Setup { redis, dir: _dir, shard: _shard, relay: _relay, mut sub, publisher } = setup().await;
+    // Longer than one attempt (2 s), shorter than the shard's patience (5 s). A refusal here
+    // could reach the client too late (its connection may end meanwhile), and its resend
+    // would then come after later messages (order broken).
+    redis.cli(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    let marker = Marker::Qos2 { client_id: "pub".into(), pkid: 1 };
+    let m = msg("t/a", 1u32.to_be_bytes().to_vec());
+    let reply = tokio::time::timeout(
+        Duration::from_secs(20),
+        publisher.client.call(|id| Request::Publish { id: Some(id), message: m, marker: Some(marker) }),
+    )
+    .await
+    .expect("a reply in time");
+    assert!(matches!(reply, Ok(Reply::Accepted { .. })), "accepted once Redis took the marker: {reply:?}");
+    assert_eq!(received(&mut sub, 1).await, [1]);
+}

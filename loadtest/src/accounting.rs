@@ -181,10 +181,21 @@ pub struct Reorder {
     pub after: u64,
     /// When it was sent (the payload's send time, ns since the Unix epoch).
     pub sent_at_ns: u64,
+    /// When it arrived (ns since the Unix epoch; 0 if not recorded).
+    #[serde(default)]
+    pub arrived_at_ns: u64,
+    /// It came as a resend (DUP set): from a session resumed after a lost connection.
+    #[serde(default)]
+    pub dup: bool,
 }
 
 impl Tracker {
     pub fn record(&mut self, h: &Header) -> Arrival {
+        self.record_arrival(h, false, 0)
+    }
+
+    /// Records an arrival with how it came: `dup` as the PUBLISH's DUP flag, at `arrived_at_ns`.
+    pub fn record_arrival(&mut self, h: &Header, dup: bool, arrived_at_ns: u64) -> Arrival {
         let r = self.streams.entry(h.stream).or_default();
         let q = usize::from(h.qos.min(2));
         if r.bits.set(h.seq) {
@@ -197,7 +208,7 @@ impl Tracker {
             r.reordered[q] += 1;
             if self.reorders.len() < REORDER_EXAMPLES {
                 let (stream, seq, qos, sent_at_ns) = (h.stream, h.seq, h.qos, h.sent_at_ns);
-                self.reorders.push(Reorder { sink: String::new(), stream, seq, qos, after, sent_at_ns });
+                self.reorders.push(Reorder { sink: String::new(), stream, seq, qos, after, sent_at_ns, arrived_at_ns, dup });
             }
             Arrival::Reordered
         } else {
@@ -384,7 +395,7 @@ mod tests {
         // Within QoS 1 it is a reorder.
         assert_eq!(tr.record(&header(1, 2, 1)), Arrival::Reordered);
         // Kept as an example, with what it came after, and named by its sink in the tally.
-        let example = Reorder { sink: String::new(), stream: 1, seq: 2, qos: 1, after: 5, sent_at_ns: 0 };
+        let example = Reorder { sink: String::new(), stream: 1, seq: 2, qos: 1, after: 5, sent_at_ns: 0, arrived_at_ns: 0, dup: false };
         assert_eq!(tr.reorders, vec![example.clone()]);
         let sinks = [Sink { name: "s".into(), tracker: tr, expects: vec![1] }];
         let t = tally(&ledger(1, 6, &[2, 4, 5]), &sinks, &QosMix::single(1));

@@ -86,21 +86,28 @@ impl LogBook {
         }
     }
 
-    /// Lane A failed: nothing of the entry became durable.
+    /// Lane A failed and the publisher is told so: the message must never be delivered. Its
+    /// log entry may have been written all the same (the log and a QoS 2 marker are written
+    /// concurrently, and only one failed), and a restart would replay it — late, and against
+    /// the refusal — so it goes with the trims.
     pub fn refused(&mut self, position: u64) {
-        if let Some(e) = self.entries.remove(&position) {
-            if let Some(p) = e.publisher {
-                self.requests.remove(&p);
-            }
-        }
+        self.trim(position);
     }
 
     fn maybe_trim(&mut self, position: u64) {
         let done = self.entries.get(&position).is_some_and(|e| e.queued && e.waiting == 0);
         if done {
-            self.refused(position);
-            self.to_trim.push(position);
+            self.trim(position);
         }
+    }
+
+    fn trim(&mut self, position: u64) {
+        if let Some(e) = self.entries.remove(&position) {
+            if let Some(p) = e.publisher {
+                self.requests.remove(&p);
+            }
+        }
+        self.to_trim.push(position);
     }
 
     /// Positions to delete from the log, taken once.
@@ -151,7 +158,8 @@ mod tests {
         let p = b.append(Some(publisher(5)));
         b.refused(p);
         assert_eq!(b.accepted(&publisher(5)), None);
+        assert_eq!(b.take_trims(), [p], "a refused entry that was written anyway is deleted");
         b.queued(p);
-        assert!(b.take_trims().is_empty(), "nothing of a refused entry was written");
+        assert!(b.take_trims().is_empty(), "and only once");
     }
 }

@@ -267,10 +267,12 @@ impl Router {
             for p in out.queued {
                 book.queued(p);
             }
+            let refused = !out.refused.is_empty();
             for p in out.refused {
                 book.refused(p);
             }
-            if book.pending_trims() >= TRIM_BATCH {
+            // A refused entry goes at once: a restart before its trim would deliver it.
+            if refused || book.pending_trims() >= TRIM_BATCH {
                 self.write_trims();
             }
         }

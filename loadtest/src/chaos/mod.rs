@@ -372,7 +372,13 @@ impl ChaosReport {
             }
             for r in &self.reorder_examples {
                 let sent_s = r.sent_at_ns.saturating_sub(self.started_at_ns) as f64 / 1e9;
-                let _ = writeln!(s, "  reordered: stream {} seq {} (QoS {}, sent at {sent_s:.1} s) after seq {} at {}", r.stream, r.seq, r.qos, r.after, r.sink);
+                let arrived_s = r.arrived_at_ns.saturating_sub(self.started_at_ns) as f64 / 1e9;
+                let dup = if r.dup { ", a resend" } else { "" };
+                let _ = writeln!(
+                    s,
+                    "  reordered: stream {} seq {} (QoS {}, sent at {sent_s:.1} s, arrived at {arrived_s:.1} s{dup}) after seq {} at {}",
+                    r.stream, r.seq, r.qos, r.after, r.sink
+                );
             }
             let _ = writeln!(s, "fault timeline:");
             for h in &self.timeline {

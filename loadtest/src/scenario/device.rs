@@ -318,7 +318,7 @@ fn on_event(ctx: &RunCtx, spec: &DeviceSpec, client: &mut Client, out: &mut Outc
                 }
                 return;
             }
-            out.tracker.record(&h);
+            out.tracker.record_arrival(&h, p.dup, now_ns());
             if let Some(d) = ctx.delivered.get(h.stream as usize) {
                 d.fetch_add(1, Relaxed);
             }
