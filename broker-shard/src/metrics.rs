@@ -31,6 +31,9 @@ pub struct ShardMetrics {
     /// Clustered: wills received and not published, because the cluster said another copy of
     /// the same will was published or is another proxy's to publish (each will once).
     pub wills_withheld: Counter,
+    /// Clustered: QoS 2 PUBLISHes answered but not routed, because a copy with the same packet
+    /// id was accepted already (a resend over a new connection).
+    pub qos2_resends: Counter,
     /// Clustered: accepted QoS 1/2 messages still in the shard's log (not yet queued for every
     /// persistent session or not yet confirmed by every proxy that got them).
     pub log_entries: Gauge,
@@ -55,6 +58,7 @@ impl Default for ShardMetrics {
             retained_refused: Counter::default(),
             store_errors: Counter::default(),
             wills_withheld: Counter::default(),
+            qos2_resends: Counter::default(),
             log_entries: Gauge::default(),
             ring_epoch: Gauge::default(),
             commit_latency: latency_histogram(),
@@ -82,6 +86,11 @@ impl ShardMetrics {
             "wills_withheld",
             "Wills received and not published: the same will was published already, or is another proxy's to publish",
             self.wills_withheld.clone(),
+        );
+        r.register(
+            "qos2_resends",
+            "QoS 2 PUBLISHes answered but not routed: a copy with the same packet id was accepted already",
+            self.qos2_resends.clone(),
         );
         r.register("log_entries", "Accepted QoS 1/2 messages still in the shard's log", self.log_entries.clone());
         r.register("ring_epoch", "Epoch of the ring the shard routes by (clustered)", self.ring_epoch.clone());

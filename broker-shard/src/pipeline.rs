@@ -37,8 +37,9 @@ pub(crate) struct Outgoing {
     pub events: Vec<(ProxyId, Event)>,
     /// Log positions whose lane B is complete (queued for every persistent session).
     pub queued: Vec<u64>,
-    /// Log positions whose lane A failed: nothing of them was made durable.
-    pub refused: Vec<u64>,
+    /// Log positions to delete at once, never to be delivered: lane A refused them (their entry
+    /// may be in the log all the same), or they were resends of a message already accepted.
+    pub dropped: Vec<u64>,
 }
 
 impl Outgoing {
@@ -278,11 +279,26 @@ impl Pipeline {
                         let marker_write = async {
                             match marker {
                                 Some(op) => write_patiently(&sessions, op, &shard).await,
-                                None => Ok(Vec::new()),
+                                None => Ok((Vec::new(), false)),
                             }
                         };
                         let (l, m) = tokio::join!(local_write, marker_write);
-                        l.and(m).map(|_| ())
+                        match l.and(m) {
+                            // The packet id was marked already: a copy of this message was
+                            // accepted (its client resent it over a new connection before the
+                            // first copy's marker was written, so that connection could not
+                            // tell). Answered, not routed: exactly once. Unless an earlier
+                            // attempt of this very write may have landed (it failed without an
+                            // answer): then the mark may be its own, and routing it risks a
+                            // duplicate where dropping it would risk a loss.
+                            Ok((r, false)) if matches!(r.first(), Some(OpResult::Marked(false))) => {
+                                metrics.qos2_resends.inc();
+                                let mut events = Vec::new();
+                                answer(&mut events, publisher, None);
+                                return (Outgoing { events, queued: Vec::new(), dropped: position.into_iter().collect() }, None);
+                            }
+                            r => r.map(|_| ()),
+                        }
                     }
                 };
                 if let Err(e) = written {
@@ -384,20 +400,23 @@ async fn write_until_done(sessions: &Store, ops: Vec<Op>, shard: &str) -> Vec<Op
 /// [`write_patiently`]). Past that the publisher is refused and sends it again; the entry stays
 /// in the log and is asked about again at the next start.
 async fn accept_will(sessions: &Store, ask: Op, shard: &str) -> Result<bool, session_store::Error> {
-    let r = write_patiently(sessions, ask, shard).await?;
+    let (r, _) = write_patiently(sessions, ask, shard).await?;
     Ok(matches!(r.first(), Some(OpResult::WillAccepted(true))))
 }
 
 /// Writes one idempotent op of lane A (a QoS 2 marker, a will's acceptance), again while the
 /// sessions' store does not answer, for up to [`STORE_PATIENCE`]: the same write twice is
-/// harmless, and lane A waits meanwhile.
-async fn write_patiently(sessions: &Store, op: Op, shard: &str) -> Result<Vec<OpResult>, session_store::Error> {
+/// harmless, and lane A waits meanwhile. Also says whether an attempt failed first (it may
+/// have been applied, unanswered).
+async fn write_patiently(sessions: &Store, op: Op, shard: &str) -> Result<(Vec<OpResult>, bool), session_store::Error> {
     let mut backoff = mqfleet_ops::outage::Backoff::within(STORE_PATIENCE);
+    let mut failed_before = false;
     loop {
         match sessions.write(vec![op.clone()]).await {
-            Ok(r) => return Ok(r),
+            Ok(r) => return Ok((r, failed_before)),
             Err(e) => {
                 tracing::warn!(shard, error = %e, "the sessions' store did not take a write the publisher waits for; retrying");
+                failed_before = true;
                 if !backoff.pause().await {
                     return Err(e);
                 }
@@ -476,5 +495,5 @@ fn refused(
         }
         _ => Vec::new(),
     };
-    Outgoing { events, queued: Vec::new(), refused: position.into_iter().collect() }
+    Outgoing { events, queued: Vec::new(), dropped: position.into_iter().collect() }
 }

@@ -454,3 +454,21 @@ async fn a_qos2_marker_rides_out_a_redis_stall_instead_of_refusing_the_message()
     assert!(matches!(reply, Ok(Reply::Accepted { .. })), "accepted once Redis took the marker: {reply:?}");
     assert_eq!(received(&mut sub, 1).await, [1]);
 }
+
+#[tokio::test]
+async fn a_qos2_resend_whose_packet_id_is_marked_is_answered_not_routed() {
+    let Setup { redis: _redis, dir: _dir, shard, relay: _relay, mut sub, publisher } = setup().await;
+    let send = |n: u32| {
+        let marker = Marker::Qos2 { client_id: "pub".into(), pkid: 5 };
+        let m = msg("t/a", n.to_be_bytes().to_vec());
+        publisher.client.call(move |id| Request::Publish { id: Some(id), message: m, marker: Some(marker) })
+    };
+    assert!(matches!(send(1).await, Ok(Reply::Accepted { .. })));
+    assert_eq!(received(&mut sub, 1).await, [1]);
+    // The client resends packet id 5 over a new connection (another request, perhaps another
+    // proxy) before PUBREL: the new connection could not know the first copy got through
+    // (MQTT-4.3.3: exactly once).
+    assert!(send(1).await.is_ok(), "the resend is answered");
+    nothing_more(&mut sub).await;
+    assert_eq!(shard.metrics.qos2_resends.get(), 1);
+}

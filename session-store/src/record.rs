@@ -148,7 +148,7 @@ pub enum Op {
     },
     /// A QoS 2 PUBLISH with this packet id was accepted; until [`Op::ClearInbound`], a resent
     /// PUBLISH with the id is a duplicate. Written by the shard in the same transaction as the
-    /// message, so a crash cannot separate them.
+    /// message (single node), or before routing it ([`OpResult::Marked`] tells a resend).
     MarkInbound {
         client_id: String,
         pkid: u16,
@@ -200,6 +200,9 @@ pub enum OpResult {
     /// For [`Op::AcceptWill`]: publish it (true) or not (it was published already, or is
     /// another proxy's to publish now).
     WillAccepted(bool),
+    /// For [`Op::MarkInbound`]: whether the packet id was new (false: a copy with this id was
+    /// accepted already — this one is a resend, to be answered but not routed).
+    Marked(bool),
 }
 
 // === encoding ===

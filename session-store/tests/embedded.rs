@@ -192,6 +192,8 @@ async fn inbound_qos2_markers_are_kept_until_cleared_and_removed_with_the_sessio
         .await
         .unwrap();
     assert_eq!(store.load_inbound("a").await.unwrap(), [7, 9]);
+    let again = store.write(vec![Op::MarkInbound { client_id: "a".into(), pkid: 9 }]).await.unwrap();
+    assert_eq!(again, [OpResult::Marked(false)], "a marked id says so");
     store.write(vec![Op::ClearInbound { client_id: "a".into(), pkid: 7 }]).await.unwrap();
     assert_eq!(store.load_inbound("a").await.unwrap(), [9]);
     store.write(vec![Op::RemoveSession { client_id: "a".into(), epoch: None }]).await.unwrap();

@@ -72,10 +72,16 @@ async fn behaves_like_a_session_store(s: Store) {
     assert_eq!(s.load_queue("a", 0).await.unwrap().len(), 1);
 
     // Inbound QoS 2 markers.
-    s.write(vec![Op::MarkInbound { client_id: "a".into(), pkid: 9 }, Op::MarkInbound { client_id: "a".into(), pkid: 3 }]).await.unwrap();
+    let mark = |pkid| Op::MarkInbound { client_id: "a".into(), pkid };
+    let r = s.write(vec![mark(9), mark(3)]).await.unwrap();
+    assert_eq!(r, [OpResult::Marked(true), OpResult::Marked(true)]);
     assert_eq!(s.load_inbound("a").await.unwrap(), [3, 9]);
+    // Marking an id already marked says so: the shard answers such a resend without routing it.
+    assert_eq!(s.write(vec![mark(9)]).await.unwrap(), [OpResult::Marked(false)]);
     s.write(vec![Op::ClearInbound { client_id: "a".into(), pkid: 9 }]).await.unwrap();
     assert_eq!(s.load_inbound("a").await.unwrap(), [3]);
+    assert_eq!(s.write(vec![mark(9)]).await.unwrap(), [OpResult::Marked(true)], "new again once released");
+    s.write(vec![Op::ClearInbound { client_id: "a".into(), pkid: 9 }]).await.unwrap();
 
     // Removal takes everything of the session.
     s.write(vec![Op::RemoveSession { client_id: "a".into(), epoch: None }]).await.unwrap();

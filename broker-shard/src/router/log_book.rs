@@ -86,11 +86,11 @@ impl LogBook {
         }
     }
 
-    /// Lane A failed and the publisher is told so: the message must never be delivered. Its
-    /// log entry may have been written all the same (the log and a QoS 2 marker are written
-    /// concurrently, and only one failed), and a restart would replay it — late, and against
-    /// the refusal — so it goes with the trims.
-    pub fn refused(&mut self, position: u64) {
+    /// The message must never be delivered: lane A refused it (and the publisher is told so),
+    /// or it was a resend of an accepted message. Its log entry may have been written all the
+    /// same (the log and a QoS 2 marker are written concurrently), and a restart would replay
+    /// it — late, and against the refusal — so it goes with the trims.
+    pub fn dropped(&mut self, position: u64) {
         self.trim(position);
     }
 
@@ -156,7 +156,7 @@ mod tests {
     fn refused_entries_forget_their_request() {
         let mut b = LogBook::new(0);
         let p = b.append(Some(publisher(5)));
-        b.refused(p);
+        b.dropped(p);
         assert_eq!(b.accepted(&publisher(5)), None);
         assert_eq!(b.take_trims(), [p], "a refused entry that was written anyway is deleted");
         b.queued(p);

@@ -267,12 +267,12 @@ impl Router {
             for p in out.queued {
                 book.queued(p);
             }
-            let refused = !out.refused.is_empty();
-            for p in out.refused {
-                book.refused(p);
+            let dropped = !out.dropped.is_empty();
+            for p in out.dropped {
+                book.dropped(p);
             }
-            // A refused entry goes at once: a restart before its trim would deliver it.
-            if refused || book.pending_trims() >= TRIM_BATCH {
+            // A dropped entry goes at once: a restart before its trim would deliver it.
+            if dropped || book.pending_trims() >= TRIM_BATCH {
                 self.write_trims();
             }
         }

@@ -400,7 +400,8 @@ fn apply(
         }
         Op::MarkInbound { client_id, pkid } => {
             let mut t = txn.open_table(INBOUND).map_err(|e| err(e.into()))?;
-            t.insert((client_id.as_str(), *pkid), ()).map_err(|e| err(e.into()))?;
+            let before = t.insert((client_id.as_str(), *pkid), ()).map_err(|e| err(e.into()))?;
+            return Ok(OpResult::Marked(before.is_none()));
         }
         // One process publishes every will of a single node, each once: nothing to decide.
         Op::AcceptWill { .. } => return Ok(OpResult::WillAccepted(true)),

@@ -692,14 +692,14 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
         }
         Op::MarkInbound { client_id, pkid } => {
             let k = ClientKeys::new(&client_id);
-            let _: i64 = scripts::MARK_INBOUND
+            let added: i64 = scripts::MARK_INBOUND
                 .key(&k.session)
                 .key(&k.inbound)
                 .arg(pkid)
                 .invoke_async(conn)
                 .await
                 .map_err(|e| Error::redis("recording a QoS 2 packet id", e))?;
-            Ok(OpResult::Done)
+            Ok(OpResult::Marked(added == 1))
         }
         Op::AcceptWill { client_id, epoch, proxy, acceptance } => {
             let k = ClientKeys::new(&client_id);

@@ -332,10 +332,10 @@ return 1
 pub static MARK_INBOUND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-redis.call('SADD', KEYS[2], ARGV[1])
+local added = redis.call('SADD', KEYS[2], ARGV[1])
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-return 1
+return added
 "#,
     )
 });
