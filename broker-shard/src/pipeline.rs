@@ -279,7 +279,7 @@ impl Pipeline {
                         let marker_write = async {
                             match marker {
                                 Some(op) => write_patiently(&sessions, op, &shard).await,
-                                None => Ok((Vec::new(), false)),
+                                None => Ok(Vec::new()),
                             }
                         };
                         let (l, m) = tokio::join!(local_write, marker_write);
@@ -287,11 +287,9 @@ impl Pipeline {
                             // The packet id was marked already: a copy of this message was
                             // accepted (its client resent it over a new connection before the
                             // first copy's marker was written, so that connection could not
-                            // tell). Answered, not routed: exactly once. Unless an earlier
-                            // attempt of this very write may have landed (it failed without an
-                            // answer): then the mark may be its own, and routing it risks a
-                            // duplicate where dropping it would risk a loss.
-                            Ok((r, false)) if matches!(r.first(), Some(OpResult::Marked(false))) => {
+                            // tell). Answered, not routed: exactly once. (A retried write of
+                            // this same mark finds it its own: the mark names its acceptance.)
+                            Ok(r) if matches!(r.first(), Some(OpResult::Marked(false))) => {
                                 metrics.qos2_resends.inc();
                                 let mut events = Vec::new();
                                 answer(&mut events, publisher, None);
@@ -400,23 +398,20 @@ async fn write_until_done(sessions: &Store, ops: Vec<Op>, shard: &str) -> Vec<Op
 /// [`write_patiently`]). Past that the publisher is refused and sends it again; the entry stays
 /// in the log and is asked about again at the next start.
 async fn accept_will(sessions: &Store, ask: Op, shard: &str) -> Result<bool, session_store::Error> {
-    let (r, _) = write_patiently(sessions, ask, shard).await?;
+    let r = write_patiently(sessions, ask, shard).await?;
     Ok(matches!(r.first(), Some(OpResult::WillAccepted(true))))
 }
 
 /// Writes one idempotent op of lane A (a QoS 2 marker, a will's acceptance), again while the
 /// sessions' store does not answer, for up to [`STORE_PATIENCE`]: the same write twice is
-/// harmless, and lane A waits meanwhile. Also says whether an attempt failed first (it may
-/// have been applied, unanswered).
-async fn write_patiently(sessions: &Store, op: Op, shard: &str) -> Result<(Vec<OpResult>, bool), session_store::Error> {
+/// harmless (each names its acceptance), and lane A waits meanwhile.
+async fn write_patiently(sessions: &Store, op: Op, shard: &str) -> Result<Vec<OpResult>, session_store::Error> {
     let mut backoff = mqfleet_ops::outage::Backoff::within(STORE_PATIENCE);
-    let mut failed_before = false;
     loop {
         match sessions.write(vec![op.clone()]).await {
-            Ok(r) => return Ok((r, failed_before)),
+            Ok(r) => return Ok(r),
             Err(e) => {
                 tracing::warn!(shard, error = %e, "the sessions' store did not take a write the publisher waits for; retrying");
-                failed_before = true;
                 if !backoff.pause().await {
                     return Err(e);
                 }

@@ -409,20 +409,22 @@ async fn a_shard_speaks_the_link_version_of_an_older_proxy() {
     assert!(matches!(&refused, Frame::Refused { reason } if reason.contains("not supported")), "{refused:?}");
 }
 
+/// Publishes payload `n` on `t/a` as a QoS 2 PUBLISH of persistent client "pub" with packet id
+/// `pkid` (so the shard writes its marker); the shard's answer.
+async fn publish_qos2(p: &Proxy, n: u32, pkid: u16) -> Result<Reply, broker_shard::link::LinkError> {
+    let marker = Marker::Qos2 { client_id: "pub".into(), pkid };
+    let m = msg("t/a", n.to_be_bytes().to_vec());
+    let call = p.client.call(|id| Request::Publish { id: Some(id), message: m, marker: Some(marker) });
+    tokio::time::timeout(Duration::from_secs(20), call).await.expect("a reply in time")
+}
+
 #[tokio::test]
 async fn a_message_refused_for_its_qos2_marker_is_not_replayed_after_a_crash() {
     let Setup { redis, dir, shard, relay: _relay, mut sub, publisher } = setup().await;
     // Redis holds writes (scripts included) past the shard's patience (2 s per attempt, 5 s in
     // all): the QoS 2 marker cannot be written, while the shard's own log append can.
     redis.cli(&["CLIENT", "PAUSE", "9000", "WRITE"]);
-    let marker = Marker::Qos2 { client_id: "pub".into(), pkid: 1 };
-    let m = msg("t/a", 1u32.to_be_bytes().to_vec());
-    let refused = tokio::time::timeout(
-        Duration::from_secs(20),
-        publisher.client.call(|id| Request::Publish { id: Some(id), message: m, marker: Some(marker) }),
-    )
-    .await
-    .expect("a reply in time");
+    let refused = publish_qos2(&publisher, 1, 1).await;
     assert!(refused.is_err(), "the marker could not be written, so the message is refused: {refused:?}");
     redis.cli(&["CLIENT", "UNPAUSE"]);
 
@@ -443,14 +445,7 @@ async fn a_qos2_marker_rides_out_a_redis_stall_instead_of_refusing_the_message()
     // could reach the client too late (its connection may end meanwhile), and its resend
     // would then come after later messages (order broken).
     redis.cli(&["CLIENT", "PAUSE", "3000", "WRITE"]);
-    let marker = Marker::Qos2 { client_id: "pub".into(), pkid: 1 };
-    let m = msg("t/a", 1u32.to_be_bytes().to_vec());
-    let reply = tokio::time::timeout(
-        Duration::from_secs(20),
-        publisher.client.call(|id| Request::Publish { id: Some(id), message: m, marker: Some(marker) }),
-    )
-    .await
-    .expect("a reply in time");
+    let reply = publish_qos2(&publisher, 1, 1).await;
     assert!(matches!(reply, Ok(Reply::Accepted { .. })), "accepted once Redis took the marker: {reply:?}");
     assert_eq!(received(&mut sub, 1).await, [1]);
 }
@@ -458,17 +453,12 @@ async fn a_qos2_marker_rides_out_a_redis_stall_instead_of_refusing_the_message()
 #[tokio::test]
 async fn a_qos2_resend_whose_packet_id_is_marked_is_answered_not_routed() {
     let Setup { redis: _redis, dir: _dir, shard, relay: _relay, mut sub, publisher } = setup().await;
-    let send = |n: u32| {
-        let marker = Marker::Qos2 { client_id: "pub".into(), pkid: 5 };
-        let m = msg("t/a", n.to_be_bytes().to_vec());
-        publisher.client.call(move |id| Request::Publish { id: Some(id), message: m, marker: Some(marker) })
-    };
-    assert!(matches!(send(1).await, Ok(Reply::Accepted { .. })));
+    assert!(matches!(publish_qos2(&publisher, 1, 5).await, Ok(Reply::Accepted { .. })));
     assert_eq!(received(&mut sub, 1).await, [1]);
     // The client resends packet id 5 over a new connection (another request, perhaps another
     // proxy) before PUBREL: the new connection could not know the first copy got through
     // (MQTT-4.3.3: exactly once).
-    assert!(send(1).await.is_ok(), "the resend is answered");
+    assert!(publish_qos2(&publisher, 1, 5).await.is_ok(), "the resend is answered");
     nothing_more(&mut sub).await;
     assert_eq!(shard.metrics.qos2_resends.get(), 1);
 }

@@ -152,6 +152,9 @@ pub enum Op {
     MarkInbound {
         client_id: String,
         pkid: u16,
+        /// Who marks: the accepting log entry (`shard@position`), so that a retried write of
+        /// this same mark is told apart from another copy's (a resend).
+        by: String,
     },
     /// A shard holds in its log the will of connection `epoch` of `client_id`, sent by
     /// `proxy`, and asks whether to publish it ([`OpResult::WillAccepted`]): in a cluster each

@@ -72,16 +72,18 @@ async fn behaves_like_a_session_store(s: Store) {
     assert_eq!(s.load_queue("a", 0).await.unwrap().len(), 1);
 
     // Inbound QoS 2 markers.
-    let mark = |pkid| Op::MarkInbound { client_id: "a".into(), pkid };
-    let r = s.write(vec![mark(9), mark(3)]).await.unwrap();
+    let mark = |pkid, by: &str| Op::MarkInbound { client_id: "a".into(), pkid, by: by.into() };
+    let r = s.write(vec![mark(9, "s@1"), mark(3, "s@2")]).await.unwrap();
     assert_eq!(r, [OpResult::Marked(true), OpResult::Marked(true)]);
     assert_eq!(s.load_inbound("a").await.unwrap(), [3, 9]);
-    // Marking an id already marked says so: the shard answers such a resend without routing it.
-    assert_eq!(s.write(vec![mark(9)]).await.unwrap(), [OpResult::Marked(false)]);
+    // The same acceptance marking again (a retried write) finds the mark its own; another copy
+    // of the message (a resend, accepted at another position) finds it taken: the shard answers
+    // that one without routing it.
+    assert_eq!(s.write(vec![mark(9, "s@1")]).await.unwrap(), [OpResult::Marked(true)]);
+    assert_eq!(s.write(vec![mark(9, "s@7")]).await.unwrap(), [OpResult::Marked(false)]);
     s.write(vec![Op::ClearInbound { client_id: "a".into(), pkid: 9 }]).await.unwrap();
     assert_eq!(s.load_inbound("a").await.unwrap(), [3]);
-    assert_eq!(s.write(vec![mark(9)]).await.unwrap(), [OpResult::Marked(true)], "new again once released");
-    s.write(vec![Op::ClearInbound { client_id: "a".into(), pkid: 9 }]).await.unwrap();
+    assert_eq!(s.write(vec![mark(9, "s@7")]).await.unwrap(), [OpResult::Marked(true)], "new again once released");
 
     // Removal takes everything of the session.
     s.write(vec![Op::RemoveSession { client_id: "a".into(), epoch: None }]).await.unwrap();
@@ -146,9 +148,13 @@ async fn cluster_spreads_clients_over_slots_but_keeps_each_client_in_one() {
     let mut slots = std::collections::HashSet::new();
     for i in 0..50 {
         let id = format!("{{dev}}-{i}");
-        s.write(vec![Op::PutSession(record(&id, 1, true, 600)), enqueue(b"x", &[&id]), Op::MarkInbound { client_id: id.clone(), pkid: 1 }])
-            .await
-            .unwrap();
+        s.write(vec![
+            Op::PutSession(record(&id, 1, true, 600)),
+            enqueue(b"x", &[&id]),
+            Op::MarkInbound { client_id: id.clone(), pkid: 1, by: "s@1".into() },
+        ])
+        .await
+        .unwrap();
         let k = ClientKeys::new(&id);
         let slot = cluster.slot_of(&k.session);
         assert!(k.all().iter().all(|key| cluster.slot_of(key) == slot));
@@ -208,7 +214,7 @@ async fn an_offline_session_expires_with_its_queue() {
     s.write(vec![
         Op::PutSession(record("brief", 1, false, 1)),
         enqueue(b"q", &["brief"]),
-        Op::MarkInbound { client_id: "brief".into(), pkid: 4 },
+        Op::MarkInbound { client_id: "brief".into(), pkid: 4, by: "s@1".into() },
     ])
     .await
     .unwrap();

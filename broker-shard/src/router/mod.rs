@@ -665,18 +665,16 @@ impl Router {
             }
             _ => None,
         };
+        // Names this acceptance: its log position, or (a QoS 0 will is not logged, so never
+        // replayed) the request, which is never sent twice.
+        let acceptance = || match (&log, self.peers.get(&proxy)) {
+            (Some((position, _)), _) => format!("{}@{position}", self.name),
+            (None, Some(peer)) => format!("{}@{}/{}/{}", self.name, peer.name, peer.incarnation, id.map_or(0, |i| i.0)),
+            (None, None) => format!("{}@-", self.name),
+        };
         let marker = marker.map(|m| match m {
-            Marker::Qos2 { client_id, pkid } => Op::MarkInbound { client_id: client_id.to_string(), pkid },
-            Marker::Will(w) => {
-                // Names this acceptance: its log position, or (a QoS 0 will is not logged, so
-                // never replayed) the request, which is never sent twice.
-                let acceptance = match (&log, self.peers.get(&proxy)) {
-                    (Some((position, _)), _) => format!("{}@{position}", self.name),
-                    (None, Some(peer)) => format!("{}@{}/{}/{}", self.name, peer.name, peer.incarnation, id.map_or(0, |i| i.0)),
-                    (None, None) => format!("{}@-", self.name),
-                };
-                accept_will(w, acceptance)
-            }
+            Marker::Qos2 { client_id, pkid } => Op::MarkInbound { client_id: client_id.to_string(), pkid, by: acceptance() },
+            Marker::Will(w) => accept_will(w, acceptance()),
         });
         self.dispatch(Some((proxy, id)), message, retained_ops, marker, plan, log);
     }

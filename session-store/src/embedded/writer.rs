@@ -398,7 +398,8 @@ fn apply(
             let mut t = txn.open_table(RETAINED).map_err(|e| err(e.into()))?;
             t.remove(topic.as_str()).map_err(|e| err(e.into()))?;
         }
-        Op::MarkInbound { client_id, pkid } => {
+        // One commit holds the message and its mark: a retried write is the same transaction.
+        Op::MarkInbound { client_id, pkid, .. } => {
             let mut t = txn.open_table(INBOUND).map_err(|e| err(e.into()))?;
             let before = t.insert((client_id.as_str(), *pkid), ()).map_err(|e| err(e.into()))?;
             return Ok(OpResult::Marked(before.is_none()));

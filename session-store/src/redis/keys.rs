@@ -58,6 +58,9 @@ pub struct ClientKeys {
     /// Connections replaced before they were released (see `scripts::CLAIM`); not among
     /// [`ClientKeys::all`] either.
     pub replaced: String,
+    /// Which acceptance marked each inbound packet id (see `scripts::MARK_INBOUND`); not among
+    /// [`ClientKeys::all`]: a stale entry is overwritten by the next mark of its id.
+    pub inbound_by: String,
 }
 
 impl ClientKeys {
@@ -72,6 +75,7 @@ impl ClientKeys {
             watermark: format!("{tag}:w:{client_id}"),
             wills_taken: format!("{tag}:wt:{client_id}"),
             replaced: format!("{tag}:prev:{client_id}"),
+            inbound_by: format!("{tag}:inby:{client_id}"),
         }
     }
 

@@ -690,12 +690,14 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
             let _: () = pipe.query_async(conn).await.map_err(|e| Error::redis("acknowledging a message", e))?;
             Ok(OpResult::Done)
         }
-        Op::MarkInbound { client_id, pkid } => {
+        Op::MarkInbound { client_id, pkid, by } => {
             let k = ClientKeys::new(&client_id);
             let added: i64 = scripts::MARK_INBOUND
                 .key(&k.session)
                 .key(&k.inbound)
+                .key(&k.inbound_by)
                 .arg(pkid)
+                .arg(by)
                 .invoke_async(conn)
                 .await
                 .map_err(|e| Error::redis("recording a QoS 2 packet id", e))?;
@@ -715,9 +717,15 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
         }
         Op::ClearInbound { client_id, pkid } => {
             let k = ClientKeys::new(&client_id);
-            let _: () = redis::cmd("SREM")
+            let _: () = redis::pipe()
+                .cmd("SREM")
                 .arg(&k.inbound)
                 .arg(pkid)
+                .ignore()
+                .cmd("HDEL")
+                .arg(&k.inbound_by)
+                .arg(pkid)
+                .ignore()
                 .query_async(conn)
                 .await
                 .map_err(|e| Error::redis("clearing a QoS 2 packet id", e))?;

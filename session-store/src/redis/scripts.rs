@@ -328,14 +328,22 @@ return 1
     )
 });
 
-/// KEYS: session, inbound. ARGV: packet id. A QoS 2 marker, expiring with the session.
+/// KEYS: session, inbound, inbound_by. ARGV: packet id, who marks (the accepting log position).
+/// A QoS 2 marker, expiring with the session: 1 if the id is now this acceptance's (new, or
+/// marked by this same acceptance before: a retried write), 0 if another acceptance marked it
+/// (this copy is a resend of an accepted message).
 pub static MARK_INBOUND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local added = redis.call('SADD', KEYS[2], ARGV[1])
+if added == 0 and redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-return added
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
+return 1
 "#,
     )
 });
