@@ -533,36 +533,60 @@ async fn message_expiring_while_queued_behind_the_window_is_not_sent() {
 /// the entry's removal was lost; its packet id was then reused for a newer message. On resume
 /// the older entry is complete (an id is reused only after its flow ends) and the newer one is
 /// resent with its id — not the other way round, which delivered the newer message twice.
+/// A persistent session `client` subscribed to `t` at `qos`, offline, with messages "A" and "B"
+/// queued in the delivery states `states` (as a lost or late write left them).
+async fn offline_with_two_entries(b: &TestBroker, client: &str, qos: QoS, states: [session_store::DeliveryState; 2]) {
+    let (mut c, _) = Raw::session(b.addr, persistent_v5(client, 600)).await;
+    subscribe(&mut c, "t", qos).await;
+    c.send(Packet::Disconnect(mqfleet_codec::Disconnect::new(ReasonCode::Success))).await;
+    assert_eq!(c.until_closed().await, None);
+    let store = &b.context().store;
+    for (payload, state) in ["A", "B"].into_iter().zip(states) {
+        let m = broker_shard::Message::from_publish(Publish::new("t", qos, payload, Some(id(1))), None, 0);
+        let delivery = session_store::Delivery { qos: qos as u8, retain: false, subscription_ids: Vec::new() };
+        let op = session_store::Op::Enqueue { message: m.encode(), expires_at_ms: None, to: vec![(client.into(), delivery)], origin: None };
+        let seq = match store.write(vec![op]).await.unwrap().pop() {
+            Some(session_store::OpResult::Enqueued(p)) => p[0].expect("queued"),
+            other => panic!("{other:?}"),
+        };
+        store.write(vec![session_store::Op::SetState { client_id: client.into(), seq, state }]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_qos1_entry_whose_id_a_newer_entry_recorded_is_sent_again_not_dropped() {
+    let b = TestBroker::start().await;
+    // A and B both recorded as sent with id 7: A by a connection the client had abandoned (or a
+    // write that landed late), so A may never have reached the client.
+    let sent = session_store::DeliveryState::Sent { pkid: 7 };
+    offline_with_two_entries(&b, "shared-id", QoS::AtLeastOnce, [sent, sent]).await;
+
+    let (mut c, ack) = Raw::session(b.addr, persistent_v5("shared-id", 600)).await;
+    assert!(ack.session_present);
+    // Both arrive, in order: A under a fresh id (a duplicate is allowed at QoS 1, a loss is
+    // not), B with its id and DUP [MQTT-4.4.0-1].
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        match c.recv().await {
+            Some(Packet::Publish(p)) => {
+                let pkid = p.pkid.expect("QoS 1");
+                got.push((String::from_utf8_lossy(&p.payload).to_string(), pkid == id(7), p.dup));
+                c.send(Packet::PubAck(Ack::new(pkid))).await;
+            }
+            other => panic!("expected a PUBLISH, got {other:?}"),
+        }
+    }
+    assert_eq!(got, [("A".to_string(), false, false), ("B".to_string(), true, true)]);
+    c.expect_silence().await;
+}
+
 #[tokio::test]
 async fn an_entry_whose_completion_was_not_recorded_does_not_push_a_newer_one_onto_a_fresh_id() {
     let b = TestBroker::start().await;
-    let (mut c, _) = Raw::session(b.addr, persistent_v5("lossy", 600)).await;
-    subscribe(&mut c, "t", QoS::ExactlyOnce).await;
-    c.send(Packet::Disconnect(mqfleet_codec::Disconnect::new(ReasonCode::Success))).await;
-    assert_eq!(c.until_closed().await, None);
-
     // The store as the lost write left it: A completed with id 7 (only PUBREL recorded), B
     // then sent with id 7.
-    let store = &b.context().store;
-    let mut seqs = Vec::new();
-    for payload in ["A", "B"] {
-        let m = broker_shard::Message::from_publish(Publish::new("t", QoS::ExactlyOnce, payload, Some(id(1))), None, 0);
-        let delivery = session_store::Delivery { qos: 2, retain: false, subscription_ids: Vec::new() };
-        let op =
-            session_store::Op::Enqueue { message: m.encode(), expires_at_ms: None, to: vec![("lossy".into(), delivery)], origin: None };
-        match store.write(vec![op]).await.unwrap().pop() {
-            Some(session_store::OpResult::Enqueued(p)) => seqs.push(p[0].expect("queued")),
-            other => panic!("{other:?}"),
-        }
-    }
-    let set = |seq, state| session_store::Op::SetState { client_id: "lossy".into(), seq, state };
-    store
-        .write(vec![
-            set(seqs[0], session_store::DeliveryState::Released { pkid: 7 }),
-            set(seqs[1], session_store::DeliveryState::Sent { pkid: 7 }),
-        ])
-        .await
-        .unwrap();
+    let states = [session_store::DeliveryState::Released { pkid: 7 }, session_store::DeliveryState::Sent { pkid: 7 }];
+    offline_with_two_entries(&b, "lossy", QoS::ExactlyOnce, states).await;
 
     let (mut c, ack) = Raw::session(b.addr, persistent_v5("lossy", 600)).await;
     assert!(ack.session_present);

@@ -230,10 +230,10 @@ where
     /// PUBREL again; the rest are sent as new.
     pub(super) fn restore(&mut self, queue: Vec<QueuedMessage>) {
         let persistent = self.session.persistent();
-        // A packet id is reused only once its flow completed, so of two entries that recorded
-        // the same id the older one is complete — its acknowledgement was recorded by a write
-        // that was lost (the store went away at that moment). Restoring it would push the newer
-        // entry onto a fresh id and deliver that one twice.
+        // A packet id is reused only once its flow completed, so of two QoS 2 entries that
+        // recorded the same id the older one is complete — its acknowledgement was recorded by
+        // a write that was lost (the store went away at that moment). Restoring it would push
+        // the newer entry onto a fresh id and deliver that one twice. (QoS 1: below.)
         let mut newest: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
         for q in &queue {
             if let DeliveryState::Sent { pkid } | DeliveryState::Released { pkid } = q.state {
@@ -241,12 +241,20 @@ where
                 *e = (*e).max(q.seq);
             }
         }
-        for q in queue {
+        for mut q in queue {
             if let DeliveryState::Sent { pkid } | DeliveryState::Released { pkid } = q.state {
                 if newest.get(&pkid).is_some_and(|&n| n > q.seq) {
-                    self.resume_floor = self.resume_floor.max(q.seq);
-                    self.ack_in_store(Some(q.seq));
-                    continue;
+                    if q.delivery.qos == 2 {
+                        self.resume_floor = self.resume_floor.max(q.seq);
+                        self.ack_in_store(Some(q.seq));
+                        continue;
+                    }
+                    // QoS 1 cannot tell "completed, ack lost" from "never reached the client":
+                    // the id may have been recorded by a connection the client had already
+                    // abandoned, or by a late write (found by the soak: 5 QoS 1 messages lost
+                    // around a subscriber's reconnects). Sent again under a fresh id: a
+                    // duplicate is allowed at QoS 1, a loss is not.
+                    q.state = DeliveryState::Queued;
                 }
             }
             self.resume_floor = self.resume_floor.max(q.seq);
