@@ -83,8 +83,8 @@ enum Queued {
 
 /// Enqueues per lane B batch: bounds one Redis round's size.
 const MAX_BATCH: usize = 512;
-/// How long lane A waits for the sessions' store to take a QoS 2 marker or to say whether to
-/// publish a will: long enough to ride out a Redis failover or a Cluster node restart.
+/// How long lane A waits for the sessions' store to say whether to publish a will: long enough
+/// to ride out a Redis failover or a Cluster node restart.
 const STORE_PATIENCE: Duration = Duration::from_secs(5);
 /// Longest pause between retries of a failing sessions' store.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(2);
@@ -272,13 +272,13 @@ impl Pipeline {
                         Err(e) => Err(e),
                     },
                     marker => {
-                        // Refusing over a Redis hiccup would break order: the refusal may never
-                        // reach the client (its connection can end meanwhile), which then sends
-                        // the message again after later ones were accepted (found by the soak:
-                        // QoS 2 messages out of order after a Redis Cluster node restart).
+                        // Written once: retrying here (up to 5 s) kept more first copies waiting
+                        // while their clients reconnected and resent them, and the soak then
+                        // found QoS 2 order broken on standalone Redis too (RELIABILITY.md,
+                        // finding 19).
                         let marker_write = async {
                             match marker {
-                                Some(op) => write_patiently(&sessions, op, &shard).await,
+                                Some(op) => sessions.write(vec![op]).await,
                                 None => Ok(Vec::new()),
                             }
                         };
@@ -402,9 +402,9 @@ async fn accept_will(sessions: &Store, ask: Op, shard: &str) -> Result<bool, ses
     Ok(matches!(r.first(), Some(OpResult::WillAccepted(true))))
 }
 
-/// Writes one idempotent op of lane A (a QoS 2 marker, a will's acceptance), again while the
-/// sessions' store does not answer, for up to [`STORE_PATIENCE`]: the same write twice is
-/// harmless (each names its acceptance), and lane A waits meanwhile.
+/// Writes one idempotent op of lane A (a will's acceptance), again while the sessions' store
+/// does not answer, for up to [`STORE_PATIENCE`]: the same write twice is harmless (it names
+/// its acceptance), and lane A waits meanwhile.
 async fn write_patiently(sessions: &Store, op: Op, shard: &str) -> Result<Vec<OpResult>, session_store::Error> {
     let mut backoff = mqfleet_ops::outage::Backoff::within(STORE_PATIENCE);
     loop {
