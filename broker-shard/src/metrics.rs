@@ -34,6 +34,10 @@ pub struct ShardMetrics {
     /// Clustered: QoS 2 PUBLISHes answered but not routed, because a copy with the same packet
     /// id was accepted already (a resend over a new connection).
     pub qos2_resends: Counter,
+    /// Clustered: QoS 1/2 PUBLISHes refused although their own writes succeeded: an earlier
+    /// message of the same publisher, in flight with them, was refused (its order), or their
+    /// packet id's mark belongs to a refused copy still being given back.
+    pub refused_in_order: Counter,
     /// Clustered: accepted QoS 1/2 messages still in the shard's log (not yet queued for every
     /// persistent session or not yet confirmed by every proxy that got them).
     pub log_entries: Gauge,
@@ -59,6 +63,7 @@ impl Default for ShardMetrics {
             store_errors: Counter::default(),
             wills_withheld: Counter::default(),
             qos2_resends: Counter::default(),
+            refused_in_order: Counter::default(),
             log_entries: Gauge::default(),
             ring_epoch: Gauge::default(),
             commit_latency: latency_histogram(),
@@ -91,6 +96,11 @@ impl ShardMetrics {
             "qos2_resends",
             "QoS 2 PUBLISHes answered but not routed: a copy with the same packet id was accepted already",
             self.qos2_resends.clone(),
+        );
+        r.register(
+            "refused_in_order",
+            "QoS 1/2 PUBLISHes refused behind a refused message of the same publisher (its order), or for a mark being given back",
+            self.refused_in_order.clone(),
         );
         r.register("log_entries", "Accepted QoS 1/2 messages still in the shard's log", self.log_entries.clone());
         r.register("ring_epoch", "Epoch of the ring the shard routes by (clustered)", self.ring_epoch.clone());

@@ -18,6 +18,21 @@
 //!
 //! In single-node mode there is one store for everything: lane A does all of it in one commit
 //! and lane B is unused.
+//!
+//! # A refusal and what was in flight behind it (clustered)
+//! Lane A's writes for a publisher's messages run concurrently, so a later message can succeed
+//! where an earlier one failed (a QoS 2 marker that timed out while a Redis node restarted, and
+//! the next QoS 2 message's, written once the node was back). The publisher sends the refused
+//! one again (a 3.1.1 client is disconnected; any client whose connection ended before the
+//! refusal reached it), after the later one was delivered: its order broken. So lane A decides
+//! in order, as each message leaves ([`Pipeline::settle`]): once a message is refused, the
+//! messages of its flow — same publisher, topic and QoS, the unit of order (MQTT-4.6.0-6) —
+//! dispatched before that moment (in flight with it, sent before the publisher could know) are
+//! refused too, whatever their writes did. A refused acceptance's QoS 2 mark may
+//! have been written all the same; it is given back ([`Op::UnmarkInbound`], retried until Redis
+//! takes it), and until then a resend of that packet id takes the mark over (`replacing`) or, if
+//! it was dispatched before the refusal, is refused as well: a mark left by a refused copy must
+//! never make the resend look like a duplicate of an accepted message (a loss).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -25,6 +40,8 @@ use std::time::Duration;
 
 use futures::future::{ready, BoxFuture, FutureExt};
 use futures::stream::{FuturesOrdered, StreamExt};
+use mqfleet_codec::ByteString;
+use parking_lot::Mutex;
 use session_store::{Delivery, Op, OpResult, Store};
 
 use crate::link::{Deliver, Event, LogRef, ProxyId, Recipient, Reply, RequestId, ShardError};
@@ -75,6 +92,59 @@ pub(crate) struct Routed {
     pub log_entry: Option<bytes::Bytes>,
 }
 
+/// What one lane A item produced, in order.
+struct Step {
+    out: Outgoing,
+    then: Option<Queued>,
+    decision: Option<Decision>,
+}
+
+impl Step {
+    fn new(out: Outgoing, then: Option<Queued>) -> Step {
+        Step { out, then, decision: None }
+    }
+}
+
+/// How lane A's writes went for a publisher's QoS 1/2 message (clustered): the input of the
+/// in-order decision taken as it leaves ([`Pipeline::settle`]).
+struct Decision {
+    /// The ordered flow it belongs to: its publisher, topic and QoS (MQTT-4.6.0-6); `None` for
+    /// messages of the system itself.
+    flow: Option<Flow>,
+    reply_to: Option<(ProxyId, RequestId)>,
+    position: Option<u64>,
+    mark: Option<Mark>,
+    outcome: Outcome,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Accepted,
+    /// The packet id was marked by another acceptance: answered, not routed.
+    Resend,
+    Refused,
+}
+
+/// The QoS 2 mark an acceptance wrote or tried to.
+struct Mark {
+    client_id: String,
+    pkid: u16,
+    by: String,
+    /// It may hold the mark now: written, or the write's outcome is unknown (an error).
+    maybe_ours: bool,
+}
+
+/// A publisher's messages on one topic at one QoS: what must stay in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Flow {
+    publisher: ByteString,
+    topic: ByteString,
+    qos: u8,
+}
+
+/// Refused acceptances' marks being given back, by (client id, packet id).
+type GivingBack = Arc<Mutex<HashMap<(String, u16), Vec<String>>>>;
+
 /// Lane B work, in order.
 enum Queued {
     Copies { position: Option<u64>, message: Arc<Message>, durable: Vec<(String, Delivery)>, live: Vec<Live> },
@@ -96,14 +166,38 @@ pub(crate) struct Pipeline {
     /// `sessions` holds everything.
     local: Option<Store>,
     metrics: ShardMetrics,
-    a: FuturesOrdered<BoxFuture<'static, (Outgoing, Option<Queued>)>>,
+    a: FuturesOrdered<BoxFuture<'static, Step>>,
     b_ready: VecDeque<Queued>,
     b_inflight: Option<BoxFuture<'static, Outgoing>>,
+    /// Lane A items pushed so far, and emitted so far: the n-th emitted is the n-th pushed.
+    dispatched: u64,
+    emitted: u64,
+    /// Flows one of whose messages was refused, with `dispatched` at that moment: their
+    /// messages emitted before that count were in flight with it and are refused too.
+    poisoned: HashMap<Flow, u64>,
+    giving_back: GivingBack,
 }
 
 impl Pipeline {
     pub fn new(shard: Arc<str>, sessions: Store, local: Option<Store>, metrics: ShardMetrics) -> Pipeline {
-        Pipeline { shard, sessions, local, metrics, a: FuturesOrdered::new(), b_ready: VecDeque::new(), b_inflight: None }
+        Pipeline {
+            shard,
+            sessions,
+            local,
+            metrics,
+            a: FuturesOrdered::new(),
+            b_ready: VecDeque::new(),
+            b_inflight: None,
+            dispatched: 0,
+            emitted: 0,
+            poisoned: HashMap::new(),
+            giving_back: GivingBack::default(),
+        }
+    }
+
+    fn push(&mut self, step: BoxFuture<'static, Step>) {
+        self.dispatched += 1;
+        self.a.push_back(step);
     }
 
     /// The shard's own store, in clustered mode.
@@ -130,31 +224,104 @@ impl Pipeline {
         if self.b_inflight.is_none() && !self.b_ready.is_empty() {
             self.start_batch();
         }
-        let Pipeline { a, b_ready, b_inflight, .. } = self;
-        tokio::select! {
+        let Pipeline { a, b_inflight, .. } = self;
+        let step = tokio::select! {
             biased;
-            Some((out, then)) = a.next(), if !a.is_empty() => {
-                b_ready.extend(then);
-                Some(out)
-            }
+            Some(step) = a.next(), if !a.is_empty() => step,
             out = async { b_inflight.as_mut().expect("checked").await }, if b_inflight.is_some() => {
                 *b_inflight = None;
-                Some(out)
+                return Some(out);
             }
-            else => None,
+            else => return None,
+        };
+        let (out, then) = self.settle(step);
+        self.b_ready.extend(then);
+        Some(out)
+    }
+
+    /// Decides, in lane A order, what a publisher's message that lane A has finished becomes
+    /// (see the module's "A refusal and what was in flight behind it").
+    fn settle(&mut self, step: Step) -> (Outgoing, Option<Queued>) {
+        let seq = self.emitted;
+        self.emitted += 1;
+        let Step { out, then, decision } = step;
+        let settled = match decision {
+            None => (out, then),
+            Some(d) => {
+                let behind_refusal = d.flow.as_ref().and_then(|f| self.poisoned.get(f)).is_some_and(|&until| seq < until);
+                let mark_given_back = d.outcome == Outcome::Resend && d.mark.as_ref().is_some_and(|m| self.is_given_back(m));
+                let detail = match (d.outcome, behind_refusal, mark_given_back) {
+                    (Outcome::Refused, ..) => None,
+                    (_, true, _) => Some("an earlier message of this publisher, in flight with this one, was refused: refused too, to keep the publisher's order"),
+                    (_, _, true) => Some("this packet id is marked by a refused copy of the message, being given back: send it again"),
+                    _ => None,
+                };
+                match (d.outcome, detail) {
+                    (Outcome::Refused, _) => {
+                        self.refused(d);
+                        (out, None)
+                    }
+                    (_, Some(detail)) => {
+                        self.metrics.refused_in_order.inc();
+                        tracing::debug!(shard = %self.shard, flow = ?d.flow, position = ?d.position, detail, "message refused");
+                        let out = refusal(&self.shard, d.reply_to, d.position, detail.to_string());
+                        self.refused(d);
+                        (out, None)
+                    }
+                    (_, None) => (out, then),
+                }
+            }
+        };
+        if !self.poisoned.is_empty() {
+            self.poisoned.retain(|_, until| *until > seq + 1);
         }
+        settled
+    }
+
+    /// A refused message: what its publisher has in flight behind it is refused too, and a mark
+    /// it may hold is given back.
+    fn refused(&mut self, d: Decision) {
+        if let Some(f) = d.flow {
+            self.poisoned.insert(f, self.dispatched);
+        }
+        if let Some(m) = d.mark.filter(|m| m.maybe_ours) {
+            self.give_back(m);
+        }
+    }
+
+    fn is_given_back(&self, m: &Mark) -> bool {
+        self.giving_back.lock().get(&(m.client_id.clone(), m.pkid)).is_some_and(|by| !by.is_empty())
+    }
+
+    /// Unmarks `m`'s packet id if its acceptance holds it, retried until the sessions' store
+    /// takes it; meanwhile resends of that id take the mark over (see `dispatch_clustered`).
+    fn give_back(&self, m: Mark) {
+        let key = (m.client_id.clone(), m.pkid);
+        self.giving_back.lock().entry(key.clone()).or_default().push(m.by.clone());
+        let (sessions, table, shard) = (self.sessions.clone(), self.giving_back.clone(), self.shard.clone());
+        tokio::spawn(async move {
+            let op = Op::UnmarkInbound { client_id: m.client_id, pkid: m.pkid, by: m.by.clone() };
+            write_until_done(&sessions, vec![op], &shard, "giving back a refused QoS 2 mark").await;
+            let mut table = table.lock();
+            if let Some(by) = table.get_mut(&key) {
+                by.retain(|b| *b != m.by);
+                if by.is_empty() {
+                    table.remove(&key);
+                }
+            }
+        });
     }
 
     /// Events that depend on nothing durable, in lane A order.
     pub fn emit(&mut self, events: Vec<(ProxyId, Event)>) {
-        self.a.push_back(ready((Outgoing::events(events), None)).boxed());
+        self.push(ready(Step::new(Outgoing::events(events), None)).boxed());
     }
 
     /// Events that must follow every earlier queueing (lane B order). In single-node mode
     /// lane A is the only lane.
     pub fn emit_after_queueing(&mut self, events: Vec<(ProxyId, Event)>) {
         if self.is_clustered() {
-            self.a.push_back(ready((Outgoing::default(), Some(Queued::Emit(events)))).boxed());
+            self.push(ready(Step::new(Outgoing::default(), Some(Queued::Emit(events)))).boxed());
         } else {
             self.emit(events);
         }
@@ -167,12 +334,12 @@ impl Pipeline {
             (Some(local), false) => {
                 let local = local.clone();
                 let shard = self.shard.clone();
-                self.a.push_back(
+                self.push(
                     async move {
                         if let Err(e) = local.write(ops).await {
                             tracing::error!(shard = %shard, error = %e, "could not persist subscriptions");
                         }
-                        (Outgoing::events(events), None)
+                        Step::new(Outgoing::events(events), None)
                     }
                     .boxed(),
                 );
@@ -188,14 +355,14 @@ impl Pipeline {
             return;
         };
         let shard = self.shard.clone();
-        self.a.push_back(
+        self.push(
             async move {
                 let result = local
                     .write(ops)
                     .await
                     .map(|_| Reply::Done)
                     .map_err(|e| ShardError::Store { shard: shard.to_string(), detail: e.to_string() });
-                (Outgoing::events(vec![(to.0, Event::Reply { id: to.1, result })]), None)
+                Step::new(Outgoing::events(vec![(to.0, Event::Reply { id: to.1, result })]), None)
             }
             .boxed(),
         );
@@ -218,7 +385,7 @@ impl Pipeline {
             ops.len() - 1
         });
         let (store, metrics, shard) = (self.sessions.clone(), self.metrics.clone(), self.shard.clone());
-        self.a.push_back(
+        self.push(
             async move {
                 let result = if ops.is_empty() { Ok(Vec::new()) } else { store.write(ops).await };
                 let out = match result {
@@ -230,21 +397,36 @@ impl Pipeline {
                         Outgoing::events(events)
                     }
                 };
-                (out, None)
+                Step::new(out, None)
             }
             .boxed(),
         );
     }
 
     fn dispatch_clustered(&mut self, r: Routed, local: Store) {
-        let Routed { publisher, message, mut live, mut durable, retained_ops, marker, position, log_entry } = r;
+        let Routed { publisher, message, mut live, mut durable, retained_ops, mut marker, position, log_entry } = r;
         let replayed = position.is_some() && log_entry.is_none();
         let mut local_ops = retained_ops;
         if let (Some(p), Some(entry)) = (position, log_entry) {
             local_ops.push(Op::AppendLog { position: p, entry });
         }
+        let mut mark = None;
+        if let Some(Op::MarkInbound { client_id, pkid, by, replacing }) = &mut marker {
+            // A refused copy's mark, still being given back, is this copy's to take over.
+            *replacing = self.giving_back.lock().get(&(client_id.clone(), *pkid)).cloned().unwrap_or_default();
+            mark = Some(Mark { client_id: client_id.clone(), pkid: *pkid, by: by.clone(), maybe_ours: true });
+        }
+        // Decided in order as it leaves (a will is not: its connection is gone).
+        let reply_to = match publisher {
+            Some((proxy, Some(id))) if !matches!(marker, Some(Op::AcceptWill { .. })) => Some((proxy, id)),
+            _ => None,
+        };
+        let flow = message.origin.clone().map(|publisher| Flow { publisher, topic: message.topic.clone(), qos: message.qos as u8 });
+        let decide = move |outcome: Outcome, mark: Option<Mark>| {
+            reply_to.map(|reply_to| Decision { flow, reply_to: Some(reply_to), position, mark, outcome })
+        };
         let (sessions, metrics, shard) = (self.sessions.clone(), self.metrics.clone(), self.shard.clone());
-        self.a.push_back(
+        self.push(
             async move {
                 let local_write = async {
                     if local_ops.is_empty() {
@@ -273,9 +455,8 @@ impl Pipeline {
                     },
                     marker => {
                         // Written once: retrying here (up to 5 s) kept more first copies waiting
-                        // while their clients reconnected and resent them, and the soak then
-                        // found QoS 2 order broken on standalone Redis too (RELIABILITY.md,
-                        // finding 19).
+                        // while their clients reconnected and resent them (RELIABILITY.md,
+                        // finding 19); a refusal is settled in order instead (`settle`).
                         let marker_write = async {
                             match marker {
                                 Some(op) => sessions.write(vec![op]).await,
@@ -283,6 +464,9 @@ impl Pipeline {
                             }
                         };
                         let (l, m) = tokio::join!(local_write, marker_write);
+                        if let Some(mark) = &mut mark {
+                            mark.maybe_ours = !matches!(m.as_deref(), Ok([OpResult::Marked(false), ..]));
+                        }
                         match l.and(m) {
                             // The packet id was marked already: a copy of this message was
                             // accepted (its client resent it over a new connection before the
@@ -293,21 +477,24 @@ impl Pipeline {
                                 metrics.qos2_resends.inc();
                                 let mut events = Vec::new();
                                 answer(&mut events, publisher, None);
-                                return (Outgoing { events, queued: Vec::new(), dropped: position.into_iter().collect() }, None);
+                                let out = Outgoing { events, queued: Vec::new(), dropped: position.into_iter().collect() };
+                                return Step { out, then: None, decision: decide(Outcome::Resend, mark) };
                             }
                             r => r.map(|_| ()),
                         }
                     }
                 };
                 if let Err(e) = written {
-                    return (refused(&metrics, &shard, &message, publisher, position, &e), None);
+                    let out = refused(&metrics, &shard, &message, publisher, position, &e);
+                    return Step { out, then: None, decision: decide(Outcome::Refused, mark) };
                 }
                 let (persistent_live, clean_live): (Vec<Live>, Vec<Live>) = live.into_iter().partition(|l| l.durable_idx.is_some());
                 let log = position.map(|position| LogRef { position, queued: false });
                 let mut events = deliveries(&metrics, &message, clean_live, &[], log, !replayed);
                 answer(&mut events, publisher, position);
+                let decision = decide(Outcome::Accepted, mark);
                 let then = Queued::Copies { position, message, durable, live: persistent_live };
-                (Outgoing::events(events), Some(then))
+                Step { out: Outgoing::events(events), then: Some(then), decision }
             }
             .boxed(),
         );
@@ -343,7 +530,12 @@ impl Pipeline {
                         }
                     }
                 }
-                let mut results = if ops.is_empty() { Vec::new() } else { write_until_done(&sessions, ops, &shard).await }.into_iter();
+                let mut results = if ops.is_empty() {
+                    Vec::new()
+                } else {
+                    write_until_done(&sessions, ops, &shard, "queueing for persistent sessions").await
+                }
+                .into_iter();
                 let mut out = Outgoing::default();
                 for w in batch {
                     match w {
@@ -371,21 +563,21 @@ impl Pipeline {
 /// acknowledged, so giving up would lose them (they would only come back from the log at the
 /// next restart). Meanwhile lane B waits, and the router stops reading once its backlog is
 /// full, so the publishers slow down instead of memory growing.
-async fn write_until_done(sessions: &Store, ops: Vec<Op>, shard: &str) -> Vec<OpResult> {
+async fn write_until_done(sessions: &Store, ops: Vec<Op>, shard: &str, what: &'static str) -> Vec<OpResult> {
     let mut wait = Duration::from_millis(50);
     let mut failures = 0u32;
     loop {
         match sessions.write(ops.clone()).await {
             Ok(r) => {
                 if failures > 0 {
-                    tracing::info!(shard, failures, "sessions' store is back; queueing resumed");
+                    tracing::info!(shard, failures, what, "sessions' store is back");
                 }
                 return r;
             }
             Err(e) => {
                 failures += 1;
                 if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!(shard, error = %e, failures, "queueing for persistent sessions failed; retrying");
+                    tracing::warn!(shard, error = %e, failures, what, "a write to the sessions' store failed; retrying");
                 }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(MAX_RETRY_WAIT);
@@ -484,11 +676,16 @@ fn refused(
 ) -> Outgoing {
     metrics.store_errors.inc();
     tracing::error!(shard, topic = %message.topic, error = %e, "message refused: durable write failed");
-    let events = match publisher {
-        Some((proxy, Some(id))) => {
-            vec![(proxy, Event::Reply { id, result: Err(ShardError::Store { shard: shard.to_string(), detail: e.to_string() }) })]
-        }
-        _ => Vec::new(),
-    };
+    let reply_to = publisher.and_then(|(proxy, id)| id.map(|id| (proxy, id)));
+    refusal(shard, reply_to, position, e.to_string())
+}
+
+/// The refusal of a message: its publisher told (if it waits for an answer), its log entry
+/// deleted.
+fn refusal(shard: &str, reply_to: Option<(ProxyId, RequestId)>, position: Option<u64>, detail: String) -> Outgoing {
+    let events = reply_to
+        .map(|(proxy, id)| (proxy, Event::Reply { id, result: Err(ShardError::Store { shard: shard.to_string(), detail }) }))
+        .into_iter()
+        .collect();
     Outgoing { events, queued: Vec::new(), dropped: position.into_iter().collect() }
 }

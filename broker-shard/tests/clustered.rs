@@ -32,6 +32,8 @@ struct ShardProc {
     stop: CancellationToken,
     task: JoinHandle<()>,
     metrics: ShardMetrics,
+    /// Milliseconds every commit of the shard's own store waits (a slow disk).
+    disk_delay: Arc<AtomicU64>,
 }
 
 impl ShardProc {
@@ -44,10 +46,12 @@ impl ShardProc {
     }
 }
 
-async fn open_local(dir: &Path) -> EmbeddedStore {
+async fn open_local(dir: &Path, disk_delay: &Arc<AtomicU64>) -> EmbeddedStore {
+    let mut config = EmbeddedConfig::new(dir);
+    config.commit_delay = Some(disk_delay.clone());
     // A crashed shard's store closes once its last handle is gone.
     for _ in 0..100 {
-        if let Ok(s) = EmbeddedStore::open(EmbeddedConfig::new(dir)) {
+        if let Ok(s) = EmbeddedStore::open(config.clone()) {
             return s;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -60,7 +64,8 @@ async fn sessions_store(redis: &RedisServer) -> Store {
 }
 
 async fn start_shard(dir: &Path, redis: &RedisServer, addr: Option<SocketAddr>, expected: &[&str]) -> ShardProc {
-    let local = open_local(dir).await;
+    let disk_delay = Arc::new(AtomicU64::new(0));
+    let local = open_local(dir, &disk_delay).await;
     let restored = Restored::load(&local).await.unwrap();
     let metrics = ShardMetrics::default();
     let mut config = ShardConfig::new("shard-a");
@@ -79,7 +84,7 @@ async fn start_shard(dir: &Path, redis: &RedisServer, addr: Option<SocketAddr>, 
     let mut server = ServerConfig::new("shard-a");
     server.log_id = 42;
     tokio::spawn(serve(listener, handle, server, Arc::new(AtomicU64::new(0)), stop.clone()));
-    ShardProc { addr, stop, task, metrics }
+    ShardProc { addr, stop, task, metrics, disk_delay }
 }
 
 struct Sink(mpsc::UnboundedSender<Deliver>);
@@ -412,8 +417,16 @@ async fn a_shard_speaks_the_link_version_of_an_older_proxy() {
 /// Publishes payload `n` on `t/a` as a QoS 2 PUBLISH of persistent client "pub" with packet id
 /// `pkid` (so the shard writes its marker); the shard's answer.
 async fn publish_qos2(p: &Proxy, n: u32, pkid: u16) -> Result<Reply, broker_shard::link::LinkError> {
-    let marker = Marker::Qos2 { client_id: "pub".into(), pkid };
-    let m = msg("t/a", n.to_be_bytes().to_vec());
+    publish_qos2_marked(p, n, "pub", pkid).await
+}
+
+/// As [`publish_qos2`], the marker written under `marker_client`'s session.
+async fn publish_qos2_marked(p: &Proxy, n: u32, marker_client: &str, pkid: u16) -> Result<Reply, broker_shard::link::LinkError> {
+    let marker = Marker::Qos2 { client_id: marker_client.into(), pkid };
+    let mut m = msg("t/a", n.to_be_bytes().to_vec());
+    let m_mut = Arc::make_mut(&mut m);
+    m_mut.origin = Some("pub".into());
+    m_mut.qos = QoS::ExactlyOnce;
     let call = p.client.call(|id| Request::Publish { id: Some(id), message: m, marker: Some(marker) });
     tokio::time::timeout(Duration::from_secs(20), call).await.expect("a reply in time")
 }
@@ -449,4 +462,35 @@ async fn a_qos2_resend_whose_packet_id_is_marked_is_answered_not_routed() {
     assert!(publish_qos2(&publisher, 1, 5).await.is_ok(), "the resend is answered");
     nothing_more(&mut sub).await;
     assert_eq!(shard.metrics.qos2_resends.get(), 1);
+}
+
+/// MQTT-4.6.0-6 (order per topic and QoS) across a refusal: a publisher's QoS 2 message refused
+/// for its marker (a Redis node restarting), and the messages of the same flow it had in flight
+/// behind it, whose own writes succeeded. Were those accepted, the client's resend of the refused one would come
+/// after them (RELIABILITY.md, finding 19). They are refused too; their marks, written all the
+/// same, are given back, so their resends are routed, not taken for duplicates (a loss).
+#[tokio::test]
+async fn messages_in_flight_behind_a_refused_one_are_refused_too_and_their_marks_given_back() {
+    let Setup { redis, dir: _dir, shard, relay: _relay, mut sub, publisher } = setup().await;
+    // Stands for a marker write that fails (a Redis node restarting): the key it writes holds
+    // the wrong type.
+    redis.cli(&["SET", &session_store::redis::keys::ClientKeys::new("broken").inbound, "x"]);
+    // A slow disk keeps the first message in lane A while the next two arrive behind it.
+    shard.disk_delay.store(300, std::sync::atomic::Ordering::Relaxed);
+    let (first, second, third) =
+        tokio::join!(publish_qos2_marked(&publisher, 1, "broken", 1), publish_qos2(&publisher, 2, 2), publish_qos2(&publisher, 3, 3));
+    assert!(first.is_err(), "its marker could not be written: {first:?}");
+    assert!(second.is_err() && third.is_err(), "in flight behind a refused message of the same publisher: {second:?} {third:?}");
+    assert_eq!(shard.metrics.refused_in_order.get(), 2);
+    nothing_more(&mut sub).await;
+
+    // The client sends all three again, in order (MQTT-4.4.0-1); packet ids 2 and 3 were marked
+    // by the refused acceptances, so only the mark's give-back tells these are not duplicates.
+    shard.disk_delay.store(0, std::sync::atomic::Ordering::Relaxed);
+    for (n, pkid) in [(1, 1), (2, 2), (3, 3)] {
+        assert!(matches!(publish_qos2(&publisher, n, pkid).await, Ok(Reply::Accepted { .. })), "resend of {n}");
+    }
+    assert_eq!(received(&mut sub, 3).await, [1, 2, 3], "each once, in the order published");
+    nothing_more(&mut sub).await;
+    assert_eq!(shard.metrics.qos2_resends.get(), 0);
 }

@@ -155,6 +155,16 @@ pub enum Op {
         /// Who marks: the accepting log entry (`shard@position`), so that a retried write of
         /// this same mark is told apart from another copy's (a resend).
         by: String,
+        /// Marks of refused acceptances being given back ([`Op::UnmarkInbound`]): a mark held by
+        /// one of them is taken over, as if the id were new (that copy was never accepted).
+        replacing: Vec<String>,
+    },
+    /// A refused acceptance gives its mark back: the packet id is unmarked if `by` holds it
+    /// (and left alone if another acceptance does).
+    UnmarkInbound {
+        client_id: String,
+        pkid: u16,
+        by: String,
     },
     /// A shard holds in its log the will of connection `epoch` of `client_id`, sent by
     /// `proxy`, and asks whether to publish it ([`OpResult::WillAccepted`]): in a cluster each

@@ -186,13 +186,13 @@ async fn inbound_qos2_markers_are_kept_until_cleared_and_removed_with_the_sessio
     store
         .write(vec![
             Op::PutSession(record("a")),
-            Op::MarkInbound { client_id: "a".into(), pkid: 7, by: "s@1".into() },
-            Op::MarkInbound { client_id: "a".into(), pkid: 9, by: "s@1".into() },
+            Op::MarkInbound { client_id: "a".into(), pkid: 7, by: "s@1".into(), replacing: vec![] },
+            Op::MarkInbound { client_id: "a".into(), pkid: 9, by: "s@1".into(), replacing: vec![] },
         ])
         .await
         .unwrap();
     assert_eq!(store.load_inbound("a").await.unwrap(), [7, 9]);
-    let again = store.write(vec![Op::MarkInbound { client_id: "a".into(), pkid: 9, by: "s@2".into() }]).await.unwrap();
+    let again = store.write(vec![Op::MarkInbound { client_id: "a".into(), pkid: 9, by: "s@2".into(), replacing: vec![] }]).await.unwrap();
     assert_eq!(again, [OpResult::Marked(false)], "a marked id says so");
     store.write(vec![Op::ClearInbound { client_id: "a".into(), pkid: 7 }]).await.unwrap();
     assert_eq!(store.load_inbound("a").await.unwrap(), [9]);

@@ -72,7 +72,7 @@ async fn behaves_like_a_session_store(s: Store) {
     assert_eq!(s.load_queue("a", 0).await.unwrap().len(), 1);
 
     // Inbound QoS 2 markers.
-    let mark = |pkid, by: &str| Op::MarkInbound { client_id: "a".into(), pkid, by: by.into() };
+    let mark = |pkid, by: &str| Op::MarkInbound { client_id: "a".into(), pkid, by: by.into(), replacing: vec![] };
     let r = s.write(vec![mark(9, "s@1"), mark(3, "s@2")]).await.unwrap();
     assert_eq!(r, [OpResult::Marked(true), OpResult::Marked(true)]);
     assert_eq!(s.load_inbound("a").await.unwrap(), [3, 9]);
@@ -84,6 +84,20 @@ async fn behaves_like_a_session_store(s: Store) {
     s.write(vec![Op::ClearInbound { client_id: "a".into(), pkid: 9 }]).await.unwrap();
     assert_eq!(s.load_inbound("a").await.unwrap(), [3]);
     assert_eq!(s.write(vec![mark(9, "s@7")]).await.unwrap(), [OpResult::Marked(true)], "new again once released");
+
+    // A refused acceptance's mark: a resend that names it among the refused takes it over; the
+    // refused one giving it back afterwards leaves the new holder's mark alone.
+    let r = s.write(vec![mark(4, "s@10")]).await.unwrap();
+    assert_eq!(r, [OpResult::Marked(true)]);
+    let take_over =
+        |by: &str| Op::MarkInbound { client_id: "a".into(), pkid: 4, by: by.into(), replacing: vec!["s@8".into(), "s@10".into()] };
+    assert_eq!(s.write(vec![take_over("s@11")]).await.unwrap(), [OpResult::Marked(true)]);
+    s.write(vec![Op::UnmarkInbound { client_id: "a".into(), pkid: 4, by: "s@10".into() }]).await.unwrap();
+    assert_eq!(s.write(vec![mark(4, "s@12")]).await.unwrap(), [OpResult::Marked(false)], "s@11 still holds it");
+    // Given back by its holder, the id is new again.
+    s.write(vec![Op::UnmarkInbound { client_id: "a".into(), pkid: 4, by: "s@11".into() }]).await.unwrap();
+    assert_eq!(s.load_inbound("a").await.unwrap(), [3, 9]);
+    assert_eq!(s.write(vec![mark(4, "s@12")]).await.unwrap(), [OpResult::Marked(true)]);
 
     // Removal takes everything of the session.
     s.write(vec![Op::RemoveSession { client_id: "a".into(), epoch: None }]).await.unwrap();
@@ -151,7 +165,7 @@ async fn cluster_spreads_clients_over_slots_but_keeps_each_client_in_one() {
         s.write(vec![
             Op::PutSession(record(&id, 1, true, 600)),
             enqueue(b"x", &[&id]),
-            Op::MarkInbound { client_id: id.clone(), pkid: 1, by: "s@1".into() },
+            Op::MarkInbound { client_id: id.clone(), pkid: 1, by: "s@1".into(), replacing: vec![] },
         ])
         .await
         .unwrap();
@@ -214,7 +228,7 @@ async fn an_offline_session_expires_with_its_queue() {
     s.write(vec![
         Op::PutSession(record("brief", 1, false, 1)),
         enqueue(b"q", &["brief"]),
-        Op::MarkInbound { client_id: "brief".into(), pkid: 4, by: "s@1".into() },
+        Op::MarkInbound { client_id: "brief".into(), pkid: 4, by: "s@1".into(), replacing: vec![] },
     ])
     .await
     .unwrap();

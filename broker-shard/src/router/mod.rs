@@ -673,7 +673,9 @@ impl Router {
             (None, None) => format!("{}@-", self.name),
         };
         let marker = marker.map(|m| match m {
-            Marker::Qos2 { client_id, pkid } => Op::MarkInbound { client_id: client_id.to_string(), pkid, by: acceptance() },
+            Marker::Qos2 { client_id, pkid } => {
+                Op::MarkInbound { client_id: client_id.to_string(), pkid, by: acceptance(), replacing: Vec::new() }
+            }
             Marker::Will(w) => accept_will(w, acceptance()),
         });
         self.dispatch(Some((proxy, id)), message, retained_ops, marker, plan, log);

@@ -139,7 +139,7 @@ where
         keep_alive,
         deadline: Instant::now() + keep_alive.unwrap_or(Duration::ZERO),
         outbound: Outbound::new(window, ctx.limits.max_queued_messages as usize),
-        inbound: Inbound::with_awaiting(resumed.inbound),
+        inbound: Inbound::with_awaiting(resumed.inbound, ctx.cluster.is_some()),
         aliases_in: InboundAliases::new(ctx.limits.topic_alias_maximum),
         aliases_out: OutboundAliases::new(if protocol.is_v5() { negotiated.client_topic_alias_maximum } else { 0 }),
         client_max_packet_size: negotiated.client_max_packet_size as usize,

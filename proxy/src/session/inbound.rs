@@ -5,14 +5,18 @@
 //! A packet id is in at most one of `accepting` (sent to its shard, no reply yet) and
 //! `awaiting_rel` (PUBREC sent). Their sum is what counts against our Receive Maximum.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::PacketIds;
 
 #[derive(Debug, Default)]
 pub struct Inbound {
     accepting: HashSet<u16, PacketIds>,
-    awaiting_rel: HashSet<u16, PacketIds>,
+    /// Ids whose PUBREC was sent. `true`: marked in the sessions' store when the session
+    /// resumed, in a cluster — a resent PUBLISH with it goes to its shard, which alone can tell a
+    /// resend of an accepted copy (answered, not routed) from one of a copy refused after its
+    /// mark was written (the mark being given back: routed). Answering it here would lose it.
+    awaiting_rel: HashMap<u16, bool, PacketIds>,
 }
 
 /// What to do with an incoming QoS 1/2 PUBLISH.
@@ -30,8 +34,9 @@ pub enum Admit {
 }
 
 impl Inbound {
-    pub fn with_awaiting(ids: impl IntoIterator<Item = u16>) -> Inbound {
-        Inbound { accepting: HashSet::default(), awaiting_rel: ids.into_iter().collect() }
+    /// A resumed session's inbound ids; `ask_shard`: their resends go to their shard (cluster).
+    pub fn with_awaiting(ids: impl IntoIterator<Item = u16>, ask_shard: bool) -> Inbound {
+        Inbound { accepting: HashSet::default(), awaiting_rel: ids.into_iter().map(|id| (id, ask_shard)).collect() }
     }
 
     pub fn unacknowledged(&self) -> usize {
@@ -39,8 +44,14 @@ impl Inbound {
     }
 
     pub fn admit(&mut self, pkid: u16, qos2: bool, receive_maximum: u16) -> Admit {
-        if qos2 && self.awaiting_rel.contains(&pkid) {
-            return Admit::Duplicate;
+        match self.awaiting_rel.get(&pkid) {
+            Some(false) if qos2 => return Admit::Duplicate,
+            Some(true) if qos2 => {
+                self.awaiting_rel.remove(&pkid);
+                self.accepting.insert(pkid);
+                return Admit::Route;
+            }
+            _ => {}
         }
         if self.accepting.contains(&pkid) {
             return Admit::InProgress;
@@ -56,13 +67,13 @@ impl Inbound {
     pub fn accepted(&mut self, pkid: u16, qos2_awaiting_rel: bool) {
         self.accepting.remove(&pkid);
         if qos2_awaiting_rel {
-            self.awaiting_rel.insert(pkid);
+            self.awaiting_rel.insert(pkid, false);
         }
     }
 
     /// PUBREL: true if the id was awaiting it.
     pub fn release(&mut self, pkid: u16) -> bool {
-        self.awaiting_rel.remove(&pkid)
+        self.awaiting_rel.remove(&pkid).is_some()
     }
 }
 
@@ -80,6 +91,18 @@ mod tests {
         assert!(i.release(1));
         assert!(!i.release(1));
         assert_eq!(i.admit(1, true, 10), Admit::Route);
+    }
+
+    #[test]
+    fn a_resumed_id_is_a_duplicate_on_a_single_node_and_asks_its_shard_in_a_cluster() {
+        let mut single = Inbound::with_awaiting([4], false);
+        assert_eq!(single.admit(4, true, 10), Admit::Duplicate);
+        let mut cluster = Inbound::with_awaiting([4, 5], true);
+        assert_eq!(cluster.admit(4, true, 10), Admit::Route, "the shard tells a duplicate from a refused copy's resend");
+        assert_eq!(cluster.admit(4, true, 10), Admit::InProgress);
+        cluster.accepted(4, true);
+        assert_eq!(cluster.admit(4, true, 10), Admit::Duplicate, "accepted over this connection: known here");
+        assert!(cluster.release(5), "a resumed id's PUBREL completes it");
     }
 
     #[test]

@@ -404,6 +404,9 @@ fn apply(
             let before = t.insert((client_id.as_str(), *pkid), ()).map_err(|e| err(e.into()))?;
             return Ok(OpResult::Marked(before.is_none()));
         }
+        // A single node commits a message and its mark together: a refused acceptance leaves
+        // no mark, so none is ever given back (the ids keep no acceptance names here).
+        Op::UnmarkInbound { .. } => {}
         // One process publishes every will of a single node, each once: nothing to decide.
         Op::AcceptWill { .. } => return Ok(OpResult::WillAccepted(true)),
         Op::ClearInbound { client_id, pkid } => {

@@ -552,6 +552,7 @@ impl Lanes {
             | Op::SetState { client_id, .. }
             | Op::Ack { client_id, .. }
             | Op::MarkInbound { client_id, .. }
+            | Op::UnmarkInbound { client_id, .. }
             | Op::AcceptWill { client_id, .. }
             | Op::ClearInbound { client_id, .. }
             | Op::PutSubscription { client_id, .. }
@@ -690,7 +691,7 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
             let _: () = pipe.query_async(conn).await.map_err(|e| Error::redis("acknowledging a message", e))?;
             Ok(OpResult::Done)
         }
-        Op::MarkInbound { client_id, pkid, by } => {
+        Op::MarkInbound { client_id, pkid, by, replacing } => {
             let k = ClientKeys::new(&client_id);
             let added: i64 = scripts::MARK_INBOUND
                 .key(&k.session)
@@ -698,10 +699,23 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
                 .key(&k.inbound_by)
                 .arg(pkid)
                 .arg(by)
+                .arg(replacing)
                 .invoke_async(conn)
                 .await
                 .map_err(|e| Error::redis("recording a QoS 2 packet id", e))?;
             Ok(OpResult::Marked(added == 1))
+        }
+        Op::UnmarkInbound { client_id, pkid, by } => {
+            let k = ClientKeys::new(&client_id);
+            let _: i64 = scripts::UNMARK_INBOUND
+                .key(&k.inbound)
+                .key(&k.inbound_by)
+                .arg(pkid)
+                .arg(by)
+                .invoke_async(conn)
+                .await
+                .map_err(|e| Error::redis("giving back a QoS 2 packet id", e))?;
+            Ok(OpResult::Done)
         }
         Op::AcceptWill { client_id, epoch, proxy, acceptance } => {
             let k = ClientKeys::new(&client_id);

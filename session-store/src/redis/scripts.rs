@@ -328,21 +328,43 @@ return 1
     )
 });
 
-/// KEYS: session, inbound, inbound_by. ARGV: packet id, who marks (the accepting log position).
-/// A QoS 2 marker, expiring with the session: 1 if the id is now this acceptance's (new, or
-/// marked by this same acceptance before: a retried write), 0 if another acceptance marked it
-/// (this copy is a resend of an accepted message).
+/// KEYS: session, inbound, inbound_by. ARGV: packet id, who marks (the accepting log position),
+/// then refused acceptances whose marks may be taken over. A QoS 2 marker, expiring with the
+/// session: 1 if the id is now this acceptance's (new, marked by this same acceptance before —
+/// a retried write — or by one of the refused ones), 0 if another acceptance marked it (this
+/// copy is a resend of an accepted message).
 pub static MARK_INBOUND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local added = redis.call('SADD', KEYS[2], ARGV[1])
-if added == 0 and redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
+if added == 0 then
+  local holder = redis.call('HGET', KEYS[3], ARGV[1])
+  local ours = holder == ARGV[2]
+  for i = 3, #ARGV do
+    if holder == ARGV[i] then ours = true end
+  end
+  if not ours then return 0 end
+end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
   redis.call('PEXPIRE', KEYS[3], ttl)
 end
+return 1
+"#,
+    )
+});
+
+/// KEYS: inbound ids set, inbound holders hash. ARGV: packet id, acceptance. Unmarks the
+/// packet id if that acceptance holds it (a refused acceptance giving its mark back); a mark
+/// another acceptance took over stays. Returns 1 if it was unmarked.
+pub static UNMARK_INBOUND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[1], ARGV[1])
 return 1
 "#,
     )
