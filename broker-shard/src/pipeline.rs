@@ -142,6 +142,12 @@ struct Flow {
     qos: u8,
 }
 
+impl Flow {
+    fn of(message: &Message) -> Option<Flow> {
+        message.origin.clone().map(|publisher| Flow { publisher, topic: message.topic.clone(), qos: message.qos as u8 })
+    }
+}
+
 /// Refused acceptances' marks being given back, by (client id, packet id).
 type GivingBack = Arc<Mutex<HashMap<(String, u16), Vec<String>>>>;
 
@@ -301,7 +307,7 @@ impl Pipeline {
         let (sessions, table, shard) = (self.sessions.clone(), self.giving_back.clone(), self.shard.clone());
         tokio::spawn(async move {
             let op = Op::UnmarkInbound { client_id: m.client_id, pkid: m.pkid, by: m.by.clone() };
-            write_until_done(&sessions, vec![op], &shard, "giving back a refused QoS 2 mark").await;
+            write_until_done(&sessions, vec![op], &shard, "giving back a refused QoS 2 mark", false).await;
             let mut table = table.lock();
             if let Some(by) = table.get_mut(&key) {
                 by.retain(|b| *b != m.by);
@@ -315,6 +321,17 @@ impl Pipeline {
     /// Events that depend on nothing durable, in lane A order.
     pub fn emit(&mut self, events: Vec<(ProxyId, Event)>) {
         self.push(ready(Step::new(Outgoing::events(events), None)).boxed());
+    }
+
+    /// Answers a publish request sent again (its first answer was lost) whose first copy is in
+    /// the log: `Done`, in lane A order — unless its first copy, or one before it in its flow,
+    /// turns out refused (see `settle`): then it is refused as well, since the publisher must not
+    /// take a refused message for accepted.
+    pub fn answer_again(&mut self, proxy: ProxyId, id: RequestId, message: &Message) {
+        let out = Outgoing::events(vec![(proxy, Event::Reply { id, result: Ok(Reply::Done) })]);
+        let decision =
+            Decision { flow: Flow::of(message), reply_to: Some((proxy, id)), position: None, mark: None, outcome: Outcome::Accepted };
+        self.push(ready(Step { out, then: None, decision: Some(decision) }).boxed());
     }
 
     /// Events that must follow every earlier queueing (lane B order). In single-node mode
@@ -421,7 +438,7 @@ impl Pipeline {
             Some((proxy, Some(id))) if !matches!(marker, Some(Op::AcceptWill { .. })) => Some((proxy, id)),
             _ => None,
         };
-        let flow = message.origin.clone().map(|publisher| Flow { publisher, topic: message.topic.clone(), qos: message.qos as u8 });
+        let flow = Flow::of(&message);
         let decide = move |outcome: Outcome, mark: Option<Mark>| {
             reply_to.map(|reply_to| Decision { flow, reply_to: Some(reply_to), position, mark, outcome })
         };
@@ -533,7 +550,7 @@ impl Pipeline {
                 let mut results = if ops.is_empty() {
                     Vec::new()
                 } else {
-                    write_until_done(&sessions, ops, &shard, "queueing for persistent sessions").await
+                    write_until_done(&sessions, ops, &shard, "queueing for persistent sessions", true).await
                 }
                 .into_iter();
                 let mut out = Outgoing::default();
@@ -563,21 +580,26 @@ impl Pipeline {
 /// acknowledged, so giving up would lose them (they would only come back from the log at the
 /// next restart). Meanwhile lane B waits, and the router stops reading once its backlog is
 /// full, so the publishers slow down instead of memory growing.
-async fn write_until_done(sessions: &Store, ops: Vec<Op>, shard: &str, what: &'static str) -> Vec<OpResult> {
+///
+/// `loud`: failures are logged as warnings (the give-back of a mark, one per refused message,
+/// logs them at debug: the refusal said it already).
+async fn write_until_done(sessions: &Store, ops: Vec<Op>, shard: &str, what: &'static str, loud: bool) -> Vec<OpResult> {
     let mut wait = Duration::from_millis(50);
     let mut failures = 0u32;
     loop {
         match sessions.write(ops.clone()).await {
             Ok(r) => {
-                if failures > 0 {
+                if failures > 0 && loud {
                     tracing::info!(shard, failures, what, "sessions' store is back");
                 }
                 return r;
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
+                if loud && (failures == 1 || failures.is_power_of_two()) {
                     tracing::warn!(shard, error = %e, failures, what, "a write to the sessions' store failed; retrying");
+                } else {
+                    tracing::debug!(shard, error = %e, failures, what, "a write to the sessions' store failed; retrying");
                 }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(MAX_RETRY_WAIT);

@@ -286,10 +286,14 @@ impl RawLink {
     }
 
     async fn reply(&mut self, id: u64) -> Reply {
+        self.result(id).await.unwrap()
+    }
+
+    async fn result(&mut self, id: u64) -> Result<Reply, broker_shard::link::ShardError> {
         loop {
             if let Frame::Event(Event::Reply { id: got, result }) = self.frame().await {
                 if got.0 == id {
-                    return result.unwrap();
+                    return result;
                 }
             }
         }
@@ -493,4 +497,24 @@ async fn messages_in_flight_behind_a_refused_one_are_refused_too_and_their_marks
     assert_eq!(received(&mut sub, 3).await, [1, 2, 3], "each once, in the order published");
     nothing_more(&mut sub).await;
     assert_eq!(shard.metrics.qos2_resends.get(), 0);
+}
+
+/// A publish request sent again while its first copy is still in lane A (the proxy relinked
+/// and resent what was unanswered) is answered after the first copy, as the first copy was: if
+/// that one is refused, "accepted before" would be a lie its publisher acts on (a loss).
+#[tokio::test]
+async fn a_request_sent_again_is_refused_when_its_first_copy_is() {
+    let Setup { redis, dir: _dir, shard, relay: _relay, mut sub, publisher: _publisher } = setup().await;
+    redis.cli(&["SET", &session_store::redis::keys::ClientKeys::new("broken").inbound, "x"]);
+    shard.disk_delay.store(300, std::sync::atomic::Ordering::Relaxed);
+    let mut raw = RawLink::connect(shard.addr).await;
+    let mut m = msg("t/a", 1u32.to_be_bytes().to_vec());
+    Arc::make_mut(&mut m).origin = Some("pub".into());
+    let marker = Marker::Qos2 { client_id: "broken".into(), pkid: 1 };
+    for _ in 0..2 {
+        raw.send(Request::Publish { id: Some(RequestId(1)), message: m.clone(), marker: Some(marker.clone()) }).await;
+    }
+    assert!(raw.result(1).await.is_err(), "the first copy is refused");
+    assert!(raw.result(1).await.is_err(), "and so is the request sent again");
+    nothing_more(&mut sub).await;
 }

@@ -315,10 +315,6 @@ impl Router {
         });
     }
 
-    fn reply(&mut self, proxy: ProxyId, id: RequestId, reply: Reply) {
-        self.pipeline.emit(vec![(proxy, Event::Reply { id, result: Ok(reply) })]);
-    }
-
     async fn handle(&mut self, inbound: Inbound) {
         match inbound {
             Inbound::Connect { proxy, name, incarnation, events } => self.on_proxy_linked(proxy, name, incarnation, events).await,
@@ -622,7 +618,7 @@ impl Router {
         if let (Some(p), Some(book), Some(id)) = (&publisher, &self.book, id) {
             if book.accepted(p).is_some() {
                 // Accepted before: answer again (after the first answer, in order), route nothing.
-                self.reply(proxy, id, Reply::Done);
+                self.pipeline.answer_again(proxy, id, &message);
                 return;
             }
         }
