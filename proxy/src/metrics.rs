@@ -40,6 +40,9 @@ pub struct Metrics {
     pub bytes_received: Counter,
     pub bytes_sent: Counter,
     pub dropped: Family<ReasonLabel, Counter>,
+    /// Persistent sessions whose newer messages had to wait in the store for room in their
+    /// connection's queue.
+    pub store_backlogs: Counter,
     pub protocol_errors: Family<CodeLabel, Counter>,
     pub persistent_sessions: Gauge,
     pub wills_published: Counter,
@@ -86,6 +89,11 @@ impl Metrics {
         r.register("received_bytes", "Bytes read from client sockets", self.bytes_received.clone());
         r.register("sent_bytes", "Bytes written to client sockets", self.bytes_sent.clone());
         r.register("dropped_messages", "Messages not delivered to a client, by reason", self.dropped.clone());
+        r.register(
+            "store_backlogs",
+            "Times a persistent session's messages outran its connection's queue and waited in the session store, read back in order",
+            self.store_backlogs.clone(),
+        );
         r.register("protocol_errors", "Connections closed for bad input, by MQTT 5 reason code", self.protocol_errors.clone());
         r.register("persistent_sessions", "Sessions that outlive their connection (connected or not)", self.persistent_sessions.clone());
         r.register("wills_published", "Will messages published", self.wills_published.clone());

@@ -11,6 +11,8 @@
 //!   for the previous connection to finish, and that finish used to wait for the shard.
 //! - A proxy that dies after taking a will and before a shard accepted it: the proxy that
 //!   settles it publishes the will, once.
+//! - A delivery acknowledgement the store refuses is applied once it takes writes again, not
+//!   left to fill the session's queue.
 
 mod support;
 
@@ -287,4 +289,41 @@ async fn a_will_its_proxy_died_publishing_is_published_once_by_the_settling_prox
     .unwrap();
     let got = wills_within(&mut watcher, Duration::from_secs(15)).await;
     assert_eq!(got, ["orphan-1 is gone"], "{}", c.logs());
+}
+
+/// Finding 23 of the soak: a delivery acknowledgement the store did not take was given up at
+/// once, leaving the delivered message in the session's queue, where it counts against the
+/// queue's bound while the connection lasts; with a Redis node down a quarter of the time, a
+/// connected subscriber's queue filled with them and newer messages were refused as
+/// `queue_full`. Acknowledgements are now retried through an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_the_store_refused_is_applied_once_it_takes_writes_again() {
+    let c = tokio::task::spawn_blocking(|| LocalCluster::start(RedisKind::Standalone, 1, 1)).await.unwrap();
+    let mut connect = Connect::new(Protocol::V5, "acker");
+    connect.clean_start = false;
+    connect.properties.session_expiry_interval = Some(600);
+    let (mut sub, _) = Raw::session(c.proxy(0), connect).await;
+    let opts = mqfleet_codec::SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() };
+    sub.send(Packet::Subscribe(mqfleet_codec::Subscribe::new(mqfleet_codec::PacketId::new(1).unwrap(), vec![("acked".into(), opts)])))
+        .await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck(_))));
+    let mut publisher = Raw::v5(c.proxy(0), "pub-acked").await;
+    assert_eq!(publisher.publish_qos1(1, "acked").await, ReasonCode::Success);
+    let pkid = match sub.recv().await {
+        Some(Packet::Publish(p)) => p.pkid.expect("QoS 1 delivery has an id"),
+        other => panic!("{other:?}"),
+    };
+    let queue = session_store::redis::keys::ClientKeys::new("acker").queue;
+    let queued = || c.redis.cli(&["HLEN", &queue]);
+    assert_eq!(queued(), "1");
+
+    // Redis refuses every write (no replica can confirm it) while the client acknowledges.
+    tokio::task::block_in_place(|| c.redis.cli(&["CONFIG", "SET", "min-replicas-to-write", "1"]));
+    sub.send(Packet::PubAck(mqfleet_codec::Ack::new(pkid))).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(queued(), "1", "the store refused the acknowledgement");
+    tokio::task::block_in_place(|| c.redis.cli(&["CONFIG", "SET", "min-replicas-to-write", "0"]));
+
+    let applied = tokio::task::block_in_place(|| testkit::local_cluster::eventually(Duration::from_secs(10), || queued() == "0"));
+    assert!(applied, "the acknowledgement was not applied after Redis took writes again: {}", c.logs());
 }

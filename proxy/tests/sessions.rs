@@ -308,6 +308,59 @@ async fn a_connected_client_with_a_full_window_still_gets_its_whole_queue() {
     assert!(dropped.is_none_or(|n| n == "0"), "{metrics}");
 }
 
+/// A persistent session of a client whose Receive Maximum is 1, on a broker whose sessions
+/// hold 2 + 3 (`tight_queue`): its connection holds 1 in flight and 3 waiting, while the store
+/// queue takes 5.
+fn window_of_one(client_id: &str) -> Connect {
+    let mut connect = persistent_v5(client_id, 600);
+    connect.properties.receive_maximum = Some(1);
+    connect
+}
+
+/// Receives and acknowledges `n` QoS 1 messages, one at a time, on one connection.
+async fn take_one_by_one(c: &mut Raw, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let m = next_publish(c).await;
+        c.send(Packet::PubAck(Ack::new(m.pkid.unwrap()))).await;
+        got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    got
+}
+
+/// Finding 23 of the soak (docs/RELIABILITY.md): copies that outran a persistent session's
+/// connection queue stayed in the store until the client's next connection — never delivered
+/// to a client that stayed connected. They are read back from the store, in order
+/// [MQTT-4.6.0-6], once there is room.
+#[tokio::test]
+async fn messages_that_outrun_a_connected_persistent_sessions_queue_are_read_back_from_the_store_in_order() {
+    let b = tight_queue().await;
+    let (mut c, _) = Raw::session(b.addr, window_of_one("outrun")).await;
+    subscribe(&mut c, "burst", QoS::AtLeastOnce).await;
+    publish(b.addr, "burst", &["1", "2", "3", "4", "5"]).await;
+    assert_eq!(take_one_by_one(&mut c, 5).await, ["1", "2", "3", "4", "5"]);
+    c.expect_silence().await;
+    assert_eq!(metric(&b, "mqfleet_proxy_store_backlogs_total").await, 1);
+    // Caught up, later messages come live again.
+    publish(b.addr, "burst", &["6"]).await;
+    assert_eq!(take_one_by_one(&mut c, 1).await, ["6"]);
+}
+
+/// The same at resume: a stored queue larger than the connection's is taken in order, all of
+/// it, without another reconnect.
+#[tokio::test]
+async fn a_resumed_queue_larger_than_the_connections_is_delivered_whole() {
+    let b = tight_queue().await;
+    let (mut c, _) = Raw::session(b.addr, window_of_one("resumer")).await;
+    subscribe(&mut c, "stored", QoS::AtLeastOnce).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    publish(b.addr, "stored", &["1", "2", "3", "4", "5"]).await;
+    let (mut c, _) = Raw::session(b.addr, window_of_one("resumer")).await;
+    assert_eq!(take_one_by_one(&mut c, 5).await, ["1", "2", "3", "4", "5"]);
+    c.expect_silence().await;
+}
+
 #[tokio::test]
 async fn client_receive_maximum_limits_messages_in_flight() {
     let b = TestBroker::start().await;

@@ -247,6 +247,25 @@ async fn an_offline_session_expires_with_its_queue() {
     assert_eq!(redis.cli(&["PTTL", &ClientKeys::new("back").session]), "-1");
 }
 
+/// An acknowledgement can reach the store late (retried through an outage) — after the session
+/// it was for ended and a new one began. Positions never repeat for a client, so it cannot
+/// remove the new session's message at the same position.
+#[tokio::test]
+async fn queue_positions_are_not_reused_by_a_later_session_of_the_same_client() {
+    let redis = RedisServer::start();
+    let s = store(&redis.url(), 10).await;
+    s.write(vec![Op::PutSession(record("again", 1, true, 600)), enqueue(b"old", &["again"])]).await.unwrap();
+    let old = s.load_queue("again", 0).await.unwrap()[0].seq;
+    s.write(vec![Op::RemoveSession { client_id: "again".into(), epoch: None }]).await.unwrap();
+    s.write(vec![Op::PutSession(record("again", 2, true, 600)), enqueue(b"new", &["again"])]).await.unwrap();
+    let q = s.load_queue("again", 0).await.unwrap();
+    assert_eq!(q.len(), 1);
+    assert!(q[0].seq > old, "a later session's position {} must come after the earlier one's {old}", q[0].seq);
+    // The earlier session's acknowledgement, arriving late, leaves the new message queued.
+    s.write(vec![Op::Ack { client_id: "again".into(), seq: old }]).await.unwrap();
+    assert_eq!(s.load_queue("again", 0).await.unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn unreachable_redis_is_a_clear_error_not_a_hang() {
     let port = testkit::free_port();

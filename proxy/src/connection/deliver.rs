@@ -28,8 +28,12 @@ where
         self.offer(OutMessage { message, delivery: r.delivery, seq, share_filter: r.share_filter });
     }
 
-    /// Sends or queues one message.
+    /// Sends or queues one message (or leaves it in the session's store queue behind others
+    /// waiting there, see `backlog`).
     fn offer(&mut self, m: OutMessage) {
+        if m.seq.is_some() && self.behind_backlog() {
+            return;
+        }
         let metrics = &self.ctx.metrics;
         if m.message.is_expired(now_ms()) {
             metrics.drop("expired");
@@ -61,10 +65,11 @@ where
         match self.outbound.push(m.clone()) {
             Push::Send(pkid) => self.send_new(pkid, &m),
             Push::Queued => {}
-            Push::Dropped => {
-                // A persistent session keeps it in its store queue for the next connection.
-                metrics.drop("queue_full");
-            }
+            Push::Dropped => match m.seq {
+                // Already in the session's store queue: read back from there when room frees up.
+                Some(seq) => self.leave_in_store(seq),
+                None => metrics.drop("queue_full"),
+            },
         }
     }
 
@@ -155,6 +160,7 @@ where
             }
             self.send_new(pkid, &m);
         }
+        self.read_backlog_when_room();
     }
 
     fn ack_in_store(&mut self, seq: Option<u64>) {

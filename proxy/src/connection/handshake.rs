@@ -147,6 +147,7 @@ where
         mailbox,
         resume_floor: 0,
         held: VecDeque::new(),
+        backlog: None,
         store_ops: Vec::new(),
         reported: Default::default(),
         publish_latency: ctx.metrics.publish_latency_by_qos(),

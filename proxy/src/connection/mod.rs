@@ -13,6 +13,7 @@
 //! Acknowledgements leave in the order their packets arrived: every operation that waits on a
 //! shard or the store is a future in one ordered queue (`ops`).
 
+mod backlog;
 mod deliver;
 mod end;
 mod handshake;
@@ -56,6 +57,9 @@ pub struct Peer {
     /// Names from a verified client certificate.
     pub cert: Option<CertNames>,
 }
+
+/// How long delivery acknowledgements are retried while the store does not take them.
+const ACK_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Serves one accepted connection until it ends.
 pub async fn serve<R, W>(ctx: Arc<Context>, reader: R, writer: W, peer: Peer, shutdown: CancellationToken)
@@ -270,6 +274,9 @@ pub(crate) struct Connection<R, W> {
     /// PUBLISHes held back behind a QoS 2 delivery whose packet id is being made durable, so
     /// that order is kept; `Some(pkid)` marks the ones still waiting for their own mark.
     held: VecDeque<(Publish, Option<u16>)>,
+    /// A persistent session's copies that did not fit `outbound`, waiting in its store queue
+    /// (boxed: few connections ever have one).
+    backlog: Option<Box<backlog::Backlog>>,
     /// Store writes nobody waits for (delivery acknowledgements), flushed once per loop turn.
     store_ops: Vec<Op>,
     /// This connection's share of the proxy-wide gauges, as last added to them.
@@ -343,11 +350,16 @@ where
                 (Some(k), Some(t)) => Some(k.min(t)),
                 (k, t) => k.or(t),
             };
+            let backlog_read = self.backlog.as_mut().and_then(|b| b.reading.as_mut());
             let result = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => Err(End::Shutdown),
                 Some(done) = self.ops.next(), if !self.ops.is_empty() => self.on_op_done(done),
                 Some(msg) = self.mailbox.recv() => self.on_mailbox(msg).await,
+                Some(queue) = futures::future::OptionFuture::from(backlog_read) => {
+                    self.on_backlog_read(queue);
+                    Ok(())
+                }
                 r = self.io.input.read(), if input_open => match r {
                     Ok(0) => Err(End::Network(None)),
                     // Boxed, one allocation per socket read (not per packet): awaited inline,
@@ -552,9 +564,24 @@ where
         let ops = std::mem::take(&mut self.store_ops);
         let store = self.ctx.store.clone();
         tokio::spawn(async move {
-            if let Err(e) = store.write(ops).await {
-                // Lost acknowledgements only cause redelivery (QoS 1) or a resent PUBREL.
-                tracing::warn!(error = %e, "could not record delivery acknowledgements");
+            // Retried through an outage: an acknowledgement the store never applies leaves a
+            // delivered message in the session's queue, where it counts against the queue's
+            // bound for as long as the connection lasts (found by the soak, finding 23: with a
+            // Redis node down a quarter of the time, a connected subscriber's queue filled with
+            // them and newer messages were refused as `queue_full`). Applying one twice, or
+            // late, is harmless: positions are never reused (`scripts::ENQUEUE`).
+            let mut backoff = mqfleet_ops::outage::Backoff::within(ACK_PATIENCE);
+            loop {
+                match store.write(ops.clone()).await {
+                    Ok(_) => return,
+                    Err(e) if !backoff.pause().await => {
+                        // Then they only cause a redelivery at the next resume (QoS 1) or a
+                        // resent PUBREL (QoS 2).
+                        tracing::warn!(error = %e, "could not record delivery acknowledgements");
+                        return;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "recording delivery acknowledgements failed; retrying"),
+                }
             }
         });
     }

@@ -116,6 +116,16 @@ impl Outbound {
         Push::Queued
     }
 
+    /// Messages the window and the queue behind it could still take.
+    pub fn room(&self) -> usize {
+        self.window.saturating_sub(self.inflight.len()) + self.max_pending.saturating_sub(self.pending.len())
+    }
+
+    /// What the window and the queue hold when full.
+    pub fn capacity(&self) -> usize {
+        self.window + self.max_pending
+    }
+
     /// Puts back a message that was in flight on an earlier connection, with its old packet
     /// id and stage (session resume). Resumed messages may exceed the window: they were
     /// already sent.
@@ -232,6 +242,9 @@ mod tests {
         o.push(msg(QoS::AtLeastOnce));
         assert_eq!(o.push(msg(QoS::AtLeastOnce)), Push::Queued);
         assert_eq!(o.push(msg(QoS::AtLeastOnce)), Push::Dropped);
+        assert_eq!(o.room(), 0);
+        o.puback(id(1)).unwrap();
+        assert_eq!((o.room(), o.capacity()), (1, 2), "the window has room; the queue is still full");
     }
 
     #[test]

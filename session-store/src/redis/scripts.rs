@@ -14,6 +14,12 @@ use redis::Script;
 /// position, -1 if the session does not exist, -2 if its queue is full, -3 if a replayed
 /// position is no longer queued (it was delivered and acknowledged). An offline session's keys
 /// expire together: new keys get the session's TTL.
+///
+/// Queue positions never repeat for a client, even across its keys being deleted (a clean
+/// session ended, a session expired): a new counter starts at Redis time in microseconds, as
+/// connection epochs do, so an acknowledgement retried late by an earlier session's connection
+/// cannot remove a newer session's message. (Below 2^53, so exact as a Lua number; written
+/// with `%d`, since Lua's own number formatting would round it.)
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -40,14 +46,21 @@ if shard ~= '' then
   end
 end
 if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[1]) then return -2 end
-local seq = redis.call('INCR', KEYS[3])
+local seq
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  seq = string.format('%d', redis.call('INCR', KEYS[3]))
+else
+  local t = redis.call('TIME')
+  seq = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('SET', KEYS[3], seq)
+end
 redis.call('HSET', KEYS[2], seq, ARGV[2])
 if shard ~= '' then redis.call('HSET', KEYS[4], shard, pos .. ':' .. seq) end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then
   for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
 end
-return seq
+return tonumber(seq)
 "#,
     )
 });
