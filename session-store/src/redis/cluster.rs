@@ -72,6 +72,11 @@ impl Health {
         true
     }
 
+    /// Starts a replacement unless one is being built; true when the caller is to build it.
+    fn start_replacing(&mut self) -> bool {
+        !std::mem::replace(&mut self.replacing, true)
+    }
+
     /// A replacement ended (made or not): the next one waits for another `stale_after`.
     fn settled(&mut self, now: Instant) {
         *self = Health::new(now);
@@ -103,14 +108,22 @@ impl ClusterConn {
 
     fn observe<T>(&self, result: &RedisResult<T>) {
         let timed_out = result.as_ref().is_err_and(|e| e.is_timeout());
-        if self.0.health.lock().record(timed_out, Instant::now(), self.0.stale_after) {
-            self.replace();
-        }
+        let stale_map = result.as_ref().is_err_and(moved_in_transaction);
+        let mut health = self.0.health.lock();
+        let why = if health.record(timed_out, Instant::now(), self.0.stale_after) {
+            "its commands had only timed out (a wedged client, or an outage)"
+        } else if stale_map && health.start_replacing() {
+            "a transaction was refused with MOVED (a stale slot map)"
+        } else {
+            return;
+        };
+        drop(health);
+        self.replace(why);
     }
 
     /// Builds a new connection in the background and swaps it in; commands meanwhile go to the
     /// old one.
-    fn replace(&self) {
+    fn replace(&self, why: &'static str) {
         let inner = self.0.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(inner.connect_timeout, inner.client.get_async_connection()).await {
@@ -119,10 +132,7 @@ impl ClusterConn {
                     if let Some(c) = inner.replacements.get() {
                         c.inc();
                     }
-                    tracing::warn!(
-                        stale_after_ms = inner.stale_after.as_millis() as u64,
-                        "replaced the Redis Cluster connection: its commands had only timed out (a wedged client, or an outage)"
-                    );
+                    tracing::warn!(stale_after_ms = inner.stale_after.as_millis() as u64, "replaced the Redis Cluster connection: {why}");
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not replace the Redis Cluster connection; keeping the old one"),
                 Err(_) => tracing::warn!("could not replace the Redis Cluster connection in time; keeping the old one"),
@@ -130,6 +140,17 @@ impl ClusterConn {
             inner.health.lock().settled(Instant::now());
         });
     }
+}
+
+/// A transaction a node refused because one of its keys' slot is elsewhere: the slot map is
+/// stale. The `redis` crate follows MOVED for single commands (refreshing its map) but hands it
+/// back inside a transaction's abort and keeps the map, so every later transaction to that
+/// slot fails the same way (found by the soak, docs/RELIABILITY.md finding 23: after a node
+/// restart a proxy's acknowledgements to a few slots failed for a minute and more). A new
+/// connection reads the map afresh.
+fn moved_in_transaction(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
+        && e.clone().into_server_errors().is_some_and(|errs| errs.iter().any(|(_, s)| s.kind() == Some(redis::ServerErrorKind::Moved)))
 }
 
 impl ConnectionLike for ClusterConn {
