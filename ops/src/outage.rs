@@ -84,6 +84,11 @@ impl Backoff {
         Backoff { deadline: tokio::time::Instant::now() + limit, pause: Duration::from_millis(100) }
     }
 
+    /// For work that must not give up (what it retries would otherwise be lost).
+    pub fn forever() -> Backoff {
+        Backoff::within(Duration::from_secs(30 * 365 * 24 * 3600))
+    }
+
     /// Waits before the next attempt; false (at once) if that would pass the deadline.
     pub async fn pause(&mut self) -> bool {
         if tokio::time::Instant::now() + self.pause >= self.deadline {

@@ -18,16 +18,11 @@
 //!   is in the store at or after `from`, and is taken from there.
 //! - Positions below `from` were taken by this connection (or completed before it).
 
-use std::time::Duration;
-
 use futures::future::{BoxFuture, FutureExt};
 use session_store::{DeliveryState, QueuedMessage};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Connection;
-
-/// How long a failed read of the store queue waits before the next try, at most.
-const MAX_RETRY_WAIT: Duration = Duration::from_secs(2);
 
 pub(super) struct Backlog {
     /// The oldest queue position this connection has not taken: it and everything after it
@@ -76,14 +71,13 @@ where
         let (store, client_id) = (self.ctx.store.clone(), self.client_id.to_string());
         b.reading = Some(
             async move {
-                let mut wait = Duration::from_millis(50);
+                let mut backoff = mqfleet_ops::outage::Backoff::forever();
                 loop {
                     match store.load_queue(&client_id, broker_shard::now_ms()).await {
                         Ok(queue) => return queue,
                         Err(e) => {
                             tracing::warn!(error = %e, "could not read the session's queued messages back from the store; retrying");
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(MAX_RETRY_WAIT);
+                            backoff.pause().await;
                         }
                     }
                 }
