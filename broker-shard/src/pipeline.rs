@@ -162,8 +162,6 @@ const MAX_BATCH: usize = 512;
 /// How long lane A waits for the sessions' store to say whether to publish a will: long enough
 /// to ride out a Redis failover or a Cluster node restart.
 const STORE_PATIENCE: Duration = Duration::from_secs(5);
-/// Longest pause between retries of a failing sessions' store.
-const MAX_RETRY_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) struct Pipeline {
     shard: Arc<str>,
@@ -584,7 +582,7 @@ impl Pipeline {
 /// `loud`: failures are logged as warnings (the give-back of a mark, one per refused message,
 /// logs them at debug: the refusal said it already).
 async fn write_until_done(sessions: &Store, ops: Vec<Op>, shard: &str, what: &'static str, loud: bool) -> Vec<OpResult> {
-    let mut wait = Duration::from_millis(50);
+    let mut backoff = mqfleet_ops::outage::Backoff::forever();
     let mut failures = 0u32;
     loop {
         match sessions.write(ops.clone()).await {
@@ -601,8 +599,7 @@ async fn write_until_done(sessions: &Store, ops: Vec<Op>, shard: &str, what: &'s
                 } else {
                     tracing::debug!(shard, error = %e, failures, what, "a write to the sessions' store failed; retrying");
                 }
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(MAX_RETRY_WAIT);
+                backoff.pause().await;
             }
         }
     }

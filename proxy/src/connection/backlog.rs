@@ -39,8 +39,9 @@ where
     R: AsyncRead + super::io::Readiness + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    /// Whether a delivered copy must be left in the store (a backlog exists).
-    pub(super) fn behind_backlog(&mut self) -> bool {
+    /// Leaves a delivered copy in the store if a backlog exists (and notes it, should a read
+    /// be running that may not see it); says whether it did.
+    pub(super) fn left_behind_backlog(&mut self) -> bool {
         match &mut self.backlog {
             Some(b) => {
                 b.left_while_reading |= b.reading.is_some();
@@ -53,7 +54,7 @@ where
     /// The connection has no room for the copy at queue position `seq`: it and every later one
     /// wait in the store.
     pub(super) fn leave_in_store(&mut self, seq: u64) {
-        if !self.behind_backlog() {
+        if !self.left_behind_backlog() {
             tracing::debug!(from = seq, "queue full: newer messages wait in the session store");
             self.ctx.metrics.store_backlogs.inc();
             self.backlog = Some(Box::new(Backlog { from: seq, left_while_reading: false, reading: None }));

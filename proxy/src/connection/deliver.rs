@@ -31,7 +31,7 @@ where
     /// Sends or queues one message (or leaves it in the session's store queue behind others
     /// waiting there, see `backlog`).
     fn offer(&mut self, m: OutMessage) {
-        if m.seq.is_some() && self.behind_backlog() {
+        if m.seq.is_some() && self.left_behind_backlog() {
             return;
         }
         let metrics = &self.ctx.metrics;
