@@ -71,31 +71,56 @@ mod tests {
     }
 }
 
-/// Retrying one operation through a short outage: pauses doubling from 100 ms to 2 s, until a
-/// deadline.
+/// Retrying one operation through an outage: pauses doubling from 100 ms to 2 s, until a
+/// deadline or for as long as it takes.
 #[derive(Debug)]
 pub struct Backoff {
-    deadline: tokio::time::Instant,
+    /// `None`: never gives up.
+    deadline: Option<tokio::time::Instant>,
     pause: Duration,
 }
 
 impl Backoff {
     pub fn within(limit: Duration) -> Backoff {
-        Backoff { deadline: tokio::time::Instant::now() + limit, pause: Duration::from_millis(100) }
+        Backoff { deadline: Some(tokio::time::Instant::now() + limit), pause: Duration::from_millis(100) }
     }
 
     /// For work that must not give up (what it retries would otherwise be lost).
     pub fn forever() -> Backoff {
-        Backoff::within(Duration::from_secs(30 * 365 * 24 * 3600))
+        Backoff { deadline: None, pause: Duration::from_millis(100) }
     }
 
     /// Waits before the next attempt; false (at once) if that would pass the deadline.
     pub async fn pause(&mut self) -> bool {
-        if tokio::time::Instant::now() + self.pause >= self.deadline {
+        if self.deadline.is_some_and(|d| tokio::time::Instant::now() + self.pause >= d) {
             return false;
         }
         tokio::time::sleep(self.pause).await;
         self.pause = (self.pause * 2).min(Duration::from_secs(2));
         true
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bounded_backoff_gives_up_before_its_deadline_and_an_unbounded_one_never() {
+        let start = tokio::time::Instant::now();
+        let mut bounded = Backoff::within(Duration::from_secs(1));
+        let mut pauses = 0;
+        while bounded.pause().await {
+            pauses += 1;
+        }
+        // 100 + 200 + 400 ms; the next 800 ms would pass the deadline.
+        assert_eq!(pauses, 3);
+        assert!(start.elapsed() < Duration::from_secs(1));
+
+        let mut unbounded = Backoff::forever();
+        for _ in 0..2000 {
+            assert!(unbounded.pause().await, "gave up after {:?}", start.elapsed());
+        }
+        assert!(start.elapsed() > Duration::from_secs(3600));
     }
 }
