@@ -2,8 +2,8 @@
 //!
 //! # Two lanes
 //! - **A (acceptance)**: what must be durable before the publisher is answered — the message
-//!   in the shard's log, a retained message, a QoS 2 marker — then the copies for sessions that
-//!   are not persistent, then the reply.
+//!   in the shard's log with a retained message, then (once that is durable) a QoS 2 marker —
+//!   then the copies for sessions that are not persistent, then the reply.
 //! - **B (queueing)**: copies for persistent sessions written to the sessions' store (Redis in
 //!   clustered mode), then their live delivery carrying their queue positions.
 //!
@@ -469,18 +469,21 @@ impl Pipeline {
                         Err(e) => Err(e),
                     },
                     marker => {
-                        // Written once: retrying here (up to 5 s) kept more first copies waiting
-                        // while their clients reconnected and resent them (RELIABILITY.md,
-                        // finding 19); a refusal is settled in order instead (`settle`).
-                        let marker_write = async {
-                            match marker {
-                                Some(op) => sessions.write(vec![op]).await,
-                                None => Ok(Vec::new()),
-                            }
+                        // The mark names this acceptance's log entry, so it is written only once
+                        // the entry is durable. Written beside the append, a mark could outlive
+                        // an entry a crash lost: the client's resend of the message, finding its
+                        // packet id marked, was taken for a duplicate of an accepted message and
+                        // dropped (RELIABILITY.md, finding 24). Written once: retrying here (up
+                        // to 5 s) kept more first copies waiting while their clients reconnected
+                        // and resent them (finding 19); a refusal is settled in order instead
+                        // (`settle`).
+                        let l = local_write.await;
+                        let m = match (&l, marker) {
+                            (Ok(_), Some(op)) => sessions.write(vec![op]).await,
+                            _ => Ok(Vec::new()),
                         };
-                        let (l, m) = tokio::join!(local_write, marker_write);
                         if let Some(mark) = &mut mark {
-                            mark.maybe_ours = !matches!(m.as_deref(), Ok([OpResult::Marked(false), ..]));
+                            mark.maybe_ours = l.is_ok() && !matches!(m.as_deref(), Ok([OpResult::Marked(false), ..]));
                         }
                         match l.and(m) {
                             // The packet id was marked already: a copy of this message was

@@ -353,6 +353,71 @@ async fn qos2_exactly_once_across_proxies(kind: RedisKind) {
 
 on_redis!(qos2_exactly_once_across_proxies: a_qos2_message_resent_through_another_proxy_is_delivered_once, a_qos2_message_resent_through_another_proxy_is_delivered_once_on_redis_cluster);
 
+// === a QoS 2 mark never outlives the log entry it names ===
+
+/// A shard killed while a QoS 2 message waits on a slow fsync loses the entry; the mark that
+/// says "this packet id was accepted" must not survive it, or the resend of the message is taken
+/// for a duplicate and answered without ever being delivered (MQTT-4.3.3: the receiver must not
+/// lose a message it will acknowledge with PUBREC; RELIABILITY.md, finding 24). So the mark is
+/// written only once the entry is durable.
+async fn qos2_mark_waits_for_the_log(kind: RedisKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("shard-0.slow-disk");
+    let flag = slow.display().to_string();
+    let mut c = tokio::task::spawn_blocking(move || {
+        let mut c = LocalCluster::start(kind, 0, 0);
+        c.add_shard_with(&["--fault-slow-disk-file", &flag]);
+        c.add_proxy(&[]);
+        c
+    })
+    .await
+    .unwrap();
+    let mut sub = v4::connect(persistent(c.proxy(0), "marks-sub")).await;
+    sub.subscribe("marks", v4::QoS::ExactlyOnce).await;
+    let mut k = Connect::new(Protocol::V3_1_1, "marks-pub");
+    k.clean_start = false;
+    let (mut publisher, _) = Raw::session(c.proxy(0), k.clone()).await;
+
+    // Every commit now waits 3 s; the shard reads the file every 100 ms.
+    std::fs::write(&slow, "3000").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut p = Publish::new("marks", CodecQoS::ExactlyOnce, Bytes::from_static(b"exactly"), PacketId::new(3));
+    publisher.send(Packet::Publish(p.clone())).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let keys = ClientKeys::new("marks-pub");
+    let marked = tokio::task::block_in_place(|| c.redis.cli(&["SMEMBERS", &keys.inbound]));
+    assert_eq!(marked.trim(), "", "no mark while the entry it names is not durable\n{}", c.logs());
+
+    // The entry dies with the shard; the proxy resends the request once the shard is back.
+    tokio::task::block_in_place(|| {
+        c.shards[0].service.kill9();
+        std::fs::write(&slow, "0").unwrap();
+        c.restart_shard(0);
+    });
+    let rec = match publisher.recv_within(Duration::from_secs(30)).await {
+        Ok(Some(Packet::PubRec(a))) => a,
+        // The proxy may have given the device up instead: it reconnects and resends (DUP).
+        _ => {
+            let (again, ack) = Raw::session(c.proxy(0), k).await;
+            assert!(ack.session_present);
+            publisher = again;
+            p.dup = true;
+            publisher.send(Packet::Publish(p)).await;
+            match publisher.recv().await {
+                Some(Packet::PubRec(a)) => a,
+                other => panic!("expected PUBREC for the resend, got {other:?}\n{}", c.logs()),
+            }
+        }
+    };
+    assert_eq!(Some(rec.pkid), PacketId::new(3));
+    publisher.send(Packet::PubRel(mqfleet_codec::Ack::new(rec.pkid))).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubComp(_))));
+    let got = tokio::time::timeout(Duration::from_secs(30), sub.next_publish()).await.expect("the acknowledged message is delivered");
+    assert_eq!(&got.payload[..], b"exactly");
+    sub.expect_no_publish().await;
+}
+
+on_redis!(qos2_mark_waits_for_the_log: a_qos2_mark_is_written_only_once_its_log_entry_is_durable, a_qos2_mark_is_written_only_once_its_log_entry_is_durable_on_redis_cluster);
 // === shards join and leave under load ===
 
 /// Publishes `n` retained messages `retained/<i>` through `addr`, acknowledged.
