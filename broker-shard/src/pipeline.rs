@@ -30,7 +30,7 @@
 //! dispatched before that moment (in flight with it, sent before the publisher could know) are
 //! refused too, whatever their writes did. A refused acceptance's QoS 2 mark may
 //! have been written all the same; it is given back ([`Op::UnmarkInbound`], retried until Redis
-//! takes it), and until then a resend of that packet id takes the mark over (`replacing`) or, if
+//! takes it, the refused log entry kept until then: [`Outgoing::held`]), and until then a resend of that packet id takes the mark over (`replacing`) or, if
 //! it was dispatched before the refusal, is refused as well: a mark left by a refused copy must
 //! never make the resend look like a duplicate of an accepted message (a loss).
 
@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::{ready, BoxFuture, FutureExt};
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use mqfleet_codec::ByteString;
 use parking_lot::Mutex;
 use session_store::{Delivery, Op, OpResult, Store};
@@ -57,6 +57,11 @@ pub(crate) struct Outgoing {
     /// Log positions to delete at once, never to be delivered: lane A refused them (their entry
     /// may be in the log all the same), or they were resends of a message already accepted.
     pub dropped: Vec<u64>,
+    /// Log positions lane A refused whose entry must stay until the QoS 2 mark it may hold is
+    /// given back (they come later as `dropped`): deleted first, a crash in between would leave
+    /// a mark naming no entry, and the publisher's resend would be taken for a duplicate (a
+    /// loss). Their publish requests are forgotten now, so that a resend is decided afresh.
+    pub held: Vec<u64>,
 }
 
 impl Outgoing {
@@ -180,6 +185,10 @@ pub(crate) struct Pipeline {
     /// messages emitted before that count were in flight with it and are refused too.
     poisoned: HashMap<Flow, u64>,
     giving_back: GivingBack,
+    /// Give-backs under way, each yielding the refused entry's position once done. Polled with
+    /// the lanes (not spawned) so that the entry is deleted only after its mark is gone; not
+    /// waited for at shutdown: the entry then stays, and a restart delivers it under its mark.
+    give_backs: FuturesUnordered<BoxFuture<'static, Option<u64>>>,
 }
 
 impl Pipeline {
@@ -196,6 +205,7 @@ impl Pipeline {
             emitted: 0,
             poisoned: HashMap::new(),
             giving_back: GivingBack::default(),
+            give_backs: FuturesUnordered::new(),
         }
     }
 
@@ -213,8 +223,14 @@ impl Pipeline {
         self.local.is_some()
     }
 
+    /// Both lanes are done (give-backs may still be under way: see [`Pipeline::is_idle`]).
     pub fn is_empty(&self) -> bool {
         self.a.is_empty() && self.b_ready.is_empty() && self.b_inflight.is_none()
+    }
+
+    /// Nothing at all under way, give-backs included.
+    pub fn is_idle(&self) -> bool {
+        self.is_empty() && self.give_backs.is_empty()
     }
 
     /// Lane B work waiting or in flight (backpressure: the router stops reading when the
@@ -228,13 +244,16 @@ impl Pipeline {
         if self.b_inflight.is_none() && !self.b_ready.is_empty() {
             self.start_batch();
         }
-        let Pipeline { a, b_inflight, .. } = self;
+        let Pipeline { a, b_inflight, give_backs, .. } = self;
         let step = tokio::select! {
             biased;
             Some(step) = a.next(), if !a.is_empty() => step,
             out = async { b_inflight.as_mut().expect("checked").await }, if b_inflight.is_some() => {
                 *b_inflight = None;
                 return Some(out);
+            }
+            Some(position) = give_backs.next(), if !give_backs.is_empty() => {
+                return Some(Outgoing { dropped: position.into_iter().collect(), ..Outgoing::default() });
             }
             else => return None,
         };
@@ -261,16 +280,12 @@ impl Pipeline {
                     _ => None,
                 };
                 match (d.outcome, detail) {
-                    (Outcome::Refused, _) => {
-                        self.refused(d);
-                        (out, None)
-                    }
+                    (Outcome::Refused, _) => (self.refused(d, out), None),
                     (_, Some(detail)) => {
                         self.metrics.refused_in_order.inc();
                         tracing::debug!(shard = %self.shard, flow = ?d.flow, position = ?d.position, detail, "message refused");
                         let out = refusal(&self.shard, d.reply_to, d.position, detail.to_string());
-                        self.refused(d);
-                        (out, None)
+                        (self.refused(d, out), None)
                     }
                     (_, None) => (out, then),
                 }
@@ -282,15 +297,20 @@ impl Pipeline {
         settled
     }
 
-    /// A refused message: what its publisher has in flight behind it is refused too, and a mark
-    /// it may hold is given back.
-    fn refused(&mut self, d: Decision) {
+    /// A refused message, leaving as `out`: what its publisher has in flight behind it is
+    /// refused too, and a mark it may hold is given back before its log entry goes.
+    fn refused(&mut self, d: Decision, mut out: Outgoing) -> Outgoing {
         if let Some(f) = d.flow {
             self.poisoned.insert(f, self.dispatched);
         }
         if let Some(m) = d.mark.filter(|m| m.maybe_ours) {
-            self.give_back(m);
+            if let Some(p) = d.position {
+                out.dropped.retain(|&q| q != p);
+                out.held.push(p);
+            }
+            self.give_back(m, d.position);
         }
+        out
     }
 
     fn is_given_back(&self, m: &Mark) -> bool {
@@ -298,22 +318,27 @@ impl Pipeline {
     }
 
     /// Unmarks `m`'s packet id if its acceptance holds it, retried until the sessions' store
-    /// takes it; meanwhile resends of that id take the mark over (see `dispatch_clustered`).
-    fn give_back(&self, m: Mark) {
+    /// takes it, then lets the refused entry at `position` go; meanwhile resends of that id
+    /// take the mark over (see `dispatch_clustered`).
+    fn give_back(&mut self, m: Mark, position: Option<u64>) {
         let key = (m.client_id.clone(), m.pkid);
         self.giving_back.lock().entry(key.clone()).or_default().push(m.by.clone());
         let (sessions, table, shard) = (self.sessions.clone(), self.giving_back.clone(), self.shard.clone());
-        tokio::spawn(async move {
-            let op = Op::UnmarkInbound { client_id: m.client_id, pkid: m.pkid, by: m.by.clone() };
-            write_until_done(&sessions, vec![op], &shard, "giving back a refused QoS 2 mark", false).await;
-            let mut table = table.lock();
-            if let Some(by) = table.get_mut(&key) {
-                by.retain(|b| *b != m.by);
-                if by.is_empty() {
-                    table.remove(&key);
+        self.give_backs.push(
+            async move {
+                let op = Op::UnmarkInbound { client_id: m.client_id, pkid: m.pkid, by: m.by.clone() };
+                write_until_done(&sessions, vec![op], &shard, "giving back a refused QoS 2 mark", false).await;
+                let mut table = table.lock();
+                if let Some(by) = table.get_mut(&key) {
+                    by.retain(|b| *b != m.by);
+                    if by.is_empty() {
+                        table.remove(&key);
+                    }
                 }
+                position
             }
-        });
+            .boxed(),
+        );
     }
 
     /// Events that depend on nothing durable, in lane A order.
@@ -495,7 +520,7 @@ impl Pipeline {
                                 metrics.qos2_resends.inc();
                                 let mut events = Vec::new();
                                 answer(&mut events, publisher, None);
-                                let out = Outgoing { events, queued: Vec::new(), dropped: position.into_iter().collect() };
+                                let out = Outgoing { events, dropped: position.into_iter().collect(), ..Outgoing::default() };
                                 return Step { out, then: None, decision: decide(Outcome::Resend, mark) };
                             }
                             r => r.map(|_| ()),
@@ -709,5 +734,5 @@ fn refusal(shard: &str, reply_to: Option<(ProxyId, RequestId)>, position: Option
         .map(|(proxy, id)| (proxy, Event::Reply { id, result: Err(ShardError::Store { shard: shard.to_string(), detail }) }))
         .into_iter()
         .collect();
-    Outgoing { events, queued: Vec::new(), dropped: position.into_iter().collect() }
+    Outgoing { events, dropped: position.into_iter().collect(), ..Outgoing::default() }
 }

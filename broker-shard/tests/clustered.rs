@@ -59,11 +59,16 @@ async fn open_local(dir: &Path, disk_delay: &Arc<AtomicU64>) -> EmbeddedStore {
     panic!("the shard's store stayed locked");
 }
 
-async fn sessions_store(redis: &RedisServer) -> Store {
-    Store::Redis(RedisStore::connect(RedisTarget::parse(&redis.url()).unwrap(), 100, Duration::from_secs(2)).await.unwrap())
+async fn sessions_store(url: &str) -> Store {
+    Store::Redis(RedisStore::connect(RedisTarget::parse(url).unwrap(), 100, Duration::from_secs(2)).await.unwrap())
 }
 
 async fn start_shard(dir: &Path, redis: &RedisServer, addr: Option<SocketAddr>, expected: &[&str]) -> ShardProc {
+    start_shard_on(dir, &redis.url(), addr, expected).await
+}
+
+/// As [`start_shard`], its sessions' store at `url`.
+async fn start_shard_on(dir: &Path, url: &str, addr: Option<SocketAddr>, expected: &[&str]) -> ShardProc {
     let disk_delay = Arc::new(AtomicU64::new(0));
     let local = open_local(dir, &disk_delay).await;
     let restored = Restored::load(&local).await.unwrap();
@@ -71,7 +76,7 @@ async fn start_shard(dir: &Path, redis: &RedisServer, addr: Option<SocketAddr>, 
     let mut config = ShardConfig::new("shard-a");
     config.resync_wait = Duration::from_secs(10);
     let clustered = Clustered {
-        sessions: sessions_store(redis).await,
+        sessions: sessions_store(url).await,
         local: Store::Embedded(local),
         restored,
         expected_proxies: expected.iter().map(|s| s.to_string()).collect(),
@@ -328,7 +333,7 @@ async fn a_publish_sent_again_after_a_crash_is_answered_not_accepted_twice() {
 #[tokio::test]
 async fn persistent_sessions_subscriptions_are_kept_on_the_shards_disk() {
     let redis = RedisServer::start();
-    let sessions = sessions_store(&redis).await;
+    let sessions = sessions_store(&redis.url()).await;
     let record = SessionRecord {
         client_id: "ps".into(),
         protocol_level: 5,
@@ -497,6 +502,50 @@ async fn messages_in_flight_behind_a_refused_one_are_refused_too_and_their_marks
     assert_eq!(received(&mut sub, 3).await, [1, 2, 3], "each once, in the order published");
     nothing_more(&mut sub).await;
     assert_eq!(shard.metrics.qos2_resends.get(), 0);
+}
+
+/// A refused QoS 2 message whose mark may have been written keeps its log entry until the mark
+/// is given back. Deleted first, a crash in between left a mark naming no entry: the client's
+/// resend was taken for a duplicate of an accepted message, answered and never delivered
+/// (MQTT-4.3.3; RELIABILITY.md, finding 24's give-back window). Kept, the restart delivers the
+/// entry under its mark and the resend is answered as its duplicate: once.
+#[tokio::test]
+async fn a_refused_qos2_entry_stays_until_its_mark_is_given_back() {
+    let redis = RedisServer::start();
+    let to_redis = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redis://{}", to_redis.addr);
+    let shard = start_shard_on(dir.path(), &url, None, &[]).await;
+    let mut sub = proxy(shard.addr, "proxy-sub", vec![subscribe("c", 7, false, "t/#")]).await;
+    let publisher = proxy(shard.addr, "proxy-pub", vec![]).await;
+
+    // A first QoS 2 message loads the marking script into Redis (a script unknown to Redis
+    // would be refused by it, not run).
+    assert!(matches!(publish_qos2(&publisher, 100, 9).await, Ok(Reply::Accepted { .. })));
+    assert_eq!(received(&mut sub, 1).await, [100]);
+
+    // The mark reaches Redis, its answer does not: the shard refuses the message after the
+    // store's 2 s timeout, not knowing the mark is there; by then nothing reaches Redis, so
+    // the give-back waits.
+    to_redis.blackhole_replies();
+    let blackhole = async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        to_redis.blackhole();
+    };
+    let (refused, ()) = tokio::join!(publish_qos2(&publisher, 1, 1), blackhole);
+    assert!(refused.is_err(), "the mark's write timed out: {refused:?}");
+    let mark = session_store::redis::keys::ClientKeys::new("pub").inbound;
+    assert!(redis.cli(&["SMEMBERS", &mark]).lines().any(|id| id == "1"), "the refused acceptance's mark is in Redis");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(shard.metrics.log_entries.get(), 1, "the refused entry is kept while its mark is being given back");
+
+    // The shard dies; what it still had on its way to Redis dies with it.
+    let addr = shard.crash().await;
+    drop(to_redis);
+    let _shard = start_shard(dir.path(), &redis, Some(addr), &["proxy-sub", "proxy-pub"]).await;
+    assert_eq!(received(&mut sub, 1).await, [1], "the kept entry is delivered under its mark");
+    assert!(publish_qos2(&publisher, 1, 1).await.is_ok(), "the client's resend is answered");
+    nothing_more(&mut sub).await;
 }
 
 /// A publish request sent again while its first copy is still in lane A (the proxy relinked

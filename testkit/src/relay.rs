@@ -2,7 +2,8 @@
 //! real network produces (connections reset, new ones refused) — or black-hole: connections
 //! stay open but nothing passes until it is restored, as when a network drops every packet and
 //! TCP keeps retransmitting (both ends see silence, not an error; nothing is lost or reordered
-//! once it heals).
+//! once it heals). Black-holing only the replies (upstream to downstream) stands for a request
+//! that reached its server while the answer is lost: the client cannot tell whether it did.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +25,17 @@ struct State {
     cut: AtomicBool,
     /// Cancelled to reset every open connection.
     connections: Mutex<CancellationToken>,
-    /// True while black-holed.
-    paused: watch::Sender<bool>,
+    /// What is held back now.
+    held: watch::Sender<Held>,
+}
+
+/// What a black hole holds back, in increasing order: a direction passes while `held` is
+/// below its threshold.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Held {
+    Nothing,
+    Replies,
+    Everything,
 }
 
 impl Relay {
@@ -36,7 +46,7 @@ impl Relay {
         let state = Arc::new(State {
             cut: AtomicBool::new(false),
             connections: Mutex::new(CancellationToken::new()),
-            paused: watch::Sender::new(false),
+            held: watch::Sender::new(Held::Nothing),
         });
         let stop = CancellationToken::new();
         let (s, st) = (state.clone(), stop.clone());
@@ -52,7 +62,7 @@ impl Relay {
                     continue;
                 }
                 let token = s.connections.lock().expect("relay lock").clone();
-                tokio::spawn(forward(down, upstream, token, s.paused.subscribe()));
+                tokio::spawn(forward(down, upstream, token, s.held.subscribe()));
             }
         });
         Relay { addr, state, stop }
@@ -69,13 +79,19 @@ impl Relay {
     /// Stops every byte in both directions, on open and new connections, until
     /// [`Relay::restore`]; nothing is closed.
     pub fn blackhole(&self) {
-        self.state.paused.send_replace(true);
+        self.state.held.send_replace(Held::Everything);
+    }
+
+    /// Stops every byte from upstream to downstream (the replies), until [`Relay::restore`] or
+    /// [`Relay::blackhole`]; requests still pass.
+    pub fn blackhole_replies(&self) {
+        self.state.held.send_replace(Held::Replies);
     }
 
     /// Ends a cut or a black hole.
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
-        self.state.paused.send_replace(false);
+        self.state.held.send_replace(Held::Nothing);
     }
 }
 
@@ -86,21 +102,21 @@ impl Drop for Relay {
     }
 }
 
-async fn forward(down: TcpStream, upstream: SocketAddr, cut: CancellationToken, paused: watch::Receiver<bool>) {
+async fn forward(down: TcpStream, upstream: SocketAddr, cut: CancellationToken, held: watch::Receiver<Held>) {
     let Ok(up) = TcpStream::connect(upstream).await else { return };
     let _ = down.set_nodelay(true);
     let _ = up.set_nodelay(true);
     let ((down_r, down_w), (up_r, up_w)) = (down.into_split(), up.into_split());
     tokio::select! {
-        _ = pump(down_r, up_w, paused.clone()) => {}
-        _ = pump(up_r, down_w, paused) => {}
+        _ = pump(down_r, up_w, held.clone(), Held::Everything) => {}
+        _ = pump(up_r, down_w, held, Held::Replies) => {}
         // Both sockets close: each side sees its link end mid-stream.
         () = cut.cancelled() => {}
     }
 }
 
-/// Copies one direction, holding bytes (not dropping them) while paused.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut paused: watch::Receiver<bool>) -> std::io::Result<()> {
+/// Copies one direction, holding bytes (not dropping them) while `held` is at `stops` or above.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut held: watch::Receiver<Held>, stops: Held) -> std::io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = from.read(&mut buf).await?;
@@ -108,8 +124,8 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut paused: watch
             return to.shutdown().await;
         }
         // A black hole: the chunk waits here, and TCP back-pressure stops the sender.
-        while *paused.borrow_and_update() {
-            if paused.changed().await.is_err() {
+        while *held.borrow_and_update() >= stops {
+            if held.changed().await.is_err() {
                 return Ok(());
             }
         }

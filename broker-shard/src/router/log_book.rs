@@ -86,6 +86,16 @@ impl LogBook {
         }
     }
 
+    /// Lane A refused the entry, which stays until its QoS 2 mark is given back: a resend of its
+    /// request is not the same acceptance any more and must be decided afresh.
+    pub fn forget_request(&mut self, position: u64) {
+        if let Some(p) = self.entries.get_mut(&position).and_then(|e| e.publisher.take()) {
+            if self.requests.get(&p) == Some(&position) {
+                self.requests.remove(&p);
+            }
+        }
+    }
+
     /// The message must never be delivered: lane A refused it (and the publisher is told so),
     /// or it was a resend of an accepted message. Its log entry may have been written all the
     /// same (a QoS 2 marker is written after the append, and may be what failed), and a restart would replay
@@ -103,7 +113,8 @@ impl LogBook {
 
     fn trim(&mut self, position: u64) {
         if let Some(e) = self.entries.remove(&position) {
-            if let Some(p) = e.publisher {
+            // A request sent again after a refusal may have a newer entry.
+            if let Some(p) = e.publisher.filter(|p| self.requests.get(p) == Some(&position)) {
                 self.requests.remove(&p);
             }
         }
@@ -161,5 +172,18 @@ mod tests {
         assert_eq!(b.take_trims(), [p], "a refused entry that was written anyway is deleted");
         b.queued(p);
         assert!(b.take_trims().is_empty(), "and only once");
+    }
+
+    #[test]
+    fn a_held_refused_entry_forgets_its_request_at_once_and_spares_a_newer_one() {
+        let mut b = LogBook::new(0);
+        let first = b.append(Some(publisher(5)));
+        b.forget_request(first);
+        assert_eq!(b.accepted(&publisher(5)), None, "a resend of the refused request is decided afresh");
+        assert!(b.take_trims().is_empty(), "the entry stays while its mark is given back");
+        let again = b.append(Some(publisher(5)));
+        b.dropped(first);
+        assert_eq!(b.take_trims(), [first]);
+        assert_eq!(b.accepted(&publisher(5)), Some(again), "the resend's entry still answers for the request");
     }
 }

@@ -244,11 +244,14 @@ impl Router {
                     Some(i) => self.handle(i).await,
                     None => break,
                 },
-                Some(out) = self.pipeline.next(), if !self.pipeline.is_empty() => self.send(out).await,
+                Some(out) = self.pipeline.next(), if !self.pipeline.is_idle() => self.send(out).await,
                 _ = tick.tick() => self.on_tick(),
             }
         }
-        while let Some(out) = self.pipeline.next().await {
+        // Give-backs of refused QoS 2 marks are not waited for (Redis may be what is gone):
+        // their entries stay in the log and a restart delivers them under their marks.
+        while !self.pipeline.is_empty() {
+            let Some(out) = self.pipeline.next().await else { break };
             self.send(out).await;
         }
         self.write_trims();
@@ -266,6 +269,9 @@ impl Router {
         if let Some(book) = &mut self.book {
             for p in out.queued {
                 book.queued(p);
+            }
+            for p in out.held {
+                book.forget_request(p);
             }
             let dropped = !out.dropped.is_empty();
             for p in out.dropped {
