@@ -42,7 +42,7 @@ use futures::future::{ready, BoxFuture, FutureExt};
 use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use mqfleet_codec::ByteString;
 use parking_lot::Mutex;
-use session_store::{Delivery, Op, OpResult, Store};
+use session_store::{Delivery, Op, OpResult, Queued as Placed, Store};
 
 use crate::link::{Deliver, Event, LogRef, ProxyId, Recipient, Reply, RequestId, ShardError};
 use crate::message::Message;
@@ -158,7 +158,14 @@ type GivingBack = Arc<Mutex<HashMap<(String, u16), Vec<String>>>>;
 
 /// Lane B work, in order.
 enum Queued {
-    Copies { position: Option<u64>, message: Arc<Message>, durable: Vec<(String, Delivery)>, live: Vec<Live> },
+    /// `replayed`: from the log at start-up (its copies were counted the first time).
+    Copies {
+        position: Option<u64>,
+        message: Arc<Message>,
+        durable: Vec<(String, Delivery)>,
+        live: Vec<Live>,
+        replayed: bool,
+    },
     Emit(Vec<(ProxyId, Event)>),
 }
 
@@ -170,6 +177,8 @@ const STORE_PATIENCE: Duration = Duration::from_secs(5);
 
 pub(crate) struct Pipeline {
     shard: Arc<str>,
+    /// Names this shard's log positions in the sessions' store ([`crate::ShardConfig::log_name`]).
+    log_name: Arc<str>,
     sessions: Store,
     /// The shard's own store (log, retained, subscriptions) in clustered mode; `None` when
     /// `sessions` holds everything.
@@ -192,9 +201,10 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(shard: Arc<str>, sessions: Store, local: Option<Store>, metrics: ShardMetrics) -> Pipeline {
+    pub fn new(shard: Arc<str>, log_name: Arc<str>, sessions: Store, local: Option<Store>, metrics: ShardMetrics) -> Pipeline {
         Pipeline {
             shard,
+            log_name,
             sessions,
             local,
             metrics,
@@ -536,7 +546,7 @@ impl Pipeline {
                 let mut events = deliveries(&metrics, &message, clean_live, &[], log, !replayed);
                 answer(&mut events, publisher, position);
                 let decision = decide(Outcome::Accepted, mark);
-                let then = Queued::Copies { position, message, durable, live: persistent_live };
+                let then = Queued::Copies { position, message, durable, live: persistent_live, replayed };
                 Step { out: Outgoing::events(events), then: Some(then), decision }
             }
             .boxed(),
@@ -556,14 +566,14 @@ impl Pipeline {
             }
             batch.extend(self.b_ready.pop_front());
         }
-        let (sessions, metrics, shard) = (self.sessions.clone(), self.metrics.clone(), self.shard.clone());
+        let (sessions, metrics, shard, log_name) = (self.sessions.clone(), self.metrics.clone(), self.shard.clone(), self.log_name.clone());
         self.b_inflight = Some(
             async move {
                 let mut ops = Vec::with_capacity(enqueues);
                 for w in &batch {
                     if let Queued::Copies { position, message, durable, .. } = w {
                         if !durable.is_empty() {
-                            let origin = position.map(|p| (shard.to_string(), p));
+                            let origin = position.map(|p| (log_name.to_string(), p));
                             ops.push(Op::Enqueue {
                                 message: message.encode(),
                                 expires_at_ms: message.expires_at_ms,
@@ -583,14 +593,20 @@ impl Pipeline {
                 for w in batch {
                     match w {
                         Queued::Emit(events) => out.events.extend(events),
-                        Queued::Copies { position, message, durable, live } => {
+                        Queued::Copies { position, message, durable, live, replayed } => {
                             let seqs = if durable.is_empty() {
                                 Vec::new()
                             } else {
                                 enqueued(&results.next().into_iter().collect::<Vec<_>>(), Some(0))
                             };
+                            if !replayed && seqs.contains(&Placed::Delivered) {
+                                // Positions never repeat within one log: a first copy taken for
+                                // a replay means the sessions' store knows this position from
+                                // another log under this log's name.
+                                tracing::error!(shard = %shard, log = %log_name, position = ?position, topic = %message.topic, "a new message's copies were taken for a replay of copies delivered before: not queued");
+                            }
                             let log = position.map(|position| LogRef { position, queued: true });
-                            out.events.extend(deliveries(&metrics, &message, live, &seqs, log, true));
+                            out.events.extend(deliveries(&metrics, &message, live, &seqs, log, !replayed));
                             out.queued.extend(position);
                         }
                     }
@@ -659,7 +675,7 @@ async fn write_patiently(sessions: &Store, op: Op, shard: &str) -> Result<Vec<Op
     }
 }
 
-fn enqueued(results: &[OpResult], at: Option<usize>) -> Vec<Option<u64>> {
+fn enqueued(results: &[OpResult], at: Option<usize>) -> Vec<Placed> {
     match at.and_then(|i| results.get(i)) {
         Some(OpResult::Enqueued(seqs)) => seqs.clone(),
         _ => Vec::new(),
@@ -672,23 +688,26 @@ fn deliveries(
     metrics: &ShardMetrics,
     message: &Arc<Message>,
     live: Vec<Live>,
-    seqs: &[Option<u64>],
+    seqs: &[Placed],
     log: Option<LogRef>,
     count: bool,
 ) -> Vec<(ProxyId, Event)> {
     if count {
-        let full = seqs.iter().filter(|s| s.is_none()).count() as u64;
-        metrics.drop_copies("queue_full", full);
+        let mut unqueued = 0;
+        for reason in seqs.iter().filter_map(|c| c.drop_reason()) {
+            metrics.drop_copies(reason, 1);
+            unqueued += 1;
+        }
         // A live copy for a persistent session is its queue entry: count it once.
         let live_only = live.iter().filter(|l| l.durable_idx.is_none()).count() as u64;
-        metrics.deliveries.inc_by(seqs.len() as u64 - full + live_only);
+        metrics.deliveries.inc_by(seqs.len() as u64 - unqueued + live_only);
     }
     let mut by_proxy: HashMap<ProxyId, Vec<Recipient>> = HashMap::new();
     for mut l in live {
         if let Some(i) = l.durable_idx {
-            match seqs.get(i).copied().flatten() {
+            match seqs.get(i).and_then(|c| c.seq()) {
                 Some(seq) => l.recipient.seq = Some(seq),
-                None => continue, // its queue is full (dropped, counted above) or it was delivered
+                None => continue, // not queued (counted above), or a replay's copy delivered before
             }
         }
         by_proxy.entry(l.proxy).or_default().push(l.recipient);

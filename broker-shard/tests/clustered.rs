@@ -75,6 +75,7 @@ async fn start_shard_on(dir: &Path, url: &str, addr: Option<SocketAddr>, expecte
     let metrics = ShardMetrics::default();
     let mut config = ShardConfig::new("shard-a");
     config.resync_wait = Duration::from_secs(10);
+    config.log_id = broker_shard::node::log_id(dir).unwrap();
     let clustered = Clustered {
         sessions: sessions_store(url).await,
         local: Store::Embedded(local),
@@ -363,6 +364,57 @@ async fn persistent_sessions_subscriptions_are_kept_on_the_shards_disk() {
     let queue = sessions.load_queue("ps", 0).await.unwrap();
     assert_eq!(queue.len(), 1, "queued in Redis for the offline persistent session");
     assert_eq!(&Message::decode(&queue[0].message).unwrap().topic[..], "q/1");
+}
+
+/// A shard back under its name on a new disk (a replaced volume) starts its log positions
+/// again from 1. Its new messages must not be taken for replays of the old log's copies, which
+/// the sessions' store remembers by position: they were dropped, never queued for persistent
+/// sessions (RELIABILITY.md, finding 25). The log's id is part of the positions' name.
+#[tokio::test]
+async fn a_shard_on_a_new_disk_queues_its_messages_for_persistent_sessions() {
+    let redis = RedisServer::start();
+    let sessions = sessions_store(&redis.url()).await;
+    let record = SessionRecord {
+        client_id: "ps".into(),
+        protocol_level: 5,
+        expiry_interval: 3600,
+        subscriptions: vec![],
+        will: None,
+        epoch: 1,
+        connected: true,
+        disconnected_at_ms: 0,
+    };
+    sessions.write(vec![Op::PutSession(record)]).await.unwrap();
+    let old_disk = tempfile::tempdir().unwrap();
+    let shard = start_shard(old_disk.path(), &redis, None, &[]).await;
+    let p = proxy(shard.addr, "proxy-a", vec![]).await;
+    p.client.call(|id| with_id(subscribe("ps", 1, true, "q/#"), id)).await.unwrap();
+    p.client.send(Request::Detach { client_id: "ps".into(), conn: ConnId(1) }).await.unwrap();
+    for n in 1..=3 {
+        publish(&p, "q/1", n).await;
+    }
+    p.client.call(|id| Request::Flush { id }).await.unwrap();
+    assert_eq!(sessions.load_queue("ps", 0).await.unwrap().len(), 3);
+
+    // The volume is replaced: same name, empty disk. The subscription comes back with the
+    // session's proxy.
+    let addr = shard.crash().await;
+    let new_disk = tempfile::tempdir().unwrap();
+    let _shard = start_shard(new_disk.path(), &redis, Some(addr), &[]).await;
+    let p = proxy(addr, "proxy-b", vec![subscribe("ps", 1, true, "q/#")]).await;
+    p.client.send(Request::Detach { client_id: "ps".into(), conn: ConnId(1) }).await.unwrap();
+    for n in 4..=5 {
+        publish(&p, "q/1", n).await;
+    }
+    p.client.call(|id| Request::Flush { id }).await.unwrap();
+    let queued: Vec<u32> = sessions
+        .load_queue("ps", 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|q| u32::from_be_bytes(Message::decode(&q.message).unwrap().payload[..4].try_into().unwrap()))
+        .collect();
+    assert_eq!(queued, [1, 2, 3, 4, 5], "the new log's messages are queued after the old log's");
 }
 
 /// A will as a proxy sends it: `proxy` holds the intent to publish it in Redis (or not).

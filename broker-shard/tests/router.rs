@@ -216,6 +216,17 @@ async fn full_queue_drops_and_counts() {
     assert_eq!(dropped, 1);
 }
 
+/// A copy for a session the store no longer has is counted as such, not as a full queue: the
+/// three reasons a copy is not queued are told apart (RELIABILITY.md, finding 24).
+#[tokio::test]
+async fn a_copy_for_a_session_gone_from_the_store_is_counted_apart() {
+    let h = harness(10).await;
+    h.subscribe(session("gone", None, true), vec![item("t", QoS::AtLeastOnce)]).await;
+    h.publish(msg("t", QoS::AtLeastOnce, false, b"1", None)).await;
+    let count = |reason| h.metrics.dropped.get_or_create(&broker_shard::metrics::ReasonLabel { reason }).get();
+    assert_eq!((count("no_session"), count("queue_full")), (1, 0));
+}
+
 #[tokio::test]
 async fn detach_then_attach_switches_between_queueing_and_live_delivery() {
     let mut h = harness(10).await;

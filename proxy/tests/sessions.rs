@@ -599,7 +599,7 @@ async fn offline_with_two_entries(b: &TestBroker, client: &str, qos: QoS, states
         let delivery = session_store::Delivery { qos: qos as u8, retain: false, subscription_ids: Vec::new() };
         let op = session_store::Op::Enqueue { message: m.encode(), expires_at_ms: None, to: vec![(client.into(), delivery)], origin: None };
         let seq = match store.write(vec![op]).await.unwrap().pop() {
-            Some(session_store::OpResult::Enqueued(p)) => p[0].expect("queued"),
+            Some(session_store::OpResult::Enqueued(p)) => p[0].seq().expect("queued"),
             other => panic!("{other:?}"),
         };
         store.write(vec![session_store::Op::SetState { client_id: client.into(), seq, state }]).await.unwrap();

@@ -203,13 +203,46 @@ pub enum Op {
     },
 }
 
+/// Where one recipient's copy of an enqueued message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// In the session's queue at this position (for a replay: where the first time put it).
+    At(u64),
+    /// Not queued: the session does not exist (any more).
+    NoSession,
+    /// Not queued: the session's queue is at its bound.
+    Full,
+    /// Not queued: a replayed log entry whose copy was queued the first time and has been
+    /// delivered and acknowledged since (clustered mode).
+    Delivered,
+}
+
+impl Queued {
+    /// The queue position, if the copy is queued.
+    pub fn seq(self) -> Option<u64> {
+        match self {
+            Queued::At(seq) => Some(seq),
+            _ => None,
+        }
+    }
+
+    /// The drop reason a copy not queued is counted under (`dropped_messages_total`).
+    pub fn drop_reason(self) -> Option<&'static str> {
+        match self {
+            Queued::At(_) => None,
+            Queued::NoSession => Some("no_session"),
+            Queued::Full => Some("queue_full"),
+            Queued::Delivered => Some("delivered_before"),
+        }
+    }
+}
+
 /// Result of one [`Op`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpResult {
     Done,
-    /// For [`Op::Enqueue`]: per recipient, its queue position, or `None` when its queue was full
-    /// and the message was dropped for it.
-    Enqueued(Vec<Option<u64>>),
+    /// For [`Op::Enqueue`]: per recipient, where its copy went.
+    Enqueued(Vec<Queued>),
     /// For [`Op::AcceptWill`]: publish it (true) or not (it was published already, or is
     /// another proxy's to publish now).
     WillAccepted(bool),

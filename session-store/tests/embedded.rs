@@ -45,7 +45,7 @@ async fn sessions_and_queues_survive_reopening() {
         let store = open(dir.path(), 10);
         store.write(vec![Op::PutSession(record("a")), Op::PutSession(record("b"))]).await.unwrap();
         let r = store.write(vec![enqueue(b"m1", &["a", "b"]), enqueue(b"m2", &["a"])]).await.unwrap();
-        assert!(matches!(&r[0], OpResult::Enqueued(s) if s.iter().all(Option::is_some)));
+        assert!(matches!(&r[0], OpResult::Enqueued(s) if s.iter().all(|c| c.seq().is_some())));
         store.write(vec![Op::PutRetained { topic: "t".into(), message: Bytes::from_static(b"r"), expires_at_ms: None }]).await.unwrap();
     }
     let store = open(dir.path(), 10);
@@ -68,11 +68,11 @@ async fn queue_is_bounded_per_session_and_drops_are_reported() {
     assert_eq!(
         r,
         vec![OpResult::Enqueued(vec![
-            None,
-            Some(match &r[0] {
-                OpResult::Enqueued(s) => s[1].unwrap(),
-                _ => 0,
-            })
+            Queued::Full,
+            match &r[0] {
+                OpResult::Enqueued(s) => Queued::At(s[1].seq().unwrap()),
+                _ => Queued::NoSession,
+            }
         ])]
     );
     assert_eq!(store.load_queue("a", 0).await.unwrap().len(), 2);
@@ -80,7 +80,7 @@ async fn queue_is_bounded_per_session_and_drops_are_reported() {
     let seq = store.load_queue("a", 0).await.unwrap()[0].seq;
     store.write(vec![Op::Ack { client_id: "a".into(), seq }]).await.unwrap();
     let r = store.write(vec![enqueue(b"4", &["a"])]).await.unwrap();
-    assert!(matches!(&r[0], OpResult::Enqueued(s) if s[0].is_some()));
+    assert!(matches!(&r[0], OpResult::Enqueued(s) if s[0].seq().is_some()));
 }
 
 #[tokio::test]
@@ -92,7 +92,7 @@ async fn queue_bound_counts_survive_reopening() {
     }
     let store = open(dir.path(), 2);
     let r = store.write(vec![enqueue(b"3", &["a"])]).await.unwrap();
-    assert_eq!(r, vec![OpResult::Enqueued(vec![None])]);
+    assert_eq!(r, vec![OpResult::Enqueued(vec![Queued::Full])]);
 }
 
 #[tokio::test]
@@ -100,7 +100,7 @@ async fn nothing_is_queued_for_a_session_that_does_not_exist() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 10);
     let r = store.write(vec![enqueue(b"1", &["ghost"])]).await.unwrap();
-    assert_eq!(r, vec![OpResult::Enqueued(vec![None])]);
+    assert_eq!(r, vec![OpResult::Enqueued(vec![Queued::NoSession])]);
     assert!(!store.may_have_session("ghost"));
 }
 

@@ -56,14 +56,16 @@ async fn behaves_like_a_session_store(s: Store) {
     // Enqueue to several sessions, bounded per session; not to unknown sessions.
     let r = s.write(vec![enqueue(b"1", &["a", "{b}", "ghost"]), enqueue(b"2", &["a"])]).await.unwrap();
     match &r[0] {
-        OpResult::Enqueued(seqs) => assert!(seqs[0].is_some() && seqs[1].is_some() && seqs[2].is_none(), "{seqs:?}"),
+        OpResult::Enqueued(seqs) => {
+            assert!(seqs[0].seq().is_some() && seqs[1].seq().is_some() && seqs[2] == Queued::NoSession, "{seqs:?}")
+        }
         other => panic!("{other:?}"),
     }
     let q = s.load_queue("a", 0).await.unwrap();
     assert_eq!(q.iter().map(|m| &m.message[..]).collect::<Vec<_>>(), [&b"1"[..], b"2"]);
     assert!(q[0].seq < q[1].seq);
     let r = s.write(vec![enqueue(b"3", &["a"])]).await.unwrap();
-    assert_eq!(r, vec![OpResult::Enqueued(vec![None])], "queue of 2 is full");
+    assert_eq!(r, vec![OpResult::Enqueued(vec![Queued::Full])], "queue of 2 is full");
 
     // Delivery state, then acknowledgement.
     s.write(vec![Op::SetState { client_id: "a".into(), seq: q[0].seq, state: DeliveryState::Sent { pkid: 7 } }]).await.unwrap();
@@ -295,7 +297,7 @@ async fn a_large_batch_is_queued_whole_and_in_order(url: &str) {
     let seqs: Vec<u64> = results
         .iter()
         .map(|r| match r {
-            OpResult::Enqueued(v) => v[0].expect("every copy is queued"),
+            OpResult::Enqueued(v) => v[0].seq().expect("every copy is queued"),
             other => panic!("{other:?}"),
         })
         .collect();
@@ -335,6 +337,7 @@ async fn replayed_log_positions_are_not_queued_twice() {
         OpResult::Enqueued(v) => v[0],
         other => panic!("{other:?}"),
     };
+    let seq = |r: &OpResult| seq(r).seq();
     // Twelve was delivered and acknowledged.
     s.write(vec![Op::Ack { client_id: "p".into(), seq: seq(&first[2]).unwrap() }]).await.unwrap();
     // The shard crashed and replays 10, 11 and 12: nothing is queued twice; what is still queued
@@ -344,6 +347,7 @@ async fn replayed_log_positions_are_not_queued_twice() {
     assert_eq!(seq(&again[0]), seq(&first[0]));
     assert_eq!(seq(&again[1]), seq(&first[1]));
     assert_eq!(seq(&again[2]), None);
+    assert_eq!(again[2], OpResult::Enqueued(vec![Queued::Delivered]), "told apart from a full queue");
     let queue = s.load_queue("p", 0).await.unwrap();
     assert_eq!(queue.iter().map(|q| &q.message[..]).collect::<Vec<_>>(), [&b"ten"[..], b"eleven"]);
     // Another shard's positions are independent.
@@ -353,7 +357,7 @@ async fn replayed_log_positions_are_not_queued_twice() {
         to: vec![("p".into(), Delivery::default())],
         origin: Some(("shard-2".into(), 1)),
     };
-    assert!(matches!(&s.write(vec![other]).await.unwrap()[0], OpResult::Enqueued(v) if v[0].is_some()));
+    assert!(matches!(&s.write(vec![other]).await.unwrap()[0], OpResult::Enqueued(v) if v[0].seq().is_some()));
 }
 
 async fn redis_store(url: &str) -> RedisStore {

@@ -120,6 +120,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     config.max_retained_bytes = settings.raw.max_retained_bytes;
     config.resync_wait = settings.resync_wait;
     config.proxy_grace = settings.proxy_grace;
+    config.log_id = log_id;
     let (forward_tx, forward_rx) = tokio::sync::mpsc::unbounded_channel();
     let clustered = Clustered {
         sessions: Store::Redis(redis.clone()),
@@ -309,13 +310,15 @@ async fn heartbeat(redis: RedisStore, name: String, addr: String, every: Duratio
 
 /// The identity of this shard's log, kept next to it: a new disk gets a new id, and proxies
 /// then stop comparing positions with the old log's.
-fn log_id(dir: &Path) -> Result<u64, StartError> {
+pub fn log_id(dir: &Path) -> Result<u64, StartError> {
     let path = dir.join("log-id");
     let err = |source| StartError::LogId { path: path.clone(), source };
     match std::fs::read_to_string(&path) {
         Ok(s) => s.trim().parse().map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{s:?} is not a number")))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = crate::link::tcp::process_incarnation() | 1;
+            // Fresh for every new log, also within one process (tests start several).
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            let id = (nanos ^ u64::from(std::process::id()).rotate_left(40)) | 1;
             let tmp = dir.join("log-id.tmp");
             std::fs::write(&tmp, id.to_string()).map_err(err)?;
             std::fs::rename(&tmp, &path).map_err(err)?;

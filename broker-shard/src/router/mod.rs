@@ -73,6 +73,9 @@ pub struct ShardConfig {
     /// retained PUBLISH beyond either is refused whole (5.0: PUBACK 0x97), not half-done.
     pub max_retained_messages: usize,
     pub max_retained_bytes: usize,
+    /// Clustered: the identity of the shard's log, new with every new disk (see
+    /// [`ShardConfig::log_name`]).
+    pub log_id: u64,
 }
 
 impl ShardConfig {
@@ -85,7 +88,17 @@ impl ShardConfig {
             resync_wait: Duration::from_secs(10),
             max_retained_messages: 0,
             max_retained_bytes: 0,
+            log_id: 0,
         }
+    }
+
+    /// What names this shard's log positions in Redis — queue entries' origins and their
+    /// replay watermarks, QoS 2 marks, will acceptances: the shard's name and its log's id. A
+    /// shard that comes back with the same name on a new disk starts its positions again from
+    /// 1; under its name alone, those would be taken for the old log's (a new message for a
+    /// replay of one queued and delivered long ago: dropped; RELIABILITY.md, finding 25).
+    pub fn log_name(&self) -> String {
+        format!("{}~{:x}", self.name, self.log_id)
     }
 }
 
@@ -120,7 +133,7 @@ impl ShardHandle {
 /// Starts a shard of a single-node broker, with the retained messages it owns; `store` holds
 /// everything durable.
 pub fn spawn(config: ShardConfig, store: Store, retained: Vec<Arc<Message>>, metrics: ShardMetrics) -> (ShardHandle, JoinHandle<()>) {
-    let pipeline = Pipeline::new(config.name.as_str().into(), store, None, metrics.clone());
+    let pipeline = Pipeline::new(config.name.as_str().into(), config.log_name().into(), store, None, metrics.clone());
     let restored = Restored { retained, ..Restored::default() };
     start(config, pipeline, restored, None, None, metrics)
 }
@@ -142,7 +155,7 @@ pub struct Clustered {
 
 /// Starts a shard of a clustered deployment.
 pub fn spawn_clustered(config: ShardConfig, c: Clustered, metrics: ShardMetrics) -> (ShardHandle, JoinHandle<()>) {
-    let pipeline = Pipeline::new(config.name.as_str().into(), c.sessions, Some(c.local), metrics.clone());
+    let pipeline = Pipeline::new(config.name.as_str().into(), config.log_name().into(), c.sessions, Some(c.local), metrics.clone());
     let hold =
         Hold { deadline: Instant::now() + config.resync_wait, waiting_for: c.expected_proxies.into_iter().collect(), stash: Vec::new() };
     start(config, pipeline, c.restored, Some(hold), c.forward, metrics)
@@ -472,7 +485,7 @@ impl Router {
             let targets = if message.is_expired(now_ms()) { Vec::new() } else { self.match_targets(&message) };
             let plan = self.plan(targets);
             // A will asks again: the crash may have come before the cluster said to publish it.
-            let marker = entry.will.map(|w| accept_will(w, format!("{}@{position}", self.name)));
+            let marker = entry.will.map(|w| accept_will(w, format!("{}@{position}", self.config.log_name())));
             self.dispatch(None, message, Vec::new(), marker, plan, Some((position, None)));
         }
         for (proxy, request) in hold.stash {
@@ -669,10 +682,11 @@ impl Router {
         };
         // Names this acceptance: its log position, or (a QoS 0 will is not logged, so never
         // replayed) the request, which is never sent twice.
+        let log_name = self.config.log_name();
         let acceptance = || match (&log, self.peers.get(&proxy)) {
-            (Some((position, _)), _) => format!("{}@{position}", self.name),
-            (None, Some(peer)) => format!("{}@{}/{}/{}", self.name, peer.name, peer.incarnation, id.map_or(0, |i| i.0)),
-            (None, None) => format!("{}@-", self.name),
+            (Some((position, _)), _) => format!("{log_name}@{position}"),
+            (None, Some(peer)) => format!("{log_name}@{}/{}/{}", peer.name, peer.incarnation, id.map_or(0, |i| i.0)),
+            (None, None) => format!("{log_name}@-"),
         };
         let marker = marker.map(|m| match m {
             Marker::Qos2 { client_id, pkid } => {

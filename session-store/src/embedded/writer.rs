@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use super::{SyncPolicy, BODIES, INBOUND, LOG, LOG_POSITION, META, QUEUE, RETAINED, SESSIONS, SUBSCRIPTIONS};
 use crate::record::{decode, encode, StoredBody, StoredEntry, StoredRetained};
-use crate::{Error, Op, OpResult};
+use crate::{Error, Op, OpResult, Queued};
 
 /// Upper bound of operations per transaction, so that one commit stays short and the latency
 /// of the requests behind it bounded.
@@ -355,8 +355,12 @@ fn apply(
                 let mut q = txn.open_table(QUEUE).map_err(|e| err(e.into()))?;
                 for (client, delivery) in to {
                     let exists = added.contains(client) || (known.read().contains(client) && !removed.contains(client));
-                    if !exists || queue_len.current(&state.queue_len, client) >= i64::from(state.max_queue_len) {
-                        seqs.push(None);
+                    if !exists {
+                        seqs.push(Queued::NoSession);
+                        continue;
+                    }
+                    if queue_len.current(&state.queue_len, client) >= i64::from(state.max_queue_len) {
+                        seqs.push(Queued::Full);
                         continue;
                     }
                     let seq = *next_id;
@@ -366,7 +370,7 @@ fn apply(
                     q.insert((client.as_str(), seq), encode(&entry).as_slice()).map_err(|e| err(e.into()))?;
                     queue_len.add(client, 1);
                     refs += 1;
-                    seqs.push(Some(seq));
+                    seqs.push(Queued::At(seq));
                 }
             }
             if refs > 0 {

@@ -30,7 +30,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::record::{decode, encode};
-use crate::{Delivery, DeliveryState, Error, Op, OpResult, QueuedMessage, SessionRecord, NEVER_EXPIRES};
+use crate::{Delivery, DeliveryState, Error, Op, OpResult, Queued, QueuedMessage, SessionRecord, NEVER_EXPIRES};
 use cluster::ClusterConn;
 use keys::ClientKeys;
 use sentinel::SentinelConn;
@@ -450,7 +450,7 @@ impl RedisStore {
         for (i, op) in ops.into_iter().enumerate() {
             match op {
                 Op::Enqueue { message, expires_at_ms, to, origin } => {
-                    results.push(OpResult::Enqueued(vec![None; to.len()]));
+                    results.push(OpResult::Enqueued(vec![Queued::NoSession; to.len()]));
                     for (client_id, item) in queue_items(i, &message, expires_at_ms, to, origin) {
                         lanes.queue(client_id, item);
                     }
@@ -509,7 +509,7 @@ enum Step {
 }
 
 enum Outcome {
-    Queued { op: usize, recipient: usize, seq: Option<u64> },
+    Queued { op: usize, recipient: usize, seq: Queued },
     Applied(usize, OpResult),
 }
 
@@ -587,7 +587,7 @@ async fn enqueue_in_order(
     client_id: &str,
     items: Vec<QueueItem>,
     max_queue_len: u32,
-) -> Result<Vec<(usize, usize, Option<u64>)>, Error> {
+) -> Result<Vec<(usize, usize, Queued)>, Error> {
     let k = ClientKeys::new(client_id);
     let mut pipe = redis::pipe();
     for item in &items {
@@ -614,7 +614,17 @@ async fn enqueue_in_order(
         r => r,
     }
     .map_err(|e| Error::redis("queueing a message", e))?;
-    Ok(items.iter().zip(seqs).map(|(item, seq)| (item.op, item.recipient, (seq > 0).then_some(seq as u64))).collect())
+    Ok(items.iter().zip(seqs).map(|(item, seq)| (item.op, item.recipient, queued(seq))).collect())
+}
+
+/// What ENQUEUE's answer means (see `scripts::ENQUEUE`).
+fn queued(answer: i64) -> Queued {
+    match answer {
+        -3 => Queued::Delivered,
+        -2 => Queued::Full,
+        seq if seq > 0 => Queued::At(seq as u64),
+        _ => Queued::NoSession,
+    }
 }
 
 async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, Error> {
@@ -664,7 +674,7 @@ async fn apply(conn: &mut Conn, op: Op, max_queue_len: u32) -> Result<OpResult, 
         }
         Op::Enqueue { message, expires_at_ms, to, origin } => {
             // `write` puts enqueues in their clients' lanes; one on its own goes copy by copy.
-            let mut seqs = vec![None; to.len()];
+            let mut seqs = vec![Queued::NoSession; to.len()];
             for (client_id, item) in queue_items(0, &message, expires_at_ms, to, origin) {
                 for (_, recipient, seq) in enqueue_in_order(conn, &client_id, vec![item], max_queue_len).await? {
                     seqs[recipient] = seq;
