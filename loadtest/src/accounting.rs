@@ -116,6 +116,29 @@ pub struct StreamLedger {
     pub sent: u64,
     /// Sequence numbers the broker acknowledged (QoS 1/2).
     pub acked: Bits,
+    /// The send time (ns) of every [`CLOCK_EVERY`]-th sequence number, in order: when a lost
+    /// message left, about, to set it against the fault timeline.
+    #[serde(default)]
+    pub clock: Vec<(u64, u64)>,
+}
+
+/// How often a stream's send time is written down (see [`StreamLedger::clock`]).
+pub const CLOCK_EVERY: u64 = 16;
+
+impl StreamLedger {
+    /// Notes that `seq` was sent at `sent_at_ns`.
+    pub fn sent(&mut self, seq: u64, sent_at_ns: u64) {
+        self.sent = self.sent.max(seq + 1);
+        if seq.is_multiple_of(CLOCK_EVERY) {
+            self.clock.push((seq, sent_at_ns));
+        }
+    }
+
+    /// About when `seq` was sent: the last clock mark at or before it.
+    pub fn sent_at(&self, seq: u64) -> Option<u64> {
+        let i = self.clock.partition_point(|&(s, _)| s <= seq);
+        i.checked_sub(1).map(|i| self.clock[i].1)
+    }
 }
 
 /// Everything published, by stream.
@@ -130,6 +153,9 @@ impl Ledger {
             let e = self.streams.entry(id).or_default();
             e.sent = e.sent.max(s.sent);
             e.acked.union(&s.acked);
+            e.clock.extend(s.clock);
+            e.clock.sort_unstable();
+            e.clock.dedup_by_key(|&mut (seq, _)| seq);
         }
     }
 }
@@ -270,6 +296,24 @@ pub struct LostCopy {
     pub qos: u8,
 }
 
+/// Lost QoS 1/2 copies of one stream at one sink, close together: losses come in runs around a
+/// fault, and a run is what to look for in the logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostRun {
+    pub sink: String,
+    pub stream: u32,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub copies: u64,
+    /// About when its first message was sent (see [`StreamLedger::sent_at`]).
+    pub sent_at_ns: Option<u64>,
+}
+
+/// Lost copies further apart than this (in sequence numbers) start a new run.
+const RUN_GAP: u64 = 20;
+/// Runs kept in the tally, the earliest first.
+pub const LOST_RUNS: usize = 40;
+
 /// The verdict over everything.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Tally {
@@ -278,6 +322,8 @@ pub struct Tally {
     pub lost_examples: Vec<LostCopy>,
     /// Up to 20 reordered arrivals, QoS 1/2 first.
     pub reorder_examples: Vec<Reorder>,
+    /// QoS 1/2 losses in runs, the earliest first (up to [`LOST_RUNS`]).
+    pub lost_runs: Vec<LostRun>,
     pub foreign: u64,
 }
 
@@ -300,6 +346,7 @@ pub fn tally(ledger: &Ledger, sinks: &[Sink], mix: &QosMix) -> Tally {
     }
     let empty = StreamLedger::default();
     let mut lost = Vec::new();
+    let mut runs: Vec<LostRun> = Vec::new();
     let mut reorders = Vec::new();
     for sink in sinks {
         t.foreign += sink.tracker.foreign;
@@ -321,6 +368,22 @@ pub fn tally(ledger: &Ledger, sinks: &[Sink], mix: &QosMix) -> Tally {
                         c.expected += 1;
                         c.lost += 1;
                         lost.push(LostCopy { sink: sink.name.clone(), stream: *id, seq, qos: q });
+                        if q > 0 {
+                            match runs.last_mut() {
+                                Some(r @ LostRun { .. }) if r.sink == sink.name && r.stream == *id && seq - r.last_seq <= RUN_GAP => {
+                                    r.last_seq = seq;
+                                    r.copies += 1;
+                                }
+                                _ => runs.push(LostRun {
+                                    sink: sink.name.clone(),
+                                    stream: *id,
+                                    first_seq: seq,
+                                    last_seq: seq,
+                                    copies: 1,
+                                    sent_at_ns: s.sent_at(seq),
+                                }),
+                            }
+                        }
                     }
                     (false, false) => c.unconfirmed += 1,
                 }
@@ -339,6 +402,9 @@ pub fn tally(ledger: &Ledger, sinks: &[Sink], mix: &QosMix) -> Tally {
     reorders.sort_by_key(|r| (r.qos == 0, r.sent_at_ns));
     reorders.truncate(REORDER_EXAMPLES);
     t.reorder_examples = reorders;
+    runs.sort_by_key(|r| (r.sent_at_ns, r.stream, r.first_seq));
+    runs.truncate(LOST_RUNS);
+    t.lost_runs = runs;
     t
 }
 
@@ -351,7 +417,7 @@ mod tests {
     }
 
     fn ledger(stream: u32, sent: u64, acked: &[u64]) -> Ledger {
-        let mut s = StreamLedger { sent, acked: Bits::default() };
+        let mut s = StreamLedger { sent, ..StreamLedger::default() };
         for a in acked {
             s.acked.set(*a);
         }
@@ -400,6 +466,28 @@ mod tests {
         let sinks = [Sink { name: "s".into(), tracker: tr, expects: vec![1] }];
         let t = tally(&ledger(1, 6, &[2, 4, 5]), &sinks, &QosMix::single(1));
         assert_eq!(t.reorder_examples, vec![Reorder { sink: "s".into(), ..example }]);
+    }
+
+    #[test]
+    fn losses_are_grouped_into_runs_with_about_when_they_were_sent() {
+        let mut l = Ledger::default();
+        let s = l.streams.entry(1).or_default();
+        for seq in 0..200 {
+            s.sent(seq, 1_000 * seq);
+            s.acked.set(seq);
+        }
+        let mut tr = Tracker::default();
+        let lost = |seq: u64| (40..=50).contains(&seq) || seq == 60 || (150..=151).contains(&seq);
+        for seq in (0..200).filter(|&s| !lost(s)) {
+            tr.record(&header(1, seq, 1));
+        }
+        let sinks = [Sink { name: "s".into(), tracker: tr, expects: vec![1] }];
+        let t = tally(&l, &sinks, &QosMix::single(1));
+        let runs: Vec<(u64, u64, u64, Option<u64>)> =
+            t.lost_runs.iter().map(|r| (r.first_seq, r.last_seq, r.copies, r.sent_at_ns)).collect();
+        // 40..=50 and 60 are within the gap of each other; 150 starts a run. Clock marks every
+        // 16th sequence number: 32 and 144.
+        assert_eq!(runs, [(40, 60, 12, Some(32_000)), (150, 151, 2, Some(144_000))]);
     }
 
     #[test]

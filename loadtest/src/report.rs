@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::accounting::{LostCopy, QosCounts, Reorder, Tally};
+use crate::accounting::{LostCopy, LostRun, QosCounts, Reorder, Tally};
 use crate::stats::{Percentiles, Sample};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,6 +31,8 @@ pub struct Report {
     pub lost_examples: Vec<LostCopy>,
     #[serde(default)]
     pub reorder_examples: Vec<Reorder>,
+    #[serde(default)]
+    pub lost_runs: Vec<LostRun>,
     pub broker: Option<BrokerUsage>,
     pub timeline: Vec<Sample>,
     pub verdict: Verdict,

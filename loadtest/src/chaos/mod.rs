@@ -171,6 +171,8 @@ pub struct ChaosReport {
     pub process_counters: BTreeMap<String, f64>,
     pub lost_examples: Vec<crate::accounting::LostCopy>,
     pub reorder_examples: Vec<crate::accounting::Reorder>,
+    /// QoS 1/2 losses in runs, with about when each was sent.
+    pub lost_runs: Vec<crate::accounting::LostRun>,
     pub violations: Vec<String>,
     pub ok: bool,
 }
@@ -329,6 +331,7 @@ pub async fn run(o: ChaosOptions) -> Result<ChaosReport, String> {
         process_counters,
         lost_examples: report.lost_examples.clone(),
         reorder_examples: report.reorder_examples.clone(),
+        lost_runs: report.lost_runs.clone(),
         violations,
         ok,
     })
@@ -369,6 +372,14 @@ impl ChaosReport {
             }
             for l in &self.lost_examples {
                 let _ = writeln!(s, "  lost: stream {} seq {} (QoS {}) at {}", l.stream, l.seq, l.qos, l.sink);
+            }
+            for r in &self.lost_runs {
+                let sent = r.sent_at_ns.map_or("?".to_string(), |t| format!("{:.1}", t.saturating_sub(self.started_at_ns) as f64 / 1e9));
+                let _ = writeln!(
+                    s,
+                    "  lost run: stream {} seq {}–{} ({} QoS 1/2 copies) at {}, sent from about {sent} s",
+                    r.stream, r.first_seq, r.last_seq, r.copies, r.sink
+                );
             }
             for r in &self.reorder_examples {
                 let sent_s = r.sent_at_ns.saturating_sub(self.started_at_ns) as f64 / 1e9;

@@ -299,7 +299,7 @@ fn publish_one(
         props.correlation_data = Some(Bytes::copy_from_slice(&seq.to_be_bytes()));
     }
     client.publish(topic, qos, payload, false, props, (*stream, *seq));
-    out.ledger.streams.entry(*stream).or_default().sent = *seq + 1;
+    out.ledger.streams.entry(*stream).or_default().sent(*seq, sent_at_ns);
     *seq += 1;
     ctx.stats.published.fetch_add(1, Relaxed);
 }

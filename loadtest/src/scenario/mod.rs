@@ -360,6 +360,7 @@ pub async fn run(plan: Plan, s: Settings, settings_json: std::collections::BTree
         errors,
         lost_examples: t.lost_examples.clone(),
         reorder_examples: t.reorder_examples.clone(),
+        lost_runs: t.lost_runs.clone(),
         broker: broker_usage,
         timeline,
         verdict,
