@@ -331,12 +331,12 @@ async fn a_publish_sent_again_after_a_crash_is_answered_not_accepted_twice() {
     nothing_more(&mut sub).await;
 }
 
-#[tokio::test]
-async fn persistent_sessions_subscriptions_are_kept_on_the_shards_disk() {
+/// A Redis with a persistent session `client_id` in it, and a store on it.
+async fn redis_with_session(client_id: &str) -> (RedisServer, Store) {
     let redis = RedisServer::start();
     let sessions = sessions_store(&redis.url()).await;
     let record = SessionRecord {
-        client_id: "ps".into(),
+        client_id: client_id.into(),
         protocol_level: 5,
         expiry_interval: 3600,
         subscriptions: vec![],
@@ -348,11 +348,23 @@ async fn persistent_sessions_subscriptions_are_kept_on_the_shards_disk() {
         disconnected_at_ms: 0,
     };
     sessions.write(vec![Op::PutSession(record)]).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let shard = start_shard(dir.path(), &redis, None, &[]).await;
-    let p = proxy(shard.addr, "proxy-a", vec![]).await;
+    (redis, sessions)
+}
+
+/// Proxy "proxy-a", on which persistent session "ps" subscribed to `q/#` and went offline.
+async fn offline_subscriber(shard: SocketAddr) -> Proxy {
+    let p = proxy(shard, "proxy-a", vec![]).await;
     p.client.call(|id| with_id(subscribe("ps", 1, true, "q/#"), id)).await.unwrap();
     p.client.send(Request::Detach { client_id: "ps".into(), conn: ConnId(1) }).await.unwrap();
+    p
+}
+
+#[tokio::test]
+async fn persistent_sessions_subscriptions_are_kept_on_the_shards_disk() {
+    let (redis, sessions) = redis_with_session("ps").await;
+    let dir = tempfile::tempdir().unwrap();
+    let shard = start_shard(dir.path(), &redis, None, &[]).await;
+    let p = offline_subscriber(shard.addr).await;
     p.client.call(|id| Request::Flush { id }).await.unwrap();
 
     // Restarted, with no proxy to tell it about "ps": it still queues for it.
@@ -372,24 +384,10 @@ async fn persistent_sessions_subscriptions_are_kept_on_the_shards_disk() {
 /// sessions (RELIABILITY.md, finding 25). The log's id is part of the positions' name.
 #[tokio::test]
 async fn a_shard_on_a_new_disk_queues_its_messages_for_persistent_sessions() {
-    let redis = RedisServer::start();
-    let sessions = sessions_store(&redis.url()).await;
-    let record = SessionRecord {
-        client_id: "ps".into(),
-        protocol_level: 5,
-        expiry_interval: 3600,
-        subscriptions: vec![],
-        will: None,
-        epoch: 1,
-        connected: true,
-        disconnected_at_ms: 0,
-    };
-    sessions.write(vec![Op::PutSession(record)]).await.unwrap();
+    let (redis, sessions) = redis_with_session("ps").await;
     let old_disk = tempfile::tempdir().unwrap();
     let shard = start_shard(old_disk.path(), &redis, None, &[]).await;
-    let p = proxy(shard.addr, "proxy-a", vec![]).await;
-    p.client.call(|id| with_id(subscribe("ps", 1, true, "q/#"), id)).await.unwrap();
-    p.client.send(Request::Detach { client_id: "ps".into(), conn: ConnId(1) }).await.unwrap();
+    let p = offline_subscriber(shard.addr).await;
     for n in 1..=3 {
         publish(&p, "q/1", n).await;
     }
