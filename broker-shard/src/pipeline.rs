@@ -30,8 +30,9 @@
 //! dispatched before that moment (in flight with it, sent before the publisher could know) are
 //! refused too, whatever their writes did. A refused acceptance's QoS 2 mark may
 //! have been written all the same; it is given back ([`Op::UnmarkInbound`], retried until Redis
-//! takes it, the refused log entry kept until then: [`Outgoing::held`]), and until then a resend of that packet id takes the mark over (`replacing`) or, if
-//! it was dispatched before the refusal, is refused as well: a mark left by a refused copy must
+//! takes it, the refused log entry kept until then: [`Outgoing::held`]), and until then a
+//! resend of that packet id takes the mark over (`replacing`) or, if it was dispatched before
+//! the refusal, is refused as well: a mark left by a refused copy must
 //! never make the resend look like a duplicate of an accepted message (a loss).
 
 use std::collections::{HashMap, VecDeque};
@@ -222,6 +223,11 @@ impl Pipeline {
     fn push(&mut self, step: BoxFuture<'static, Step>) {
         self.dispatched += 1;
         self.a.push_back(step);
+    }
+
+    /// What names this shard's log positions in the sessions' store.
+    pub fn log_name(&self) -> &Arc<str> {
+        &self.log_name
     }
 
     /// The shard's own store, in clustered mode.

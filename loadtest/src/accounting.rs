@@ -370,7 +370,7 @@ pub fn tally(ledger: &Ledger, sinks: &[Sink], mix: &QosMix) -> Tally {
                         lost.push(LostCopy { sink: sink.name.clone(), stream: *id, seq, qos: q });
                         if q > 0 {
                             match runs.last_mut() {
-                                Some(r @ LostRun { .. }) if r.sink == sink.name && r.stream == *id && seq - r.last_seq <= RUN_GAP => {
+                                Some(r) if r.sink == sink.name && r.stream == *id && seq - r.last_seq <= RUN_GAP => {
                                     r.last_seq = seq;
                                     r.copies += 1;
                                 }

@@ -75,10 +75,14 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// A number for this process's run: the same for every link, different after a restart.
 pub fn process_incarnation() -> u64 {
     static INCARNATION: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *INCARNATION.get_or_init(|| {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        nanos ^ u64::from(std::process::id()).rotate_left(40)
-    })
+    *INCARNATION.get_or_init(unique_now)
+}
+
+/// A number not given out before on this machine: the time in nanoseconds mixed with the
+/// process id (two processes starting in the same nanosecond still differ).
+pub fn unique_now() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    nanos ^ u64::from(std::process::id()).rotate_left(40)
 }
 
 /// What this proxy has received of a shard's logged events.

@@ -317,8 +317,7 @@ pub fn log_id(dir: &Path) -> Result<u64, StartError> {
         Ok(s) => s.trim().parse().map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{s:?} is not a number")))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Fresh for every new log, also within one process (tests start several).
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-            let id = (nanos ^ u64::from(std::process::id()).rotate_left(40)) | 1;
+            let id = crate::link::tcp::unique_now() | 1;
             let tmp = dir.join("log-id.tmp");
             std::fs::write(&tmp, id.to_string()).map_err(err)?;
             std::fs::rename(&tmp, &path).map_err(err)?;

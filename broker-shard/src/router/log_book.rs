@@ -98,8 +98,8 @@ impl LogBook {
 
     /// The message must never be delivered: lane A refused it (and the publisher is told so),
     /// or it was a resend of an accepted message. Its log entry may have been written all the
-    /// same (a QoS 2 marker is written after the append, and may be what failed), and a restart would replay
-    /// it — late, and against the refusal — so it goes with the trims.
+    /// same (a QoS 2 marker is written after the append, and may be what failed), and a restart
+    /// would replay it — late, and against the refusal — so it goes with the trims.
     pub fn dropped(&mut self, position: u64) {
         self.trim(position);
     }

@@ -485,7 +485,7 @@ impl Router {
             let targets = if message.is_expired(now_ms()) { Vec::new() } else { self.match_targets(&message) };
             let plan = self.plan(targets);
             // A will asks again: the crash may have come before the cluster said to publish it.
-            let marker = entry.will.map(|w| accept_will(w, format!("{}@{position}", self.config.log_name())));
+            let marker = entry.will.map(|w| accept_will(w, format!("{}@{position}", self.pipeline.log_name())));
             self.dispatch(None, message, Vec::new(), marker, plan, Some((position, None)));
         }
         for (proxy, request) in hold.stash {
@@ -682,7 +682,7 @@ impl Router {
         };
         // Names this acceptance: its log position, or (a QoS 0 will is not logged, so never
         // replayed) the request, which is never sent twice.
-        let log_name = self.config.log_name();
+        let log_name = self.pipeline.log_name();
         let acceptance = || match (&log, self.peers.get(&proxy)) {
             (Some((position, _)), _) => format!("{log_name}@{position}"),
             (None, Some(peer)) => format!("{log_name}@{}/{}/{}", peer.name, peer.incarnation, id.map_or(0, |i| i.0)),
